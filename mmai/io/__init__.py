@@ -1,0 +1,1 @@
+"""Imaging and table I/O: DICOM scanning, series loading, selection, manifests."""
