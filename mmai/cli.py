@@ -41,7 +41,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _cmd_scan(a: argparse.Namespace) -> int:
     from mmai.io.dicom_scan import scan_tree
 
-    df = scan_tree(Path(a.dicom_root), workers=a.workers, progress=not a.quiet)
+    df = scan_tree(Path(a.dicom_root), workers=a.workers, progress=not a.quiet, include_phi=a.include_phi)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dicom_root", help="folder to walk (recursively)")
     s.add_argument("--out", required=True, help="index CSV to write")
     s.add_argument("--workers", type=int, default=1, help="parallel header readers (default 1)")
+    s.add_argument("--include-phi", action="store_true",
+                   help="write the real PatientID (default: a pseudonym p-<hash>; see docs/dicom_scan.md)")
     _add_common(s)
     s.set_defaults(func=_cmd_scan)
 

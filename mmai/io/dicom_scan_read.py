@@ -1,0 +1,302 @@
+"""Header-only reading of one DICOM file into a plain, picklable record (used by dicom_scan).
+
+Every file goes through :func:`read_header`, which never raises: a file is ``ok``,
+``not_dicom`` (no DICM prefix and no plausible first tag), ``dicomdir`` or ``unreadable``
+(with a one-line reason). Reading is bounded by design: 132 bytes decide whether pydicom is
+called at all, pydicom stops before the pixel data, and its parser only moves forward through
+the file, so a corrupt length can make it read to the end of the file but never loop.
+The pixel-data element header is then checked against the file size, which catches truncated
+files without reading the pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import sys
+import warnings
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+CHUNK = 32  # files per pool task
+_PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UR", b"UT", b"UN", b"SV", b"UV"}
+_SEQ_DELIM_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_SEQ_DELIM_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
+
+SPECIFIC_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
+    "SeriesDescription", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient",
+    "PixelSpacing", "SliceThickness", "ImageType", "AcquisitionNumber", "TemporalPositionIdentifier",
+    "EchoNumbers", "TriggerTime", "InstanceNumber", "NumberOfFrames", "GantryDetectorTilt",
+    "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation", "DiffusionBValue", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+]
+
+
+def _looks_like_raw_dicom(head: bytes) -> bool:
+    """True if a file without the DICM prefix starts like a dataset (group 0002 or 0008)."""
+    if len(head) < 8:
+        return False
+    for fmt in ("<HH", ">HH"):
+        group, elem = struct.unpack(fmt, head[:4])
+        if group in (0x0002, 0x0008) and elem < 0x0200:
+            vr = head[4:6]
+            if vr.isalpha() and vr.isupper():
+                return True
+            (length,) = struct.unpack(fmt[0] + "I", head[4:8])
+            return length < 4096
+    return False
+
+
+def _val(ds: Any, kw: str, conv: Any = str) -> Any:
+    """Value of ``kw`` converted by ``conv``; None if absent, empty or malformed."""
+    try:
+        elem = ds.get(kw)
+        if elem is None or elem == "":
+            return None
+        return conv(elem)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, struct.error):
+        return None
+
+
+def _floats(n: int) -> Any:
+    def conv(v: Any) -> tuple[float, ...] | None:
+        vals = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__")
+                                        and not isinstance(v, str) else [v]))
+        if len(vals) != n or not all(abs(x) < 1e7 for x in vals):
+            return None
+        return vals
+    return conv
+
+
+def _first_of(item: Any, shared: Any, seq_kw: str, kw: str, conv: Any) -> Any:
+    for src in (item, shared):
+        if src is None:
+            continue
+        seq = src.get(seq_kw)
+        if seq is not None and len(seq) > 0:
+            v = _val(seq[0], kw, conv)
+            if v is not None:
+                return v
+    return None
+
+
+def _frames(ds: Any) -> list[dict[str, Any]] | None:
+    """Per-frame geometry and phase keys of an enhanced multi-frame dataset (None if not one)."""
+    pf = ds.get("PerFrameFunctionalGroupsSequence")
+    if not pf:
+        return None
+    sh_seq = ds.get("SharedFunctionalGroupsSequence")
+    sh = sh_seq[0] if sh_seq else None
+    out = []
+    for item in pf:
+        fc = item.get("FrameContentSequence")
+        fc0 = fc[0] if fc else None
+        out.append({
+            "ipp": _first_of(item, sh, "PlanePositionSequence", "ImagePositionPatient", _floats(3)),
+            "iop": _first_of(item, sh, "PlaneOrientationSequence", "ImageOrientationPatient", _floats(6)),
+            "pixel_spacing": _first_of(item, sh, "PixelMeasuresSequence", "PixelSpacing", _floats(2)),
+            "stack_key": _val(fc0, "StackID") if fc0 is not None else None,
+            "temporal": _val(fc0, "TemporalPositionIndex", int) if fc0 is not None else None,
+            "echo": _first_of(item, sh, "MREchoSequence", "EffectiveEchoTime", float),
+            "bvalue": _first_of(item, sh, "MRDiffusionSequence", "DiffusionBValue", float),
+            "trigger": _first_of(item, sh, "CardiacSynchronizationSequence",
+                                 "NominalCardiacTriggerDelayTime", float),
+        })
+    return out
+
+
+def _pixel_problems(fp: Any, ds: Any, size: int, n_frames: int) -> tuple[bool, list[str]]:
+    """Check the pixel-data element at the current position against the file size.
+
+    Returns:
+        (has_pixels, problems)
+    """
+    pos = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        return False, []
+    _implicit, little = ds.original_encoding
+    e = "<" if little or little is None else ">"
+    group, elem = struct.unpack(e + "HH", head[:4])
+    if (group, elem) not in _PIXEL_TAGS:
+        return False, []
+    # Decide implicit/explicit from the bytes: pydicom silently switches when a file lies.
+    implicit = not (head[4:6].isalpha() and head[4:6].isupper())
+    if implicit:
+        (length,) = struct.unpack(e + "I", head[4:8])
+        hdr = 8
+    elif head[4:6] in _LONG_VRS:
+        if len(head) < 12:
+            return True, ["pixel data element cut off"]
+        (length,) = struct.unpack(e + "I", head[8:12])
+        hdr = 12
+    else:
+        (length,) = struct.unpack(e + "H", head[6:8])
+        hdr = 8
+    if length == 0xFFFFFFFF:
+        fp.seek(max(pos, size - 256))
+        tail = fp.read()
+        if _SEQ_DELIM_LE not in tail and _SEQ_DELIM_BE not in tail:
+            return True, ["encapsulated pixel data has no end marker (truncated?)"]
+        return True, []
+    present = size - pos - hdr
+    if length > present:
+        return True, [f"pixel data truncated (header says {length} bytes, file has {present})"]
+    rows, cols = _val(ds, "Rows", int), _val(ds, "Columns", int)
+    bits, spp = _val(ds, "BitsAllocated", int), _val(ds, "SamplesPerPixel", int) or 1
+    if rows and cols and bits:
+        n = rows * cols * spp * max(n_frames, 1)
+        if spp == 3 and str(_val(ds, "PhotometricInterpretation") or "").endswith("_422"):
+            n = n * 2 // 3  # 4:2:2 subsampled chroma
+        expected = (n + 7) // 8 if bits == 1 else n * ((bits + 7) // 8)
+        if length < expected:
+            return True, [f"pixel data too short ({length} bytes, Rows x Columns x frames needs {expected})"]
+    return True, []
+
+
+def read_header(path: str) -> dict[str, Any]:
+    """Read the header of one file. Never raises.
+
+    Returns:
+        a record with ``path``, ``status`` (ok | not_dicom | dicomdir | unreadable), ``reason``
+        and, when ok, the fields dicom_scan groups on (UIDs, geometry, phase keys, frames).
+    """
+    rec: dict[str, Any] = {"path": path, "status": "ok", "reason": ""}
+    try:
+        return _read_header(path, rec)
+    except Exception as exc:  # noqa: BLE001 - the per-file guard: any parser failure is a finding
+        rec["status"] = "unreadable"
+        rec["reason"] = f"{type(exc).__name__}: {exc}"
+        return rec
+
+
+def _read_header(path: str, rec: dict[str, Any]) -> dict[str, Any]:
+    import pydicom
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as fp:
+        head = fp.read(132)
+        if len(head) == 132 and head[128:132] == b"DICM":
+            force = False
+        elif _looks_like_raw_dicom(head):
+            force = True
+        else:
+            rec["status"] = "not_dicom"
+            return rec
+        fp.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force, specific_tags=SPECIFIC_TAGS)
+            meta = getattr(ds, "file_meta", None)
+            ms = _val(meta, "MediaStorageSOPClassUID") if meta is not None else None
+            if ms == DICOMDIR_SOP:
+                rec["status"] = "dicomdir"
+                return rec
+            if not any(kw in ds for kw in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")):
+                rec["status"] = "unreadable"
+                rec["reason"] = ("header has no SOPClassUID, StudyInstanceUID or SeriesInstanceUID "
+                                 f"(a {size}-byte file: truncated, or a fragment rather than a DICOM object)")
+                return rec
+            n_frames = _val(ds, "NumberOfFrames", int) or 1
+            has_pixels, problems = _pixel_problems(fp, ds, size, n_frames)
+            sop = _val(ds, "SOPClassUID") or ms or ""
+            if not has_pixels and fp.tell() >= size and _is_image_class(sop):
+                problems.append(f"no pixel data in an {_uid_name(sop)} object (truncated header?)")
+            rec.update(
+                sop_class=_val(ds, "SOPClassUID") or ms, sop_uid=_val(ds, "SOPInstanceUID"),
+                modality=_val(ds, "Modality"),
+                patient_id=_val(ds, "PatientID"), study_uid=_val(ds, "StudyInstanceUID"),
+                series_uid=_val(ds, "SeriesInstanceUID"), series_number=_val(ds, "SeriesNumber", int),
+                series_description=_val(ds, "SeriesDescription"),
+                rows=_val(ds, "Rows", int), cols=_val(ds, "Columns", int),
+                iop=_val(ds, "ImageOrientationPatient", _floats(6)),
+                ipp=_val(ds, "ImagePositionPatient", _floats(3)),
+                pixel_spacing=_val(ds, "PixelSpacing", _floats(2)),
+                thickness=_val(ds, "SliceThickness", float),
+                image_type=_val(ds, "ImageType", lambda v: tuple(str(x) for x in (
+                    [v] if isinstance(v, str) else v))),
+                acq=_val(ds, "AcquisitionNumber", int), temporal=_val(ds, "TemporalPositionIdentifier", int),
+                echo=_val(ds, "EchoNumbers", int), trigger=_val(ds, "TriggerTime", float),
+                bvalue=_val(ds, "DiffusionBValue", float), instance=_val(ds, "InstanceNumber", int),
+                n_frames=n_frames, tilt=_val(ds, "GantryDetectorTilt", float),
+                transfer_syntax=_val(meta, "TransferSyntaxUID") if meta is not None else None,
+                frames=_frames(ds),
+                has_pixels=has_pixels, problems=problems,
+            )
+    if rec["frames"] is not None and len(rec["frames"]) != n_frames:
+        rec["problems"].append(f"{len(rec['frames'])} per-frame items for {n_frames} frames")
+        rec["frames"] = None
+    return rec
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    return UID(uid).name if uid else "unknown SOP class"
+
+
+def _is_image_class(uid: str) -> bool:
+    """True for SOP classes whose objects must carry pixel data (Image Storage classes)."""
+    return _uid_name(uid).endswith("Image Storage")
+
+
+def _read_chunk(paths: list[str]) -> list[dict[str, Any]]:
+    return [read_header(p) for p in paths]
+
+
+def read_headers(paths: list[str], *, workers: int = 1, progress: bool = False,
+                 pool: str = "process") -> list[dict[str, Any]]:
+    """Read many headers, in input order, optionally in parallel.
+
+    Args:
+        paths: files to read.
+        workers: >1 uses a pool; small inputs (< 2 chunks) are read in-process.
+        progress: tqdm bar on stderr (one tick per file).
+        pool: "process" or "thread".
+
+    Returns:
+        one record per path (see :func:`read_header`).
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(paths), unit="file", desc="scan", file=sys.stderr, disable=not progress)
+    try:
+        if workers <= 1 or len(paths) < 2 * CHUNK:
+            out = []
+            for p in paths:
+                out.append(read_header(p))
+                bar.update(1)
+            return out
+        chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+        results: list[list[dict[str, Any]] | None] = [None] * len(chunks)
+        ex: Executor
+        if pool == "thread":
+            ex = ThreadPoolExecutor(max_workers=workers)
+        elif pool == "process":
+            ex = ProcessPoolExecutor(max_workers=workers)
+        else:
+            from mmai.errors import ConfigError
+
+            raise ConfigError(f"pool={pool!r} is not one of ['process', 'thread']")
+        try:
+            with ex:
+                futs = {ex.submit(_read_chunk, c): i for i, c in enumerate(chunks)}
+                for fut in as_completed(futs):
+                    results[futs[fut]] = fut.result()
+                    bar.update(len(chunks[futs[fut]]))
+        except BrokenProcessPool:
+            log.warning("header-reader pool died; reading the remaining files in-process")
+        for i, r in enumerate(results):
+            if r is None:
+                results[i] = _read_chunk(chunks[i])
+                bar.update(len(chunks[i]))
+        return [rec for r in results for rec in (r or [])]
+    finally:
+        bar.close()

@@ -1,0 +1,261 @@
+"""Fusion models: cross-attention (default), concat, early, late, FiLM, and the unimodal baselines.
+
+All models share one call signature::
+
+    model(image, image_present, clinical, clinical_mask) -> (B, n_outputs)
+
+    image          (B, C, D, H, W) float   zeros where the image is missing
+    image_present  (B,) float              1 = image available, 0 = missing
+    clinical       (B, F) float            preprocessed values (categoricals as level indices)
+    clinical_mask  (B, F) float            1 = observed, 0 = missing
+
+A missing image never reaches a head as zeros: each model swaps in a learned "missing image"
+embedding (or masks the image tokens out of attention), so the prediction for a case without
+an image is learned, not an artefact of blank voxels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmai.models.heads import Head
+from mmai.models.image_encoders import ImageEncoder
+from mmai.models.tabular import ClinicalMLP, FeatureTokenizer
+
+
+def grid_coords(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Normalised voxel-centre coordinates of a (d, h, w) grid in [-1, 1]: (d*h*w, 3)."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device)
+            for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+class FourierPosition(nn.Module):
+    """Coordinates (N, 3) -> position embeddings (N, D) (size-agnostic, for sliding windows)."""
+
+    def __init__(self, dim: int, n_freq: int = 4) -> None:
+        super().__init__()
+        self.register_buffer("freqs", (2.0 ** torch.arange(n_freq)) * math.pi, persistent=False)
+        self.proj = nn.Linear(3 * 2 * n_freq, dim)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        x = coords[..., None] * self.freqs  # (N, 3, n_freq)
+        return self.proj(torch.cat([x.sin(), x.cos()], dim=-1).flatten(-2))  # (N, D)
+
+
+class MultimodalModel(nn.Module):
+    """Base class; ``uses_image`` / ``uses_clinical`` tell the data pipeline what to load."""
+
+    uses_image = True
+    uses_clinical = True
+
+    def forward(self, image: torch.Tensor | None, image_present: torch.Tensor, clinical: torch.Tensor | None,
+                clinical_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _fill_missing(vec: torch.Tensor, present: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """Rows with present == 0 take the learned ``missing`` vector. (B, D), (B,), (D,) -> (B, D)."""
+    p = present.to(vec.dtype)[:, None]
+    return vec * p + missing[None, :] * (1 - p)
+
+
+class _PooledImage(nn.Module):
+    """Encoder -> global average pool -> linear: (B, C, D, H, W) -> (B, dim), missing-aware."""
+
+    def __init__(self, encoder: ImageEncoder, dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Sequential(nn.Linear(encoder.num_features, dim), nn.GELU())
+        self.missing = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, image: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return _fill_missing(self.proj(self.encoder(image)), present, self.missing)
+
+
+class ImageOnly(MultimodalModel):
+    """Image encoder -> pooled features -> head."""
+
+    uses_clinical = False
+
+    def __init__(self, encoder: ImageEncoder, n_outputs: int, dim: int = 64, dropout: float = 0.1, **_: object):
+        super().__init__()
+        self.image = _PooledImage(encoder, dim)
+        self.head = Head(dim, n_outputs, dropout)
+
+    def forward(self, image, image_present, clinical=None, clinical_mask=None):
+        return self.head(self.image(image, image_present))
+
+
+class ClinicalOnly(MultimodalModel):
+    """Clinical feature tokens -> transformer encoder -> [CLS] -> head (or an MLP)."""
+
+    uses_image = False
+
+    def __init__(self, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4, layers: int = 1,
+                 dropout: float = 0.1, clinical_encoder: str = "tokens", **_: object):
+        super().__init__()
+        self.kind = clinical_encoder
+        if clinical_encoder == "mlp":
+            self.mlp = ClinicalMLP(feature_specs, dim, dropout=dropout)
+        else:
+            self.tokenizer = FeatureTokenizer(feature_specs, dim)
+            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True,
+                                               activation="gelu")
+            self.encoder = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
+        self.head = Head(dim, n_outputs, dropout)
+
+    def forward(self, image, image_present, clinical, clinical_mask):
+        if self.kind == "mlp":
+            return self.head(self.mlp(clinical, clinical_mask))
+        tok = self.tokenizer(clinical, clinical_mask)  # (B, F, D)
+        x = torch.cat([self.cls.expand(tok.shape[0], -1, -1), tok], dim=1)  # (B, 1+F, D)
+        return self.head(self.encoder(x)[:, 0])
+
+
+class CrossAttentionBlock(nn.Module):
+    """Queries attend to a context (pre-norm), then a feed-forward layer, both residual."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_pad: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_n = self.norm_kv(kv)
+        out, weights = self.attn(self.norm_q(q), kv_n, kv_n, key_padding_mask=kv_pad, need_weights=True)
+        q = q + out  # (B, Q, D)
+        return q + self.ff(self.norm_ff(q)), weights  # weights: (B, Q, K) averaged over heads
+
+
+class CrossAttentionFusion(MultimodalModel):
+    """Clinical tokens (and a [CLS] token) query the image tokens; then self-attention mixes.
+
+    1. image -> encoder feature map (B, C, d, h, w) -> N = d*h*w tokens (B, N, D) + position.
+    2. keys = [missing-image token; image tokens]; image tokens are masked out where the image
+       is missing, so absent images never contribute.
+    3. queries = [CLS; clinical tokens] (B, 1+F, D) cross-attend to the keys.
+    4. a transformer layer over [CLS; clinical tokens; mean image token]; CLS -> head.
+    """
+
+    def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4,
+                 layers: int = 1, dropout: float = 0.1, **_: object):
+        super().__init__()
+        self.encoder = encoder
+        self.img_proj = nn.Linear(encoder.num_features, dim)
+        self.pos = FourierPosition(dim)
+        self.no_image = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.tokenizer = FeatureTokenizer(feature_specs, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.cross = nn.ModuleList([CrossAttentionBlock(dim, heads, dropout) for _ in range(max(1, layers))])
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True,
+                                           activation="gelu")
+        self.mix = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
+        self.head = Head(dim, n_outputs, dropout)
+        self.last_attention: torch.Tensor | None = None
+
+    def image_tokens(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(B, C_in, D, H, W) -> tokens (B, N, D) and the feature grid shape (d, h, w)."""
+        fmap = self.encoder.forward_features(image)  # (B, C, d, h, w)
+        grid = tuple(fmap.shape[2:])
+        tok = self.img_proj(fmap.flatten(2).transpose(1, 2))  # (B, N, D)
+        return tok + self.pos(grid_coords(grid, image.device))[None], grid  # type: ignore[return-value]
+
+    def forward(self, image, image_present, clinical, clinical_mask):
+        img_tok, _ = self.image_tokens(image)  # (B, N, D)
+        b, n, _ = img_tok.shape
+        kv = torch.cat([self.no_image.expand(b, -1, -1), img_tok], dim=1)  # (B, 1+N, D)
+        absent = image_present <= 0  # (B,)
+        pad = torch.zeros(b, 1 + n, dtype=torch.bool, device=kv.device)
+        pad[:, 1:] = absent[:, None]
+        clin_tok = self.tokenizer(clinical, clinical_mask)  # (B, F, D)
+        q = torch.cat([self.cls.expand(b, -1, -1), clin_tok], dim=1)  # (B, 1+F, D)
+        weights = None
+        for block in self.cross:
+            q, weights = block(q, kv, pad)
+        self.last_attention = weights.detach() if weights is not None else None  # (B, 1+F, 1+N)
+        present = (~absent).to(img_tok.dtype)[:, None, None]
+        img_mean = (img_tok.mean(dim=1, keepdim=True) * present
+                    + self.no_image.expand(b, -1, -1) * (1 - present))  # (B, 1, D)
+        x = self.mix(torch.cat([q, img_mean], dim=1))  # (B, 2+F, D)
+        return self.head(x[:, 0])
+
+
+class ConcatFusion(MultimodalModel):
+    """Pooled image vector || clinical MLP vector -> MLP -> head (intermediate fusion)."""
+
+    def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
+                 **_: object):
+        super().__init__()
+        self.image = _PooledImage(encoder, dim)
+        self.clinical = ClinicalMLP(feature_specs, dim, dropout=dropout)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Dropout(dropout))
+        self.head = Head(dim, n_outputs, dropout)
+
+    def forward(self, image, image_present, clinical, clinical_mask):
+        z = torch.cat([self.image(image, image_present), self.clinical(clinical, clinical_mask)], dim=1)
+        return self.head(self.mlp(z))
+
+
+class LateFusion(MultimodalModel):
+    """One head per modality; outputs are summed (image term dropped where the image is missing)."""
+
+    def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
+                 **_: object):
+        super().__init__()
+        self.image = _PooledImage(encoder, dim)
+        self.image_head = Head(dim, n_outputs, dropout)
+        self.clinical = ClinicalMLP(feature_specs, dim, dropout=dropout)
+        self.clinical_head = Head(dim, n_outputs, dropout)
+
+    def forward(self, image, image_present, clinical, clinical_mask):
+        img = self.image_head(self.image(image, image_present)) * image_present.to(image.dtype)[:, None]
+        return img + self.clinical_head(self.clinical(clinical, clinical_mask))
+
+
+class EarlyFusion(MultimodalModel):
+    """Clinical values and masks broadcast as extra input channels of the image encoder."""
+
+    def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
+                 **_: object):
+        super().__init__()
+        self.image = _PooledImage(encoder, dim)
+        self.head = Head(dim, n_outputs, dropout)
+
+    def forward(self, image, image_present, clinical, clinical_mask):
+        b, _, d, h, w = image.shape
+        extra = torch.cat([clinical * clinical_mask, clinical_mask], dim=1)  # (B, 2F)
+        x = torch.cat([image, extra[:, :, None, None, None].expand(b, -1, d, h, w)], dim=1)
+        return self.head(self.image(x, torch.ones_like(image_present)))
+
+
+class FiLMFusion(MultimodalModel):
+    """Clinical vector -> per-channel scale/shift of the image feature map (FiLM / DAFT-style)."""
+
+    def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
+                 **_: object):
+        super().__init__()
+        self.encoder = encoder
+        self.clinical = ClinicalMLP(feature_specs, dim, dropout=dropout)
+        self.film = nn.Linear(dim, 2 * encoder.num_features)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.proj = nn.Sequential(nn.Linear(encoder.num_features, dim), nn.GELU())
+        self.missing = nn.Parameter(torch.zeros(dim))
+        self.head = Head(2 * dim, n_outputs, dropout)
+
+    def forward(self, image, image_present, clinical, clinical_mask):
+        c = self.clinical(clinical, clinical_mask)  # (B, D)
+        gamma, beta = self.film(c).chunk(2, dim=1)  # (B, C) each
+        fmap = self.encoder.forward_features(image)  # (B, C, d, h, w)
+        fmap = fmap * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
+        img = _fill_missing(self.proj(fmap.mean(dim=(2, 3, 4))), image_present, self.missing)
+        return self.head(torch.cat([img, c], dim=1))

@@ -1,0 +1,57 @@
+"""``create_model(name, ...)``: one constructor for every fusion strategy (timm style)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from monai.utils import look_up_option
+
+from mmai.models import fusion as F
+from mmai.models.image_encoders import create_encoder
+
+MODELS: dict[str, type[F.MultimodalModel]] = {
+    "cross_attention": F.CrossAttentionFusion,
+    "concat": F.ConcatFusion,
+    "early": F.EarlyFusion,
+    "late": F.LateFusion,
+    "film": F.FiLMFusion,
+    "image_only": F.ImageOnly,
+    "clinical_only": F.ClinicalOnly,
+}
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = (), in_channels: int = 1,
+                 encoder: str = "resnet", widths: Sequence[int] = (16, 32, 64, 128), dim: int = 64,
+                 heads: int = 4, layers: int = 1, dropout: float = 0.1,
+                 clinical_encoder: str = "tokens") -> F.MultimodalModel:
+    """Build a fusion model.
+
+    Args:
+        name: one of :data:`MODELS` (``cross_attention``, ``concat``, ``early``, ``late``, ``film``,
+            ``image_only``, ``clinical_only``).
+        n_outputs: raw output width (see :func:`mmai.models.heads.n_outputs_for`).
+        feature_specs: the clinical preprocessor's feature specs (one token per feature).
+        in_channels: image channels C_in.
+        encoder, widths: image encoder name and stage widths.
+        dim, heads, layers, dropout: token width, attention heads, fusion depth, dropout.
+        clinical_encoder: ``tokens`` (feature tokenizer + transformer) or ``mlp`` (clinical_only).
+    """
+    cls = look_up_option(name, MODELS)
+    feature_specs = list(feature_specs)
+    if cls.uses_clinical and not feature_specs:
+        raise ValueError(f"model {name!r} needs clinical features, but the pipeline declares none "
+                         "(add a clinical: section or use --fusion image_only)")
+    kwargs: dict[str, Any] = dict(n_outputs=n_outputs, dim=dim, heads=heads, layers=layers, dropout=dropout)
+    if cls.uses_clinical:
+        kwargs["feature_specs"] = feature_specs
+    if cls is F.ClinicalOnly:
+        kwargs["clinical_encoder"] = clinical_encoder
+    if cls.uses_image:
+        extra = 2 * len(feature_specs) if cls is F.EarlyFusion else 0
+        kwargs["encoder"] = create_encoder(encoder, in_channels=in_channels + extra, widths=widths)
+    return cls(**kwargs)

@@ -1,0 +1,187 @@
+"""``mmai preprocess``: DICOM root or manifest -> model-ready NIfTI volumes + a new manifest.
+
+Writes OUT/images/<case_id>.nii.gz (atomically; tagged with the pipeline id), OUT/manifest.csv
+(the input rows, image column pointing at the outputs, relative to OUT) and OUT/errors.csv
+(case_id, stage, error). A finished case (output present with the same pipeline id) is skipped
+on re-run. One bad case never stops the others. ``--shard I/N`` processes every N-th case and
+writes manifest/errors files named ``*.shardIofN.csv``; a final run without ``--shard`` (all
+cases then skip) writes the merged manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mmai.config import ImageConfig, PipelineConfig, load_config
+from mmai.errors import ConfigError, MmaiError
+from mmai.io.manifest import load_manifest
+from mmai.transforms.pipelines import PREPROCESSED_TAG, image_pipeline_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessSummary:
+    n_cases: int
+    n_done: int
+    n_skipped: int
+    n_missing_image: int
+    n_failed: int
+    out_dir: str
+
+    def __str__(self) -> str:
+        return (f"preprocessed {self.n_done} case(s), {self.n_skipped} already done, {self.n_missing_image} without "
+                f"image, {self.n_failed} failed -> {self.out_dir}"
+                + (f" (see {self.out_dir}/errors.csv)" if self.n_failed else ""))
+
+
+def safe_name(case_id: str) -> str:
+    """A file name for a case: the id itself when safe, else a sanitised id + short hash."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", case_id).strip("._") or "case"
+    if clean == case_id:
+        return clean
+    return f"{clean[:60]}-{hashlib.sha1(case_id.encode()).hexdigest()[:8]}"
+
+
+def _is_done(path: Path, tag: str) -> bool:
+    if not path.exists():
+        return False
+    from mmai.data.dataset import read_descrip
+
+    try:
+        return read_descrip(path) == tag
+    except Exception:  # noqa: BLE001 - an unreadable old output is simply redone
+        return False
+
+
+def _process_one(image_cfg: ImageConfig, source: Any, out_path: str, device: str) -> tuple[str, list[int]]:
+    """Load + transform one case and write it. Runs in a worker process. Returns (path, shape)."""
+    from mmai.data.dataset import save_preprocessed
+    from mmai.transforms.pipelines import KEY, preprocess_transforms
+
+    chain = preprocess_transforms(image_cfg, device=device)
+    out = chain({KEY: source})[KEY]
+    save_preprocessed(out, Path(out_path), image_cfg)
+    return out_path, list(out.shape[1:])
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def cases_from_input(input_path: Path, config: PipelineConfig, *, workers: int = 1,
+                     progress: bool = True) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The cases to preprocess: a validated manifest, or one case per study of a DICOM root
+    (with the studies whose series selection failed as errors)."""
+    if input_path.is_dir():
+        from mmai.inference.dicom_cases import cases_from_dicom_root
+
+        return cases_from_dicom_root(input_path, None, config, workers=workers, progress=progress)
+    return load_manifest(input_path, config, require_targets=False, check_files=False), []
+
+
+def run_preprocess(*, config_path: Path, input_path: Path, out_dir: Path, device: str = "cpu", workers: int = 1,
+                   shard: tuple[int, int] | None = None, progress: bool = True) -> PreprocessSummary:
+    """Preprocess every case of ``input_path`` (manifest file or DICOM root) into ``out_dir``."""
+    config = load_config(config_path)
+    if config.image is None:
+        raise ConfigError(f"{config_path}: image: null; there is nothing to preprocess")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if device.startswith("cuda"):
+        from mmai.utils import resolve_device
+
+        resolve_device(device)
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise MmaiError(f"--input {input_path} does not exist")
+    df, select_errors = cases_from_input(input_path, config, workers=workers, progress=progress)
+    return preprocess_frame(df, config, Path(out_dir), device=device, workers=workers, shard=shard,
+                            progress=progress, prior_errors=select_errors)
+
+
+def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *, device: str = "cpu",
+                     workers: int = 1, shard: tuple[int, int] | None = None, progress: bool = True,
+                     prior_errors: list[dict[str, str]] | None = None) -> PreprocessSummary:
+    """Preprocess the cases of a validated manifest frame (image column = absolute paths, a DICOM
+    stack's file list, or None). ``prior_errors`` (e.g. failed series selection) go to errors.csv."""
+    assert config.image is not None  # checked by the caller
+    col = config.image.column
+    tag = f"{PREPROCESSED_TAG}{image_pipeline_id(config.image)}"
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    if shard is not None:
+        i, n = shard
+        df = df.iloc[[k for k in range(len(df)) if k % n == i]].reset_index(drop=True)
+    out_rel: dict[str, str | None] = {}
+    errors: list[dict[str, str]] = list(prior_errors or [])
+    todo: list[tuple[str, Any, Path]] = []
+    n_skipped = n_missing = 0
+    for cid, src in zip(df["case_id"], df[col], strict=True):
+        if src is None or (isinstance(src, float) and pd.isna(src)):  # image missing: kept, no file
+            out_rel[cid] = None
+            n_missing += 1
+            continue
+        target = images_dir / f"{safe_name(cid)}.nii.gz"
+        out_rel[cid] = f"images/{target.name}"
+        if _is_done(target, tag):
+            n_skipped += 1
+            continue
+        todo.append((cid, src, target))
+    bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress)
+    failed: set[str] = set()
+
+    def fail(cid: str, exc: BaseException) -> None:
+        errors.append({"case_id": cid, "stage": "image", "error": f"{type(exc).__name__}: {exc}"})
+        failed.add(cid)
+        log.warning("case %s failed: %s", cid, exc)
+
+    if workers == 1 or len(todo) <= 1:
+        for cid, src, target in todo:
+            try:
+                _process_one(config.image, src, str(target), device)
+            except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
+                fail(cid, exc)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+            futures = {pool.submit(_process_one, config.image, src, str(target), device): cid
+                       for cid, src, target in todo}
+            for fut in as_completed(futures):
+                try:
+                    fut.result()
+                except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
+                    fail(futures[fut], exc)
+                bar.update(1)
+    bar.close()
+    out = df[~df["case_id"].isin(failed)].copy()
+    out[col] = [out_rel[c] for c in out["case_id"]]
+    suffix = "" if shard is None else f".shard{shard[0]}of{shard[1]}"
+    _write_csv(out, out_dir / f"manifest{suffix}.csv")
+    _write_csv(pd.DataFrame(errors, columns=["case_id", "stage", "error"]), out_dir / f"errors{suffix}.csv")
+    return PreprocessSummary(n_cases=len(df) + len(prior_errors or []), n_done=len(todo) - len(failed),
+                             n_skipped=n_skipped, n_missing_image=n_missing,
+                             n_failed=len(failed) + len(prior_errors or []), out_dir=str(out_dir))
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    from mmai.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

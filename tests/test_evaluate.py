@@ -1,0 +1,171 @@
+"""mmai.evaluate: joining predictions to the manifest, per-model reports, and the CLI verb."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from mmai.cli import main
+from mmai.errors import ManifestError
+from mmai.evaluate import evaluate_files, evaluate_frame, format_report, infer_task
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _binary(n: int = 60, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = [f"c{i:03d}" for i in range(n)]
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    man = pd.DataFrame({"case_id": ids, "label": y.astype(str), "age": rng.normal(60, 5, n).round()})
+    p = np.clip(0.4 * y + 0.6 * rng.random(n), 0, 1)
+    pred = pd.DataFrame({"case_id": ids, "prob_1": p, "prob_0": 1 - p, "model_id": "fusion"})  # columns unsorted
+    return man, pred, y, p
+
+
+def test_binary_matches_sklearn_and_positive_class_is_second_sorted():
+    man, pred, y, p = _binary()
+    rep = evaluate_frame(pred, man, n_boot=100)
+    json.dumps(rep, allow_nan=False)
+    assert rep["kind"] == "binary" and rep["positive_class"] == "1" and rep["classes"] == ["0", "1"]
+    m = rep["models"]["fusion"]["metrics"]
+    assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert m["auprc"] == pytest.approx(skm.average_precision_score(y, p))
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(y, p))
+    assert m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1]
+    assert rep["models"]["fusion"]["n_evaluated"] == len(y)
+
+
+def test_numeric_manifest_labels_match_prob_suffixes():
+    man, pred, y, p = _binary()
+    man["label"] = y.astype(float)  # 0.0 / 1.0 as a float column would read
+    assert evaluate_frame(pred, man, n_boot=0)["models"]["fusion"]["metrics"]["auroc"] == pytest.approx(
+        skm.roc_auc_score(y, p))
+
+
+def test_multiclass_with_text_labels_and_numeric_class_order():
+    rng = np.random.default_rng(1)
+    n = 90
+    y = rng.integers(0, 3, n)
+    P = rng.dirichlet(np.ones(3), n)
+    names = np.array(["2", "9", "10"])  # numeric order, not text order
+    man = pd.DataFrame({"case_id": [f"m{i}" for i in range(n)], "grade": names[y]})
+    pred = pd.DataFrame({"case_id": man["case_id"], **{f"prob_{c}": P[:, i] for i, c in enumerate(names)}})
+    rep = evaluate_frame(pred, man, target="grade", n_boot=50)
+    assert rep["kind"] == "multiclass" and rep["classes"] == ["2", "9", "10"]
+    m = rep["models"]["model"]["metrics"]
+    assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, P, multi_class="ovr"))
+    assert m["n_per_class"] == {c: int((names[y] == c).sum()) for c in names}
+
+
+def test_regression_and_survival():
+    rng = np.random.default_rng(2)
+    n = 70
+    ids = [f"r{i}" for i in range(n)]
+    yv = rng.normal(size=n)
+    pr = yv + rng.normal(scale=0.3, size=n)
+    rep = evaluate_frame(pd.DataFrame({"case_id": ids, "prediction": pr}),
+                         pd.DataFrame({"case_id": ids, "label": yv}), n_boot=50)
+    assert rep["kind"] == "regression"
+    assert rep["models"]["model"]["metrics"]["mae"] == pytest.approx(skm.mean_absolute_error(yv, pr))
+    assert rep["models"]["model"]["metrics"]["r2"] == pytest.approx(skm.r2_score(yv, pr))
+
+    lifelines_utils = pytest.importorskip("lifelines.utils")
+    risk = rng.normal(size=n)
+    t = np.round(rng.exponential(np.exp(-risk)), 2) + 0.01
+    e = (rng.random(n) < 0.7).astype(int)
+    man = pd.DataFrame({"case_id": ids, "os_months": t, "dead": e})
+    rep = evaluate_frame(pd.DataFrame({"case_id": ids, "risk": risk, "model_id": "cox"}), man,
+                         time="os_months", event="dead", n_boot=50)
+    assert rep["kind"] == "survival"
+    m = rep["models"]["cox"]["metrics"]
+    assert m["c_index"] == pytest.approx(lifelines_utils.concordance_index(t, -risk, e))
+    assert m["n_events"] == int(e.sum())
+
+
+def test_missing_and_extra_cases_are_reported_per_model():
+    man, pred, y, p = _binary(40)
+    man.loc[man["case_id"].isin(["c005", "c006"]), "label"] = np.nan  # no target
+    other = pred.iloc[:30].assign(model_id="image_only")
+    extra = pd.DataFrame({"case_id": ["x1", "x2", "x3"], "prob_1": 0.5, "prob_0": 0.5, "model_id": "fusion"})
+    bad = pred.iloc[[7]].assign(model_id="image_only", case_id="c035", prob_1=np.nan)
+    allp = pd.concat([pred, extra, other[other["case_id"] != "c035"], bad], ignore_index=True)
+    rep = evaluate_frame(allp, man, n_boot=20)
+    f, i = rep["models"]["fusion"], rep["models"]["image_only"]
+    assert f["not_in_manifest"] == {"count": 3, "case_ids": ["x1", "x2", "x3"]}
+    assert f["missing_target"] == {"count": 2, "case_ids": ["c005", "c006"]}
+    assert f["n_predictions"] == 43 and f["n_evaluated"] == 38
+    assert i["invalid_prediction"] == {"count": 1, "case_ids": ["c035"]}
+    assert i["not_predicted"]["count"] == 9 and i["n_evaluated"] == 28
+    text = format_report(rep)
+    assert "fusion" in text and "image_only" in text
+    assert "3 case(s) not in manifest, left out (first: x1, x2, x3)" in text
+    assert "1 case(s) invalid prediction" in text
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda man, pred: (man.assign(label=np.where(man["label"] == "1", "2", "0")), pred), "case 'c0.*label '2'"),
+    (lambda man, pred: (man.assign(case_id="z" + man["case_id"]), pred), "no case has both"),
+    (lambda man, pred: (man, pred.drop(columns=["prob_0", "prob_1"])), "no recognisable"),
+    (lambda man, pred: (man, pred.drop(columns=["prob_0"])), "only"),
+    (lambda man, pred: (man, pd.concat([pred, pred.iloc[:1]])), "more than once"),
+    (lambda man, pred: (man, pred.assign(prob_1=pred["prob_1"] + 0.2)), "sum to 1"),
+    (lambda man, pred: (man.drop(columns=["label"]), pred), "no 'label' column"),
+])
+def test_bad_inputs_raise_naming_the_problem(mutate, match):
+    man, pred, _, _ = _binary(20)
+    man, pred = mutate(man, pred)
+    with pytest.raises(ManifestError, match=match):
+        evaluate_frame(pred, man, n_boot=0)
+
+
+def test_infer_task_rejects_mixed_columns():
+    with pytest.raises(ManifestError, match="one task"):
+        infer_task(["case_id", "prob_0", "prob_1", "risk"])
+    assert infer_task(["case_id", "prediction", "model_id"]) == ("regression", [])
+
+
+def test_evaluate_files_writes_report_and_plots(tmp_path):
+    man, pred, _, _ = _binary()
+    man.to_csv(tmp_path / "manifest.csv", index=False)
+    pd.concat([pred, pred.assign(model_id="clinical_only", prob_1=0.5, prob_0=0.5)]).to_csv(
+        tmp_path / "predictions.csv", index=False)
+    rep = evaluate_files(tmp_path / "predictions.csv", tmp_path / "manifest.csv", tmp_path / "out", n_boot=50)
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["models"].keys() == {"fusion", "clinical_only"} and on_disk == rep
+    assert set(rep["plots"].values()) == {"roc.png", "pr.png", "calibration.png"}
+    for name in rep["plots"].values():
+        assert (tmp_path / "out" / name).read_bytes()[:8] == PNG
+    assert rep["models"]["clinical_only"]["metrics"]["auroc"] == pytest.approx(0.5)
+
+
+def test_cli_evaluate_survival_writes_report_and_km(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    n = 45
+    ids = [f"s{i}" for i in range(n)]
+    pd.DataFrame({"case_id": ids, "time": rng.exponential(size=n).round(3) + 0.01,
+                  "event": rng.integers(0, 2, n)}).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame({"case_id": ids, "risk": rng.normal(size=n), "model_id": "fusion"}).to_csv(
+        tmp_path / "p.csv", index=False)
+    rc = main(["evaluate", "--predictions", str(tmp_path / "p.csv"), "--manifest", str(tmp_path / "m.csv"),
+               "--out", str(tmp_path / "rep"), "--n-boot", "50", "-q"])
+    assert rc == 0
+    assert "c_index" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["kind"] == "survival"
+    assert (tmp_path / "rep" / "km_fusion.png").read_bytes()[:8] == PNG
+
+
+def test_cli_evaluate_exits_2_on_unrecognisable_predictions(tmp_path, capsys):
+    man, pred, _, _ = _binary(10)
+    man.to_csv(tmp_path / "m.csv", index=False)
+    pred.rename(columns={"prob_0": "p0", "prob_1": "p1"}).to_csv(tmp_path / "p.csv", index=False)
+    rc = main(["evaluate", "--predictions", str(tmp_path / "p.csv"), "--manifest", str(tmp_path / "m.csv"),
+               "--out", str(tmp_path / "rep"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "no recognisable prediction columns" in err
+    assert not (tmp_path / "rep" / "report.json").exists()
