@@ -59,14 +59,20 @@ class ImageLoader:
 
     def __call__(self, path: str | list[str]) -> np.ndarray:
         """Load one case: a NIfTI file, a DICOM folder, or a DICOM stack's file list."""
+        return self.load(path)[0]
+
+    def load(self, path: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(array (1, *cfg.size) float32, affine (4, 4) voxel -> RAS mm) of one case."""
         try:
             if isinstance(path, str) and read_descrip(path) == self.tag:
-                arr = np.asarray(nib.load(path).dataobj, dtype=np.float32)[None]
+                img = nib.load(path)
+                arr, affine = np.asarray(img.dataobj, dtype=np.float32)[None], np.asarray(img.affine)
             else:
                 if self._chain is None:
                     self._chain = preprocess_transforms(self.cfg, device=self.device)
                 out = self._chain({KEY: path})[KEY]
                 arr = np.asarray(out.detach().cpu(), dtype=np.float32)
+                affine = np.asarray(out.affine.cpu(), dtype=np.float64)
         except MmaiError:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes a named, per-case error
@@ -74,7 +80,7 @@ class ImageLoader:
         if tuple(arr.shape[1:]) != tuple(self.cfg.size):
             raise PreprocessError(f"{path}: image has shape {tuple(arr.shape[1:])}, the pipeline expects "
                                   f"{tuple(self.cfg.size)}; re-run mmai preprocess with this pipeline")
-        return arr
+        return arr, affine
 
 
 class MultimodalDataset(Dataset):

@@ -535,7 +535,7 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
     Returns:
         {"kind", "n", metric: float | None, metric + "_ci": [lo, hi] | None, ..., "undefined":
         {metric: reason}, "n_boot_skipped": {metric: count}, "n_boot", "seed", "alpha"}. Binary:
-        auroc, auprc, brier, ece, balanced_accuracy, n_pos, calibration; multiclass: auroc (macro
+        auroc, auprc, brier, ece (point only), balanced_accuracy, n_pos, calibration; multiclass: auroc (macro
         one-vs-rest), auroc_per_class, brier, balanced_accuracy, n_per_class; regression: mae,
         rmse, r2; survival: c_index, n_events. Classification CIs resample within each class,
         survival CIs within events / censored cases.
@@ -563,8 +563,9 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
             out.update(n=int(yy.size), n_pos=int(yy.sum()), threshold=0.5 if pred is None else None)
             if classes is not None:
                 out["classes"], out["positive_class"] = [_key(c) for c in classes], _key(classes[1])
-            for name, fn in (("auroc", auroc), ("auprc", auprc), ("brier", brier), ("ece", ece)):
+            for name, fn in (("auroc", auroc), ("auprc", auprc), ("brier", brier)):
                 _fill(out, name, fn, (yy, p), stratify=yy, **kw)
+            out["ece"] = ece(yy, p)  # no CI: ECE is biased upward, its bootstrap often lies above it
             _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yy, **kw)
             out["calibration"] = calibration_curve(yy, p)
         else:

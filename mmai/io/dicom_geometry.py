@@ -203,7 +203,7 @@ def deshear(volume: np.ndarray, geom: StackGeometry, positions: np.ndarray,
     Returns:
         ((K, J', I') float32, (3,) LPS origin of the new grid).
     """
-    from scipy.ndimage import shift as nd_shift
+    from scipy.ndimage import affine_transform
 
     sx, sy = geom.pixel_spacing
     t = positions - positions[0]
@@ -213,10 +213,15 @@ def deshear(volume: np.ndarray, geom: StackGeometry, positions: np.ndarray,
     lo_j, hi_j = math.floor(min(0.0, sj.min()) + 1e-6), math.ceil(max(0.0, sj.max()) - 1e-6)
     k_n, j_n, i_n = volume.shape
     out = np.empty((k_n, j_n + hi_j - lo_j, i_n + hi_i - lo_i), dtype=np.float32)
-    padded = np.full(out.shape[1:], fill, dtype=np.float32)
+    grid_j, grid_i = np.arange(out.shape[1]), np.arange(out.shape[2])
     for k in range(k_n):
-        padded[-lo_j:-lo_j + j_n, -lo_i:-lo_i + i_n] = volume[k]
-        # out[j, i] = in[j - sj, i - si]  (ndimage.shift: out[x] = in[x - shift])
-        out[k] = nd_shift(padded, (sj[k], si[k]), order=1, mode="constant", cval=fill, prefilter=False)
+        # out[j, i] = in[j + lo_j - sj, i + lo_i - si]; a pixel covers +-0.5 voxel (as in ITK):
+        # inside that, edge pixels extend (mode "nearest"); outside, ``fill``.
+        offset = (lo_j - sj[k], lo_i - si[k])
+        out[k] = affine_transform(volume[k].astype(np.float32, copy=False), [1.0, 1.0], offset=offset,
+                                  output_shape=out.shape[1:], order=1, mode="nearest", prefilter=False)
+        src_j, src_i = grid_j + offset[0], grid_i + offset[1]
+        out[k, (src_j < -0.5) | (src_j >= j_n - 0.5), :] = fill
+        out[k, :, (src_i < -0.5) | (src_i >= i_n - 0.5)] = fill
     origin = geom.origin + lo_i * sx * geom.row + lo_j * sy * geom.col
     return out, origin

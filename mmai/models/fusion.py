@@ -160,7 +160,8 @@ class CrossAttentionFusion(MultimodalModel):
                                            activation="gelu")
         self.mix = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
         self.head = Head(dim, n_outputs, dropout)
-        self.last_attention: torch.Tensor | None = None
+        self.last_attention: torch.Tensor | None = None  # for explanations
+        self.last_grid: tuple[int, int, int] | None = None
 
     def image_tokens(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(B, C_in, D, H, W) -> tokens (B, N, D) and the feature grid shape (d, h, w)."""
@@ -170,7 +171,7 @@ class CrossAttentionFusion(MultimodalModel):
         return tok + self.pos(grid_coords(grid, image.device))[None], grid  # type: ignore[return-value]
 
     def forward(self, image, image_present, clinical, clinical_mask):
-        img_tok, _ = self.image_tokens(image)  # (B, N, D)
+        img_tok, self.last_grid = self.image_tokens(image)  # (B, N, D), (d, h, w)
         b, n, _ = img_tok.shape
         kv = torch.cat([self.no_image.expand(b, -1, -1), img_tok], dim=1)  # (B, 1+N, D)
         absent = image_present <= 0  # (B,)

@@ -179,7 +179,8 @@ def test_compute_metrics_binary_is_json_and_complete():
     labels = np.where(y == 1, "yes", "no")
     out = M.compute_metrics("binary", y=labels, prob=np.c_[1 - p, p], classes=["no", "yes"], n_boot=200)
     json.dumps(out, allow_nan=False)
-    for k in ("auroc", "auprc", "brier", "ece", "balanced_accuracy"):
+    assert isinstance(out["ece"], float) and "ece_ci" not in out
+    for k in ("auroc", "auprc", "brier", "balanced_accuracy"):
         assert isinstance(out[k], float)
         lo, hi = out[f"{k}_ci"]
         assert lo <= out[k] <= hi

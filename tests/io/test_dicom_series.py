@@ -96,3 +96,234 @@ def test_write_series_rejects_bad_input(tmp_path: Path) -> None:
         write_series(vol, tmp_path, extra={"NotAKeyword": 3})
     with pytest.raises(DicomError, match=r"\[0, 65535\]"):
         write_series(np.full((2, 2, 1), 1e6), tmp_path)
+
+
+# ============================================================================ load_series
+# Reference tools: dcm2niix (the converter users trust; compared in world space with
+# dicom_cases.world_match), SimpleITK for per-slice geometry, and the analytic truth the fixture
+# wrote. docs/dicom.md explains which reference each case uses and why.
+from tests.io import dicom_cases as dc  # noqa: E402
+
+from mmai.io.dicom_fastread import read_frame_fast  # noqa: E402
+from mmai.io.dicom_multiframe import load_multiframe  # noqa: E402
+from mmai.io.dicom_series import load_series, split_by_phase  # noqa: E402
+
+
+def _check_against_dcm2niix(vol, folder: Path, out: Path, *, name: str | None = None, atol: float = 0.0,
+                            volume: int = 0) -> None:
+    images = dict(dc.dcm2niix(folder, out))
+    img = images[name] if name else next(iter(images.values()))
+    ours, ref = dc.world_match(vol.array, vol.affine, img, volume=volume)  # grids agree within 1e-3 mm
+    assert ours.size >= 0.5 * vol.array.size
+    np.testing.assert_allclose(ours, ref, atol=atol)
+
+
+@pytest.mark.parametrize("orientation", ["AXIAL", "SAGITTAL", "CORONAL", "OBLIQUE"])
+def test_single_series_matches_truth_and_dcm2niix(tmp_path: Path, orientation: str) -> None:
+    case = dc.series(tmp_path / "s", orientation=getattr(dc, orientation))
+    vol = load_series(case.files)
+    np.testing.assert_array_equal(vol.array, case.volume)
+    np.testing.assert_allclose(vol.affine, case.affine, atol=1e-6)
+    assert vol.warnings == []
+    assert vol.meta["orientation"] == orientation.lower()
+    assert vol.meta["spacing"] == pytest.approx(list(dc.SPACING))
+    assert not {"PatientName", "PatientID", "PatientBirthDate"} & set(vol.meta)
+    _check_against_dcm2niix(vol, tmp_path / "s", tmp_path / "nii")
+
+
+def test_file_order_and_instance_numbers_do_not_matter(tmp_path: Path) -> None:
+    """Sorting is along the normal: reversed/shuffled files and scrambled InstanceNumbers agree."""
+    case = dc.series(tmp_path / "s", orientation=dc.OBLIQUE)
+    dc.rewrite(case.files, lambda ds, k: setattr(ds, "InstanceNumber", (7 * k) % 20 + 1))
+    ref = load_series(case.files)
+    shuffled = list(np.random.default_rng(3).permutation(case.files))
+    for files in (case.files[::-1], shuffled):
+        vol = load_series(files)
+        np.testing.assert_array_equal(vol.array, ref.array)
+        np.testing.assert_array_equal(vol.affine, ref.affine)
+    np.testing.assert_array_equal(ref.array, case.volume)
+
+
+@pytest.mark.parametrize("builder", ["series", "signed_12bit", "monochrome1", "implicit_vr", "per_slice_rescale"])
+def test_fast_path_is_bit_identical_to_pydicom(tmp_path: Path, builder: str) -> None:
+    case = getattr(dc, builder)(tmp_path / "s")
+    assert read_frame_fast(str(case.files[0])) is not None  # the fast path handles this case
+    fast = load_series(case.files)
+    slow = load_series(case.files, fast=False)
+    assert fast.array.dtype == slow.array.dtype
+    np.testing.assert_array_equal(fast.array, slow.array)
+    np.testing.assert_array_equal(fast.affine, slow.affine)
+    np.testing.assert_array_equal(fast.array, case.volume)
+
+
+def test_rescale_sign_and_bits(tmp_path: Path) -> None:
+    """Per-slice slope/intercept and signed 12-bit data agree with dcm2niix; MONOCHROME1 is inverted."""
+    for builder in ("per_slice_rescale", "signed_12bit"):
+        case = getattr(dc, builder)(tmp_path / builder)
+        vol = load_series(case.files)
+        np.testing.assert_array_equal(vol.array, case.volume)
+        _check_against_dcm2niix(vol, tmp_path / builder, tmp_path / f"{builder}_nii", atol=1e-3)
+    # MONOCHROME1: dcm2niix keeps the raw stored values; the reference is the inverted truth.
+    case = dc.monochrome1(tmp_path / "m1")
+    vol = load_series(case.files)
+    np.testing.assert_array_equal(vol.array, case.volume)
+
+
+def test_native_dtype(tmp_path: Path) -> None:
+    case = dc.series(tmp_path / "s")
+    vol = load_series(case.files, dtype="native")
+    assert vol.array.dtype == np.int16
+    np.testing.assert_array_equal(vol.array, case.volume)
+    case = dc.per_slice_rescale(tmp_path / "r")
+    vol = load_series(case.files, dtype="native")
+    assert vol.array.dtype == np.float32 and any("native" in w for w in vol.warnings)
+
+
+def test_missing_slice(tmp_path: Path) -> None:
+    case = dc.missing_slice(tmp_path / "s", drop=7)
+    vol = load_series(case.files)
+    assert vol.array.shape == (32, 24, 19)
+    assert vol.meta["uneven_spacing"] and "116.000->121.000 mm (gap 5.000)" in vol.warnings[0]
+    with pytest.raises(DicomError, match="116.000->121.000"):
+        load_series(case.files, uneven="error")
+    res = load_series(case.files, uneven="resample")
+    assert res.array.shape == (32, 24, 20) and res.meta["resampled"]
+    np.testing.assert_allclose(res.affine, case.affine, atol=1e-6)
+    np.testing.assert_allclose(res.array[:, :, 7], (case.volume[:, :, 6] + case.volume[:, :, 8]) / 2, atol=1e-3)
+    # dcm2niix writes the equidistant version as *_Eq_1.nii (rounded to int16: atol 0.5).
+    _check_against_dcm2niix(res, tmp_path / "s", tmp_path / "nii", name="1_1_Eq_1.nii", atol=0.5 + 1e-3)
+
+
+def test_uneven_spacing(tmp_path: Path) -> None:
+    case = dc.uneven_series(tmp_path / "s")
+    vol = load_series(case.files)
+    assert "gap 4.000" in vol.warnings[0] and vol.array.shape[2] == 20
+    res = load_series(case.files, uneven="resample")
+    assert res.array.shape == (32, 24, 21)
+    assert res.meta["spacing"][2] == pytest.approx(49.0 / 20)
+    _check_against_dcm2niix(res, tmp_path / "s", tmp_path / "nii", name="1_1_Eq_1.nii", atol=0.5 + 1e-3)
+
+
+def test_gantry_tilt_shear_places_every_slice_where_the_file_says(tmp_path: Path) -> None:
+    """tilt='shear': voxel (0, 0, k) lands on slice k's ImagePositionPatient as SimpleITK reads it
+    file by file; SimpleITK's series reader (orthogonal grid) misplaces the last slice."""
+    case = dc.tilted_series(tmp_path / "s", tilt_deg=15.0)
+    vol = load_series(case.files)
+    assert vol.meta["tilt_deg"] == pytest.approx(15.0, abs=1e-3) and "gantry tilt" in vol.warnings[0]
+    np.testing.assert_allclose(vol.affine, case.affine, atol=1e-6)
+    np.testing.assert_array_equal(vol.array, case.volume)
+    for k, path in enumerate(case.files):
+        img = sitk.ReadImage(str(path))
+        ras = vol.affine @ np.array([0, 0, k, 1.0])
+        np.testing.assert_allclose(ras[:3] * [-1, -1, 1], img.GetOrigin(), atol=1e-3)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img)[0].T, vol.array[:, :, k])
+    series_img = _sitk_read(case.files)
+    last = series_img.TransformIndexToPhysicalPoint((0, 0, len(case.files) - 1))
+    assert np.linalg.norm(np.subtract(last, sitk.ReadImage(str(case.files[-1])).GetOrigin())) > 1.0
+
+
+def test_gantry_tilt_resample_matches_simpleitk_resample(tmp_path: Path) -> None:
+    """tilt='resample': every output slice equals SimpleITK's linear resampling of that file's
+    slice onto the orthogonal grid (dcm2niix's *_Tilt_1.nii is ~0.9 voxel off; docs/dicom.md)."""
+    case = dc.tilted_series(tmp_path / "s", tilt_deg=15.0)
+    vol = load_series(case.files, tilt="resample")
+    assert vol.array.shape == (32, 39, 20)  # grown in j so no acquired voxel is lost (like dcm2niix)
+    aff = vol.affine
+    np.testing.assert_allclose(aff[:3, :3], np.diag([-0.8, -0.9, 2.5]), atol=1e-6)  # orthogonal
+    for k, path in enumerate(case.files):
+        src = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat64) + float(0.0)
+        origin = (aff @ np.array([0, 0, k, 1.0]))[:3] * [-1, -1, 1]
+        ref = sitk.Image([vol.array.shape[0], vol.array.shape[1], 1], sitk.sitkFloat64)
+        ref.SetOrigin(origin.tolist())
+        ref.SetSpacing((0.8, 0.9, 2.5))
+        out = sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, -1e9))[0].T
+        inside = out > -1e8
+        assert inside.mean() > 0.5
+        np.testing.assert_allclose(vol.array[:, :, k][inside], out[inside], atol=1e-3)
+
+
+def test_duplicate_positions_need_split_by_phase(tmp_path: Path) -> None:
+    case = dc.two_phases(tmp_path / "s")
+    with pytest.raises(DicomError, match="split_by_phase"):
+        load_series(case.files)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in case.files]
+    groups = split_by_phase(headers)
+    assert [len(g) for g in groups] == [20, 20]
+    assert [int(g[0].TemporalPositionIdentifier) for g in groups] == [1, 2]
+    for group, truth in zip(groups, (case.volume, case.notes["phase2"].volume), strict=True):
+        vol = load_series([h.filename for h in group])
+        np.testing.assert_array_equal(vol.array, truth)
+    assert split_by_phase(headers[::2]) == [headers[::2]]  # nothing to split
+
+
+def test_localizer_in_the_list_is_dropped(tmp_path: Path) -> None:
+    case = dc.with_localizer(tmp_path / "s")
+    vol = load_series(sorted((tmp_path / "s").glob("*.dcm")))
+    np.testing.assert_array_equal(vol.array, case.volume)
+    assert any("localizer" in w for w in vol.warnings)
+
+
+def test_mixed_series_is_an_error(tmp_path: Path) -> None:
+    dc.series(tmp_path / "s")
+    dc.series(tmp_path / "s", file_prefix="SAG", orientation=dc.SAGITTAL, shape=(32, 24, 5))
+    with pytest.raises(DicomError, match="ImageOrientationPatient"):
+        load_series(sorted((tmp_path / "s").glob("*.dcm")))
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_enhanced_multiframe_matches_truth_and_dcm2niix(tmp_path: Path, modality: str) -> None:
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    orientation = dc.AXIAL if modality == "CT" else dc.OBLIQUE
+    n_t = 1 if modality == "CT" else 2
+    cases = dc.enhanced(folder / "mf.dcm", modality=modality, n_temporal=n_t, orientation=orientation)
+    vols = load_multiframe(folder / "mf.dcm")
+    assert len(vols) == n_t
+    for t, (vol, case) in enumerate(zip(vols, cases, strict=True)):
+        np.testing.assert_array_equal(vol.array, case.volume)
+        np.testing.assert_allclose(vol.affine, case.affine, atol=1e-6)
+        _check_against_dcm2niix(vol, folder, tmp_path / f"nii{t}", volume=t)
+    if n_t == 1:
+        np.testing.assert_array_equal(load_series([folder / "mf.dcm"]).array, vols[0].array)
+    else:
+        with pytest.raises(DicomError, match="load_multiframe"):
+            load_series([folder / "mf.dcm"])
+
+
+def test_enhanced_multiframe_per_phase_rescale(tmp_path: Path) -> None:
+    cases = dc.enhanced(tmp_path / "mf.dcm", modality="CT", n_temporal=2, intercept_step=-100.0)
+    vols = load_multiframe(tmp_path / "mf.dcm")
+    assert [v.meta["stack"] for v in vols] == ["stack 1, temporal 1", "stack 1, temporal 2"]
+    for vol, case in zip(vols, cases, strict=True):
+        np.testing.assert_array_equal(vol.array, case.volume)
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpeg-lossless", "jpegls", "jpeg2000"])
+def test_compressed_series(tmp_path: Path, syntax: str) -> None:
+    case = dc.compressed(tmp_path / "s", syntax)
+    assert read_frame_fast(str(case.files[0])) is None  # goes through pydicom's decoders
+    vol = load_series(case.files)
+    np.testing.assert_array_equal(vol.array, case.volume)
+    assert vol.meta["transfer_syntax"] == case.notes["transfer_syntax"]
+    _check_against_dcm2niix(vol, tmp_path / "s", tmp_path / "nii")
+
+
+def test_undecodable_transfer_syntax_names_file_and_syntax(tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+
+    case = dc.series(tmp_path / "s", shape=(8, 8, 3))
+
+    def to_mpeg2(ds: pydicom.Dataset, k: int) -> None:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
+        ds.PixelData = encapsulate([b"\x00\x01" * 16])
+    dc.rewrite(case.files[:1], to_mpeg2)
+    with pytest.raises(DicomError, match=r"IM00001\.dcm.*1\.2\.840\.10008\.1\.2\.4\.100"):
+        load_series(case.files)
+
+
+def test_bad_options_list_the_choices(tmp_path: Path) -> None:
+    case = dc.series(tmp_path / "s", shape=(4, 4, 2))
+    with pytest.raises(DicomError, match=r"uneven='bogus'.*\['warn', 'resample', 'error'\]"):
+        load_series(case.files, uneven="bogus")
+    with pytest.raises(DicomError, match="empty"):
+        load_series([])
