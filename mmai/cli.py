@@ -107,6 +107,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     report = evaluate_files(
         predictions_path=Path(a.predictions), manifest_path=Path(a.manifest),
         out_dir=Path(a.out) if a.out else None, n_boot=a.n_boot, seed=a.seed,
+        target=a.target, time=a.time, event=a.event,
     )
     from mmai.evaluate import format_report
 
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="report folder (report.json + plots)")
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    s.add_argument("--target", default="label", help="manifest column with the true label/value (default label)")
+    s.add_argument("--time", default="time", help="survival: follow-up time column (default time)")
+    s.add_argument("--event", default="event", help="survival: event column, 1 = event (default event)")
     _add_common(s)
     s.set_defaults(func=_cmd_evaluate)
 
@@ -297,6 +301,7 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("mmai").setLevel(level)
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # optional GPU codec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,13 +99,14 @@ def plot_pr(curves: Curves, path: str | os.PathLike, title: str | None = None) -
     _check(curves, "plot_pr")
     fig, ax = _figure()
     ax = ax[0, 0]
-    prevalence = None
+    prevalences = []
     for name, (y, p) in curves.items():
         ap = M.auprc(y, p)
         prec, rec, _ = precision_recall_curve(np.asarray(y, dtype=float), np.asarray(p, dtype=float))
         ax.step(rec, prec, where="post", lw=2, label=f"{name} (AUPRC {ap:.3f})")
-        prevalence = float(np.mean(np.asarray(y, dtype=float)))
-    ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"prevalence ({prevalence:.3f})")
+        prevalences.append(float(np.mean(np.asarray(y, dtype=float))))
+    if np.ptp(prevalences) < 1e-12:  # one chance level shared by every curve
+        ax.axhline(prevalences[0], ls="--", color="grey", lw=1, label=f"prevalence ({prevalences[0]:.3f})")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall (sensitivity)", ylabel="Precision (PPV)",
            title=title or "Precision-recall curve")
     ax.grid(alpha=0.3)

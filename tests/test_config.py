@@ -24,8 +24,8 @@ def test_shipped_pipelines_load(name):
 
 def test_demo_pipeline_values():
     cfg = load_config(ROOT / "pipelines" / "demo.yaml")
-    assert cfg.image.size == (48, 48, 32)
-    assert cfg.image.spacing == (6.0, 6.0, 6.0)
+    assert cfg.image.size == (32, 32, 24)
+    assert cfg.image.spacing == (9.0, 9.0, 9.0)
     assert cfg.model.fusion == "cross_attention"
     assert [c.name for c in cfg.clinical.columns] == ["age", "crp", "bmi", "sex", "smoking", "diabetes"]
 

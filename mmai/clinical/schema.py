@@ -136,6 +136,12 @@ class ClinicalColumn:
     levels: tuple[str, ...] | None = None
     strict: bool = False
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"clinical column {self.name!r}: kind {self.kind!r} is not allowed; choose one of {list(KINDS)}")
+        if self.kind == "ordinal" and not self.levels:
+            raise ConfigError(f"ordinal clinical column {self.name!r} needs levels (low to high)")
+
     def to_entry(self) -> Any:
         """The YAML entry: the bare name when nothing else is set, else a mapping."""
         extra: dict[str, Any] = {}

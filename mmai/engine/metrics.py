@@ -41,6 +41,9 @@ class UndefinedMetricError(MetricError):
 class BootstrapCI(tuple):
     """``(point, lo, hi)``; also ``.n_boot`` (resamples drawn) and ``.n_skipped`` (undefined ones)."""
 
+    n_boot: int
+    n_skipped: int
+
     def __new__(cls, point: float, lo: float, hi: float, n_boot: int, n_skipped: int) -> BootstrapCI:
         obj = super().__new__(cls, (float(point), float(lo), float(hi)))
         obj.n_boot, obj.n_skipped = int(n_boot), int(n_skipped)
@@ -78,7 +81,7 @@ def _binary(y: Any, name: str = "y") -> np.ndarray:
 
 def _probs(p: Any, n: int, name: str = "p", check_range: bool = False) -> np.ndarray:
     a = _vec(p, name, n)
-    bad = np.flatnonzero((a < 0) | (a > 1)) if check_range else []
+    bad = np.flatnonzero((a < 0) | (a > 1)) if check_range else np.empty(0, np.int64)
     if len(bad):
         raise MetricError(f"{name} must be probabilities in [0, 1]; got {a[bad[0]]:g} at index {bad[0]}")
     return a
@@ -192,6 +195,7 @@ def _w_rmse(W: np.ndarray, y: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def _w_r2(W: np.ndarray, y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    y, pred = y - y.mean(), pred - y.mean()  # R2 is shift-invariant; centring avoids cancellation
     n = W.sum(1)
     mean = (W @ y) / n
     ss_tot = W @ (y**2) - n * mean**2
@@ -226,7 +230,7 @@ def _one(kernel: Callable[..., np.ndarray], n: int, *args: Any) -> float:
 def _attach(prep: Callable[..., tuple], kernel: Callable[..., np.ndarray]) -> Callable:
     """Give a public metric its batched form: fn._prep(*arrays) -> args; fn._weighted(W, *args)."""
     def deco(fn: Callable) -> Callable:
-        fn._prep, fn._weighted = prep, kernel
+        fn._prep, fn._weighted = prep, kernel  # type: ignore[attr-defined]
         return fn
     return deco
 
@@ -373,7 +377,8 @@ def kaplan_meier(time: Any, event: Any) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         (t, s): (G + 1,) arrays, t = [0, distinct event times...], s = S(t) (a right-continuous step).
     """
-    t, e = _vec(time, "time"), _binary(event, "event")
+    t = _vec(time, "time")
+    e = _binary(_vec(event, "event", t.size), "event")
     ut, d = np.unique(t[e == 1], return_counts=True)
     at_risk = t.size - np.searchsorted(np.sort(t), ut, side="left")
     return np.r_[0.0, ut], np.r_[1.0, np.cumprod(1.0 - d / at_risk)]
@@ -435,7 +440,8 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
         strata = [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
     point = float(metric_fn(*arrays))
     weighted = getattr(metric_fn, "_weighted", None)
-    prepped = metric_fn._prep(*arrays) if weighted is not None else None
+    prep = getattr(metric_fn, "_prep", None)
+    prepped: tuple = prep(*arrays) if weighted is not None and prep is not None else ()
     arrs = [np.asarray(a) for a in arrays]
     rng = np.random.default_rng(seed)
     chunk = max(1, _CELLS // n)
@@ -551,7 +557,7 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
     if missing:
         raise MetricError(f"compute_metrics(kind={kind!r}) needs {', '.join(missing)}")
     out: dict[str, Any] = {"kind": kind, "undefined": {}, "n_boot_skipped": {}}
-    kw = {"n_boot": int(n_boot), "seed": int(seed), "alpha": float(alpha)}
+    kw: dict[str, Any] = {"n_boot": int(n_boot), "seed": int(seed), "alpha": float(alpha)}
     if kind in ("binary", "multiclass"):
         P = np.asarray(prob, dtype=float)
         if kind == "binary":

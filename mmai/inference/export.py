@@ -1,6 +1,8 @@
 """``mmai export``: a trained run -> TorchScript or ONNX, inputs (image, image_present, clinical,
 clinical_mask), output the predictions of predictions.csv (class probabilities, or the value /
-log-risk). The preprocessing (image pipeline, clinical state.json) is not part of the export."""
+log-risk). The preprocessing (image pipeline, clinical state.json) is not part of the export.
+TorchScript is traced with one case: call it once per case (batch size 1); the ONNX graph has a
+dynamic batch axis."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class _Exported(torch.nn.Module):
 def example_inputs(predictor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001 - a Predictor
     size = tuple(predictor.config.image.size) if predictor.config.image is not None else (8, 8, 8)
     n_feat = predictor.pre.num_features if predictor.pre is not None else 0
-    return (torch.zeros(2, 1, *size), torch.ones(2), torch.zeros(2, n_feat), torch.ones(2, n_feat))
+    return (torch.zeros(1, 1, *size), torch.ones(1), torch.zeros(1, n_feat), torch.ones(1, n_feat))
 
 
 def export_run(run_dir: Path, *, fmt: str, out: Path) -> Path:

@@ -203,7 +203,8 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     predictor = Predictor(run_dir, device=device)
     select_errors: list[dict[str, str]] = []
     if manifest_path is not None:
-        df = load_manifest(manifest_path, predictor.config, require_targets=False, check_files=False)
+        df = load_manifest(manifest_path, predictor.config, require_targets=False, check_files=False,
+                           check_clinical=False)
     elif dicom_root is not None:
         from mmai.inference.dicom_cases import cases_from_dicom_root
 

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import sys
+import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import numpy as np
 from mmai.errors import ConfigError
 from mmai.io.deid import DEFAULT_SALT, pseudonym, safe_meta
 from mmai.io.dicom_scan import SeriesStack, scan
+from mmai.io.dicom_scan_read import quiet_pydicom
 from mmai.io.dicom_select import SelectionRule
 
 log = logging.getLogger(__name__)
@@ -88,12 +90,18 @@ def read_select_rule(config_path: Path | None) -> SelectionRule | None:
     return SelectionRule.from_dict(select, f"{config_path}: image.select")
 
 
-def output_stem(row: dict[str, Any], *, phase: int | None = None) -> str:
-    """PHI-free file stem: ``s<series>_<description>_<8 hex of UIDs + stack>[_p<phase>]``."""
+def output_stem(row: dict[str, Any], *, phase: int | None = None, stack: SeriesStack | None = None) -> str:
+    """PHI-free file stem: ``s<series>_<description>_<8 hex of UIDs + stack>[_p<phase>]``.
+
+    The hash covers the study/series UIDs, the stack's geometry and (with ``stack``) its first
+    file and frame, so two stacks never share a name; it is stable across runs.
+    """
     desc = re.sub(r"[^A-Za-z0-9.+-]+", "_", str(row.get("series_description") or "")).strip("_.")[:40]
     sn = row.get("series_number")
     key = "|".join(str(row.get(k) or "") for k in ("study_uid", "series_uid", "orientation", "rows", "cols",
                                                      "is_localizer", "path"))
+    if stack is not None and stack.files:
+        key += f"|{stack.files[0]}|{stack.frames[0] if stack.frames else ''}"
     if phase is None:  # 4D file: one name for all phases
         key += "|4d"
     else:
@@ -153,9 +161,18 @@ def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
 def convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, salt: str) -> dict[str, Any]:
     """Convert one stack, or the phases of one series. Never raises: failures come back as errors.
 
+    pydicom's value-validation warnings are silenced here (they can quote header values);
+    real failures are reported in errors.csv.
+
     Returns:
-        ``{"written": [names], "n_4d": int, "errors": [rows]}``.
+        ``{"written": [names], "n_4d": int, "errors": [rows], "status": {stack_id: state}}``.
     """
+    with quiet_pydicom(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+        return _convert_unit(stacks, out_dir, split_phases, salt)
+
+
+def _convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, salt: str) -> dict[str, Any]:
     from mmai.utils import atomic_write_json
 
     res: dict[str, Any] = {"written": [], "n_4d": 0, "errors": [], "status": {}}
@@ -168,7 +185,7 @@ def convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, s
             stage = "header"
             loaded.append((s, vol, _header_meta(s)))
         except Exception as exc:  # noqa: BLE001 - one bad series never stops the others
-            res["errors"].append({"series": output_stem(s.row, phase=s.row.get("phase_index") or None),
+            res["errors"].append({"series": output_stem(s.row, phase=s.row.get("phase_index") or None, stack=s),
                                   "stage": stage, "error": _scrub(f"{type(exc).__name__}: {exc}", [s]),
                                   "stack_id": s.row.get("stack_id"), "n_files": len(s.files)})
             res["status"][s.row.get("stack_id")] = "error"
@@ -181,7 +198,7 @@ def convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, s
     for grp in groups:
         s0, v0, meta0 = grp[0]
         phase = None if four_d else (s0.row.get("phase_index") or None)
-        stem = output_stem(s0.row, phase=phase)
+        stem = output_stem(s0.row, phase=phase, stack=s0)
         stage = "write"
         try:
             array = np.stack([v.array for _, v, _ in grp], axis=-1) if four_d else v0.array
@@ -230,6 +247,7 @@ def _units(stacks: list[SeriesStack]) -> list[list[SeriesStack]]:
     groups: dict[tuple, list[SeriesStack]] = defaultdict(list)
     for s in stacks:
         r = s.row
+        key: tuple
         if (r.get("n_phases") or 1) > 1:
             key = (r["study_uid"], r["series_uid"], r["orientation"], r["rows"], r["cols"], r["phase_key"],
                    str(s.files[0]) if s.frames is not None else "")
@@ -307,7 +325,8 @@ def convert_tree(root: Path, out: Path, *, config_path: Path | None = None, work
     w.writeheader()
     w.writerows(report.errors)
     atomic_write_text(out / "errors.csv", buf.getvalue())
-    (log.warning if report.errors else log.info)("%s", report)
+    if report.errors:
+        log.warning("%d stack(s) could not be converted; reasons in %s", len(report.errors), out / "errors.csv")
     return report
 
 

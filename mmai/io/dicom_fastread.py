@@ -1,8 +1,9 @@
 """Byte-level reader for the common case: one uncompressed little-endian grayscale frame.
 
-It reads the file once, walks the data elements (skipping sequences) up to Pixel Data
-(7FE0,0010), keeps the few header values the loader needs, and views the pixel bytes with
-``np.frombuffer``: no pydicom Dataset is built. Anything unusual (no preamble, compressed or
+It reads the first 16 KiB of the file, walks the data elements (skipping sequences) up to Pixel
+Data (7FE0,0010) and keeps the few header values the loader needs plus the pixel offset: no
+pydicom Dataset is built. The pixels are read later with ``readinto`` straight into the volume
+(or a scratch slice when they need rescaling), see ``Frame.read_stored``. Anything unusual (no preamble, compressed or
 big-endian transfer syntax, more than one frame or sample, a Modality LUT, malformed bytes)
 returns None, and the caller falls back to pydicom. The tests check that both paths give
 bit-identical arrays.
@@ -10,6 +11,7 @@ bit-identical arrays.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
@@ -121,11 +123,12 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int, int, str]:
     while pos + 8 <= n:
         group, elem = struct.unpack_from("<HH", data, pos)
         tag = (group << 16) | elem
-        nxt, start, length = _next_element(data, pos, explicit)
-        if tag == _PIXEL_DATA:
-            if length < 0:
-                raise _Unusual  # encapsulated
+        if tag == _PIXEL_DATA:  # the value may lie beyond the bytes read so far
+            length, start = (_U32(data, pos + 8)[0], pos + 12) if explicit else (_U32(data, pos + 4)[0], pos + 8)
+            if length == _UNDEFINED or (explicit and data[pos + 4:pos + 6] not in (b"OW", b"OB")):
+                raise _Unusual  # encapsulated, or an odd VR
             return values, start, length, ts
+        nxt, start, length = _next_element(data, pos, explicit)
         spec = _WANTED.get(tag)
         if spec is not None:
             if length < 0 or spec[1] == "x":
@@ -146,14 +149,27 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int, int, str]:
     raise _Unusual  # no Pixel Data
 
 
+_HEAD = 16384  # bytes read first; enough for the header of almost every file
+
+
 def read_frame_fast(path: str) -> Frame | None:
-    """Read one uncompressed single-frame grayscale file, or return None if it needs pydicom."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    try:
-        v, offset, length, ts = _parse(data)
-    except (_Unusual, struct.error, UnicodeDecodeError, ValueError):
-        return None
+    """Header of one uncompressed single-frame grayscale file; pixels stay in the file (lazy).
+
+    Returns None if the file needs pydicom (see the module docstring).
+    """
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read(_HEAD)
+        try:
+            v, offset, length, ts = _parse(data)
+        except (_Unusual, struct.error, UnicodeDecodeError, ValueError):
+            if size <= len(data):
+                return None
+            data += fh.read()  # long header (e.g. big private sequences): parse the whole file
+            try:
+                v, offset, length, ts = _parse(data)
+            except (_Unusual, struct.error, UnicodeDecodeError, ValueError):
+                return None
     rows, cols = v.get("rows"), v.get("cols")
     ba = v.get("bits_allocated")
     frames = v.get("frames")
@@ -163,14 +179,10 @@ def read_frame_fast(path: str) -> Frame | None:
         return None
     signed = v.get("pixel_representation", 0) == 1
     dtype = np.dtype(("<i" if signed else "<u") + str(ba // 8))
-    count = rows * cols
-    if length < count * dtype.itemsize:
+    nbytes = rows * cols * dtype.itemsize
+    if length < nbytes or offset + nbytes > size:
         return None
-    stored = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(rows, cols)
     bits_stored = v.get("bits_stored", ba)
-    if bits_stored < ba:  # same correction as pydicom: drop the unused high bits (sign-extend if signed)
-        shift = ba - bits_stored
-        stored = np.right_shift(np.left_shift(stored, shift), shift)
     ipp, iop, ps = v.get("ipp"), v.get("iop"), v.get("pixel_spacing")
     slope, intercept, thick = v.get("slope"), v.get("intercept"), v.get("slice_thickness")
     return Frame(
@@ -179,9 +191,10 @@ def read_frame_fast(path: str) -> Frame | None:
         iop=np.array(iop) if iop and len(iop) == 6 else None,
         pixel_spacing=(ps[0], ps[1]) if ps and len(ps) == 2 else None,
         slope=slope[0] if slope else 1.0, intercept=intercept[0] if intercept else 0.0,
-        photometric=v.get("photometric", "MONOCHROME2"), bits_stored=bits_stored, stored=stored,
+        photometric=v.get("photometric", "MONOCHROME2"), bits_stored=bits_stored, stored=None,
         slice_thickness=(thick[0] or None) if thick else None,
         image_type=tuple(s.strip().upper() for s in v.get("image_type", "").split("\\") if s.strip()),
         modality=v.get("modality", ""), series_description=v.get("series_description", ""),
-        transfer_syntax=ts,
+        transfer_syntax=ts, pixel_offset=offset, pixel_dtype=dtype.str,
+        unused_bits=ba - bits_stored if 0 < bits_stored < ba else 0,
     )

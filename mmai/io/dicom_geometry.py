@@ -73,7 +73,7 @@ class StackGeometry:
         return LPS_TO_RAS @ lps
 
 
-def orientation_label(iop: Sequence[float], *, max_angle_deg: float = 10.0) -> str:
+def orientation_label(iop: Sequence[float] | np.ndarray, *, max_angle_deg: float = 10.0) -> str:
     """'axial', 'coronal', 'sagittal' or 'oblique' from ImageOrientationPatient.
 
     The slice normal must lie within ``max_angle_deg`` of a patient axis to get that axis' name.

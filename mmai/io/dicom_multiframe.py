@@ -17,7 +17,14 @@ import numpy as np
 
 from mmai.errors import DicomError
 from mmai.io.dicom_series import (
-    DTYPE_CHOICES, TILT_CHOICES, UNEVEN_CHOICES, DicomVolume, Frame, _check_choice, _float, assemble,
+    DTYPE_CHOICES,
+    TILT_CHOICES,
+    UNEVEN_CHOICES,
+    DicomVolume,
+    Frame,
+    _check_choice,
+    _float,
+    assemble,
 )
 
 
@@ -61,7 +68,7 @@ def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
     per_seq = ds.PerFrameFunctionalGroupsSequence if "PerFrameFunctionalGroupsSequence" in ds else None
     ts = str(ds.file_meta.TransferSyntaxUID) if hasattr(ds, "file_meta") else ""
-    base = dict(
+    base: dict[str, Any] = dict(
         rows=int(ds.Rows), cols=int(ds.Columns),
         photometric=str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")),
         bits_stored=int(getattr(ds, "BitsStored", 16)),
@@ -83,11 +90,12 @@ def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
         for f in range(n):
             fr = Frame(source=f"{source}#{f + 1}", ipp=np.array([float(v) for v in ipp]) + f * step * normal,
                        iop=iop_a, pixel_spacing=(float(ps[0]), float(ps[1])), slope=top_slope,
-                       intercept=top_intercept, stored=pixels[f], slice_thickness=step, **base)
+                       intercept=top_intercept, stored=pixels[f], slice_thickness=step, frame_index=f, **base)
             frames.append(fr)
         return frames
     if per_seq is not None and len(per_seq) != n:
         raise DicomError(f"{source}: PerFrameFunctionalGroupsSequence has {len(per_seq)} items for {n} frames")
+    other_dims = _other_dimensions(ds)
     for f in range(n):
         per = per_seq[f] if per_seq is not None else None
         pos = _floats(_macro(per, shared, "PlanePositionSequence"), "ImagePositionPatient")
@@ -108,26 +116,43 @@ def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
             iop=np.array(ori) if ori and len(ori) == 6 else None,
             pixel_spacing=(ps[0], ps[1]) if ps and len(ps) == 2 else None,
             slope=slope[0] if slope else top_slope, intercept=intercept[0] if intercept else top_intercept,
-            stored=pixels[f], slice_thickness=thick[0] if thick else None, **base,
+            stored=pixels[f], slice_thickness=thick[0] if thick else None, frame_index=f, **base,
         )
         iop_key = tuple(np.round(fr.iop, 3)) if fr.iop is not None else ()
-        fr.stack_key = (stack_id, int(temporal) if temporal is not None else 0, echo[0] if echo else 0.0, iop_key)
+        div = content.get("DimensionIndexValues", None) if content is not None else None
+        div = [div] if isinstance(div, int) else list(div or [])
+        other = tuple(int(div[i]) for i in other_dims if i < len(div))
+        fr.stack_key = (stack_id, int(temporal) if temporal is not None else 0, echo[0] if echo else 0.0,
+                        other, iop_key)
         frames.append(fr)
     return frames
 
 
+# Dimension index pointers that are the position within a stack, or already part of the stack key.
+_KNOWN_DIMS = frozenset({0x00209057, 0x00200032, 0x00209056, 0x00209128})  # InStackPosition, IPP, StackID, Temporal
+
+
+def _other_dimensions(ds: Any) -> list[int]:
+    """Indices into DimensionIndexValues of the dimensions that separate stacks but are not
+    StackID / TemporalPositionIndex / the in-stack position (e.g. b-value, echo, contrast phase)."""
+    seq = ds.get("DimensionIndexSequence", None) or []
+    return [i for i, item in enumerate(seq) if int(item.get("DimensionIndexPointer", 0) or 0) not in _KNOWN_DIMS]
+
+
 def split_frames(frames: list[Frame]) -> list[FrameStack]:
-    """Group frames by their stack key (StackID, TemporalPositionIndex, echo time, orientation)."""
+    """Group frames by their stack key: StackID, TemporalPositionIndex, echo time, the other
+    dimension indices (DimensionIndexSequence minus the in-stack position), orientation."""
     groups: dict[tuple[Any, ...], list[Frame]] = {}
     for fr in frames:
         groups.setdefault(fr.stack_key, []).append(fr)
     stacks = []
-    for key in sorted(groups, key=repr):
+    for key in sorted(groups):
         parts = []
         if key:
-            stack_id, temporal, echo, _ = key
+            stack_id, temporal, echo, other, _ = key
             parts = [f"stack {stack_id}" if stack_id else "", f"temporal {temporal}" if temporal else "",
-                     f"echo {echo:g} ms" if echo else ""]
+                     f"echo {echo:g} ms" if echo else "",
+                     f"dimension index {list(other)}" if other and len({g[3] for g in groups}) > 1 else ""]
         label = ", ".join(p for p in parts if p) or "all frames"
         stacks.append(FrameStack(key=key, label=label, frames=groups[key]))
     if len(stacks) > 1 and len({s.label for s in stacks}) < len(stacks):  # only orientation differs

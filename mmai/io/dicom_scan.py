@@ -102,20 +102,24 @@ def orientation_label(iop: tuple[float, ...] | None) -> str:
 
 def _cluster(values: list[tuple[float, ...] | None], tol: float) -> list[int]:
     """Greedy clustering of equal-length float tuples (None = its own cluster id -1)."""
-    centers: list[np.ndarray] = []
+    centers: list[tuple[float, ...]] = []
+    exact: dict[tuple[float, ...], int] = {}
     out: list[int] = []
     for v in values:
         if v is None:
             out.append(-1)
             continue
-        a = np.asarray(v, dtype=float)
-        for ci, c in enumerate(centers):
-            if c.shape == a.shape and float(np.max(np.abs(c - a))) <= tol:
-                out.append(ci)
-                break
-        else:
-            centers.append(a)
-            out.append(len(centers) - 1)
+        ci = exact.get(v)
+        if ci is None:
+            for i, c in enumerate(centers):
+                if len(c) == len(v) and max(abs(a - b) for a, b in zip(c, v, strict=True)) <= tol:
+                    ci = i
+                    break
+            else:
+                centers.append(v)
+                ci = len(centers) - 1
+            exact[v] = ci
+        out.append(ci)
     return out
 
 
@@ -244,7 +248,7 @@ def _sort_key(s: dict[str, Any], combo: list[tuple[str, str]]) -> tuple:
 
 
 def _is_localizer_type(image_type: tuple[str, ...] | None) -> bool:
-    return bool(image_type) and any(str(t).upper() == "LOCALIZER" for t in image_type)
+    return any(str(t).upper() == "LOCALIZER" for t in image_type or ())
 
 
 def _split_series(files: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
@@ -266,29 +270,32 @@ def _split_series(files: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]
     for s, oid in zip(slices, orient_ids, strict=True):
         mf_key = s["file"] if s["mf"] else ""
         groups[(s["loc"], s["rows"], s["cols"], oid, mf_key, repr(s.get("stack_key")))].append(s)
-    # A lone slice in an orientation of its own (next to a real stack) is a localizer.
-    n_orient = len({k[3] for k in groups if not k[0]})
+    # A lone single-frame slice in an orientation other than the series' main stack is a
+    # localizer; so are all slices of a series made only of lone slices in several orientations.
+    real = [(k, sl) for k, sl in groups.items() if not k[0]]
+    main = max(real, key=lambda kv: len(kv[1]), default=None)
+    n_orient = len({k[3] for k, _ in real})
+
+    def lone_localizer(key: tuple, sl: list[dict[str, Any]]) -> bool:
+        if len(sl) != 1 or sl[0]["mf"] or n_orient < 2 or main is None:
+            return False
+        return len(main[1]) == 1 or key[3] != main[0][3]
+
     out: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
-    geometry_groups = list(groups.items())
-    for key, sl in geometry_groups:
-        is_loc = key[0] or (n_orient > 1 and len(sl) == 1 and not sl[0]["mf"])
+    n_geo = 0
+    for key, sl in groups.items():
         multiframe = bool(key[4])
-        if is_loc:
+        if key[0] or lone_localizer(key, sl):
             out.append((sl, {"is_localizer": True, "phase_key": "", "phase_index": 0, "n_phases": 1,
                              "multiframe": multiframe, "problems": ["localizer"]}))
             continue
+        n_geo += 1
         phases, phase_key, probs = _split_phases(sl)
+        n = len(phases)
         for pi, ph in enumerate(phases):
-            p = list(probs)
-            if len(phases) > 1 and not probs:
-                p.append(f"{len(phases)} phases")
-            elif len(phases) > 1:
-                p.insert(0, f"{len(phases)} phases")
-            out.append((ph, {"is_localizer": False, "phase_key": phase_key,
-                             "phase_index": pi + 1 if len(phases) > 1 else 0, "n_phases": len(phases),
-                             "multiframe": multiframe, "problems": p}))
-    n_geo = sum(1 for key, _ in geometry_groups
-                if not (key[0] or (n_orient > 1 and len(_) == 1 and not _[0]["mf"])))
+            out.append((ph, {"is_localizer": False, "phase_key": phase_key, "phase_index": pi + 1 if n > 1 else 0,
+                             "n_phases": n, "multiframe": multiframe,
+                             "problems": ([f"{n} phases"] if n > 1 else []) + list(probs)}))
     if n_geo > 1:
         for _, info in out:
             if not info["is_localizer"]:
@@ -337,7 +344,7 @@ def _stack_row(sl: list[dict[str, Any]], info: dict[str, Any],
         problems.append("single slice")
     if info["multiframe"] and not first.get("frames"):
         problems.append("legacy multi-frame")
-    spacings = {tuple(np.round(s["pixel_spacing"], 4)) for s in sl if s.get("pixel_spacing")}
+    spacings = {tuple(round(v, 4) for v in s["pixel_spacing"]) for s in sl if s.get("pixel_spacing")}
     if len(spacings) > 1:
         problems.append("mixed pixel spacing")
     n_dup = sum(len(recs[f].get("duplicates", [])) for f in files_in)
@@ -374,7 +381,8 @@ def _other_row(recs: list[dict[str, Any]], kind: str, problems: list[str]) -> di
     files = [r["path"] for r in recs]
     parents = {os.path.dirname(f) for f in files}
     for r in recs:
-        problems += [_fmt_problem_file(r["path"], p) for p in r.get("problems", [])]
+        for d in [r, *r.get("duplicates", [])]:
+            problems += [_fmt_problem_file(d["path"], p) for p in d.get("problems", [])]
     return {
         "patient_id": first.get("patient_id") or "", "study_uid": first.get("study_uid") or "",
         "series_uid": first.get("series_uid") or "", "modality": first.get("modality") or "",
@@ -393,7 +401,7 @@ def _other_row(recs: list[dict[str, Any]], kind: str, problems: list[str]) -> di
 # --------------------------------------------------------------------------- public API
 
 
-def scan(root: Path, *, workers: int = 1, progress: bool = False, pool: str = "process",
+def scan(root: Path, *, workers: int = 1, progress: bool = False, pool: str = "thread",
          include_phi: bool = False, salt: str = DEFAULT_SALT) -> ScanResult:
     """Walk ``root``, read every file's header once, and split the tree into stacks.
 
@@ -401,7 +409,7 @@ def scan(root: Path, *, workers: int = 1, progress: bool = False, pool: str = "p
         root: a folder (walked recursively, symlinks not followed) or a single file.
         workers: parallel header readers; >1 uses a pool of ``pool`` kind.
         progress: show a tqdm bar on stderr.
-        pool: "process" (default, faster for pydicom's pure-Python parsing) or "thread".
+        pool: "thread" (default: measured faster on 2 cores, see docs/dicom_scan.md) or "process".
         include_phi: keep the raw PatientID in ``row["patient_id"]`` (default: a pseudonym).
         salt: HMAC key of the pseudonym (see mmai.io.deid.pseudonym).
 
@@ -461,7 +469,7 @@ def scan(root: Path, *, workers: int = 1, progress: bool = False, pool: str = "p
         if not include_phi:
             s.row["patient_id"] = pseudonym(s.row["patient_id"], salt)
     res.stacks = stacks
-    log.info("scanned %d files under %s: %d stacks, %d non-DICOM files skipped, %d DICOMDIR skipped, "
+    log.debug("scanned %d files under %s: %d stacks, %d non-DICOM files skipped, %d DICOMDIR skipped, "
              "%d unreadable", len(paths), root, len(stacks), res.n_non_dicom, res.n_dicomdir,
              len(res.unreadable))
     return res
@@ -476,7 +484,10 @@ def scan_stacks(root: Path, *, workers: int = 1, progress: bool = False, include
 
 def stacks_to_frame(stacks: list[SeriesStack]) -> pd.DataFrame:
     """Turn stacks into the index DataFrame (one row per stack, INDEX_COLUMNS first)."""
-    return pd.DataFrame([s.row for s in stacks], columns=INDEX_COLUMNS)
+    df = pd.DataFrame([s.row for s in stacks], columns=INDEX_COLUMNS)
+    for col in ("rows", "cols", "series_number", "n_instances", "n_files", "n_missing", "phase_index", "n_phases"):
+        df[col] = df[col].astype("Int64")  # integers stay integers next to missing values
+    return df
 
 
 def scan_tree(root: Path, *, workers: int = 1, progress: bool = False, include_phi: bool = False,

@@ -2,30 +2,34 @@
 
 Every file goes through :func:`read_header`, which never raises: a file is ``ok``,
 ``not_dicom`` (no DICM prefix and no plausible first tag), ``dicomdir`` or ``unreadable``
-(with a one-line reason). Reading is bounded by design: 132 bytes decide whether pydicom is
-called at all, pydicom stops before the pixel data, and its parser only moves forward through
-the file, so a corrupt length can make it read to the end of the file but never loop.
+(with a one-line reason). The common case goes through the byte-level walk of
+:mod:`mmai.io.dicom_scan_fast`; everything else through pydicom. Reading is bounded by design:
+132 bytes decide whether a parser is called at all, both parsers stop before the pixel data and
+only move forward through the file, so a corrupt length can make them read to the end of the
+file but never loop.
 The pixel-data element header is then checked against the file size, which catches truncated
 files without reading the pixels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import sys
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from mmai.io.dicom_scan_fast import _LONG_VRS, DICOMDIR_SOP, fast_header
+
 log = logging.getLogger(__name__)
 
-DICOMDIR_SOP = "1.2.840.10008.1.3.10"
-CHUNK = 32  # files per pool task
+MIN_POOL_FILES = 1000  # below this, a pool's start-up costs more than it saves (benchmarks/dicom_scan.py)
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UR", b"UT", b"UN", b"SV", b"UV"}
 _SEQ_DELIM_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _SEQ_DELIM_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 
@@ -113,17 +117,31 @@ def _frames(ds: Any) -> list[dict[str, Any]] | None:
 
 
 def _pixel_problems(fp: Any, ds: Any, size: int, n_frames: int) -> tuple[bool, list[str]]:
-    """Check the pixel-data element at the current position against the file size.
+    """pydicom path: check the element at the current position (see :func:`_pixel_check`)."""
+    pos = fp.tell()
+    head = fp.read(12)
+    little = ds.original_encoding[1]
+    info = {"rows": _val(ds, "Rows", int), "cols": _val(ds, "Columns", int),
+            "bits": _val(ds, "BitsAllocated", int), "spp": _val(ds, "SamplesPerPixel", int) or 1,
+            "photometric": str(_val(ds, "PhotometricInterpretation") or "")}
+    return pixel_check(head, pos, fp, size, little is not False, n_frames, info)
+
+
+def pixel_check(head: bytes, pos: int, fp: Any, size: int, little: bool, n_frames: int,
+                 info: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Check the Pixel Data element header at file offset ``pos`` against the file size.
+
+    Args:
+        head: the first 12 bytes at ``pos``.
+        little: byte order of the dataset.
+        info: rows, cols, bits (BitsAllocated), spp (SamplesPerPixel), photometric.
 
     Returns:
         (has_pixels, problems)
     """
-    pos = fp.tell()
-    head = fp.read(12)
     if len(head) < 8:
         return False, []
-    _implicit, little = ds.original_encoding
-    e = "<" if little or little is None else ">"
+    e = "<" if little else ">"
     group, elem = struct.unpack(e + "HH", head[:4])
     if (group, elem) not in _PIXEL_TAGS:
         return False, []
@@ -149,11 +167,10 @@ def _pixel_problems(fp: Any, ds: Any, size: int, n_frames: int) -> tuple[bool, l
     present = size - pos - hdr
     if length > present:
         return True, [f"pixel data truncated (header says {length} bytes, file has {present})"]
-    rows, cols = _val(ds, "Rows", int), _val(ds, "Columns", int)
-    bits, spp = _val(ds, "BitsAllocated", int), _val(ds, "SamplesPerPixel", int) or 1
+    rows, cols, bits, spp = info["rows"], info["cols"], info["bits"], info["spp"] or 1
     if rows and cols and bits:
         n = rows * cols * spp * max(n_frames, 1)
-        if spp == 3 and str(_val(ds, "PhotometricInterpretation") or "").endswith("_422"):
+        if spp == 3 and str(info["photometric"]).endswith("_422"):
             n = n * 2 // 3  # 4:2:2 subsampled chroma
         expected = (n + 7) // 8 if bits == 1 else n * ((bits + 7) // 8)
         if length < expected:
@@ -161,8 +178,12 @@ def _pixel_problems(fp: Any, ds: Any, size: int, n_frames: int) -> tuple[bool, l
     return True, []
 
 
-def read_header(path: str) -> dict[str, Any]:
+def read_header(path: str, *, fast: bool = True) -> dict[str, Any]:
     """Read the header of one file. Never raises.
+
+    Args:
+        path: the file.
+        fast: try the byte-level walk first (falls back to pydicom by itself); False = pydicom only.
 
     Returns:
         a record with ``path``, ``status`` (ok | not_dicom | dicomdir | unreadable), ``reason``
@@ -170,14 +191,14 @@ def read_header(path: str) -> dict[str, Any]:
     """
     rec: dict[str, Any] = {"path": path, "status": "ok", "reason": ""}
     try:
-        return _read_header(path, rec)
+        return _read_header(path, rec, fast)
     except Exception as exc:  # noqa: BLE001 - the per-file guard: any parser failure is a finding
         rec["status"] = "unreadable"
-        rec["reason"] = f"{type(exc).__name__}: {exc}"
+        rec["reason"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         return rec
 
 
-def _read_header(path: str, rec: dict[str, Any]) -> dict[str, Any]:
+def _read_header(path: str, rec: dict[str, Any], fast: bool) -> dict[str, Any]:
     import pydicom
 
     size = os.path.getsize(path)
@@ -185,6 +206,8 @@ def _read_header(path: str, rec: dict[str, Any]) -> dict[str, Any]:
         head = fp.read(132)
         if len(head) == 132 and head[128:132] == b"DICM":
             force = False
+            if fast and fast_header(fp, size, rec) is not None:
+                return rec
         elif _looks_like_raw_dicom(head):
             force = True
         else:
@@ -207,8 +230,12 @@ def _read_header(path: str, rec: dict[str, Any]) -> dict[str, Any]:
             n_frames = _val(ds, "NumberOfFrames", int) or 1
             has_pixels, problems = _pixel_problems(fp, ds, size, n_frames)
             sop = _val(ds, "SOPClassUID") or ms or ""
-            if not has_pixels and fp.tell() >= size and _is_image_class(sop):
-                problems.append(f"no pixel data in an {_uid_name(sop)} object (truncated header?)")
+            if not has_pixels and fp.tell() >= size:
+                cut = _cut_inside(fp, force)
+                if cut:
+                    problems.append(cut)
+                elif _is_image_class(sop):
+                    problems.append(f"no pixel data in an {_uid_name(sop)} object (truncated header?)")
             rec.update(
                 sop_class=_val(ds, "SOPClassUID") or ms, sop_uid=_val(ds, "SOPInstanceUID"),
                 modality=_val(ds, "Modality"),
@@ -220,7 +247,7 @@ def _read_header(path: str, rec: dict[str, Any]) -> dict[str, Any]:
                 ipp=_val(ds, "ImagePositionPatient", _floats(3)),
                 pixel_spacing=_val(ds, "PixelSpacing", _floats(2)),
                 thickness=_val(ds, "SliceThickness", float),
-                image_type=_val(ds, "ImageType", lambda v: tuple(str(x) for x in (
+                image_type=_val(ds, "ImageType", lambda v: tuple(str(x).strip(" ") for x in (
                     [v] if isinstance(v, str) else v))),
                 acq=_val(ds, "AcquisitionNumber", int), temporal=_val(ds, "TemporalPositionIdentifier", int),
                 echo=_val(ds, "EchoNumbers", int), trigger=_val(ds, "TriggerTime", float),
@@ -236,6 +263,34 @@ def _read_header(path: str, rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+def _cut_inside(fp: Any, force: bool) -> str:
+    """For a file that ended without pixel data: '' if it ends on an element boundary, else why not.
+
+    Parses the whole header once more (only such files: non-image objects or damaged ones) and
+    checks that the last top-level element holds as many bytes as its length says, or, for an
+    undefined-length sequence, that the file ends with the sequence delimiter.
+    """
+    import pydicom
+
+    fp.seek(0)
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
+    tags = list(ds.keys())
+    if not tags:
+        return ""
+    last = ds.get_item(max(tags))
+    length = getattr(last, "length", None)
+    value = getattr(last, "value", None)
+    if getattr(last, "is_raw", False) and length not in (None, 0xFFFFFFFF) and isinstance(value, bytes):
+        if len(value) < length:
+            return f"file ends inside element {last.tag} ({len(value)} of {length} bytes): truncated"
+        return ""
+    if getattr(last, "is_undefined_length", False) or length == 0xFFFFFFFF:
+        fp.seek(max(0, fp.seek(0, 2) - 8))
+        if fp.read(8) not in (_SEQ_DELIM_LE, _SEQ_DELIM_BE):
+            return f"file ends inside sequence {last.tag} (no sequence delimiter): truncated"
+    return ""
+
+
 def _uid_name(uid: str) -> str:
     from pydicom.uid import UID
 
@@ -247,56 +302,92 @@ def _is_image_class(uid: str) -> bool:
     return _uid_name(uid).endswith("Image Storage")
 
 
-def _read_chunk(paths: list[str]) -> list[dict[str, Any]]:
+class _DropBelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's value-validation warnings while scanning.
+
+    They would flood the log for damaged files and can quote header values (PHI) verbatim;
+    what matters reaches the index as a problems entry instead.
+    """
+    from pydicom import config
+
+    logger = logging.getLogger("pydicom")
+    flt = _DropBelowError()
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+        config.settings.reading_validation_mode = old
+
+
+def _read_many(paths: list[str]) -> list[dict[str, Any]]:
     return [read_header(p) for p in paths]
 
 
+def _read_chunk_quiet(paths: list[str]) -> list[dict[str, Any]]:
+    """Process-pool task: each worker process silences its own pydicom."""
+    with quiet_pydicom():
+        return _read_many(paths)
+
+
 def read_headers(paths: list[str], *, workers: int = 1, progress: bool = False,
-                 pool: str = "process") -> list[dict[str, Any]]:
+                 pool: str = "thread") -> list[dict[str, Any]]:
     """Read many headers, in input order, optionally in parallel.
 
     Args:
         paths: files to read.
-        workers: >1 uses a pool; small inputs (< 2 chunks) are read in-process.
+        workers: >1 uses a pool; small inputs (< MIN_POOL_FILES) are read in-process.
         progress: tqdm bar on stderr (one tick per file).
-        pool: "process" or "thread".
+        pool: "thread" (default) or "process".
 
     Returns:
         one record per path (see :func:`read_header`).
+
+    Raises:
+        ConfigError: unknown ``pool``.
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(paths), unit="file", desc="scan", file=sys.stderr, disable=not progress)
-    try:
-        if workers <= 1 or len(paths) < 2 * CHUNK:
-            out = []
-            for p in paths:
-                out.append(read_header(p))
-                bar.update(1)
-            return out
-        chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-        results: list[list[dict[str, Any]] | None] = [None] * len(chunks)
-        ex: Executor
-        if pool == "thread":
-            ex = ThreadPoolExecutor(max_workers=workers)
-        elif pool == "process":
-            ex = ProcessPoolExecutor(max_workers=workers)
-        else:
-            from mmai.errors import ConfigError
+    if pool not in ("thread", "process"):
+        from mmai.errors import ConfigError
 
-            raise ConfigError(f"pool={pool!r} is not one of ['process', 'thread']")
+        raise ConfigError(f"pool={pool!r} is not one of ['process', 'thread']")
+    bar = tqdm(total=len(paths), unit="file", desc="scan", file=sys.stderr, disable=not progress)
+    # pydicom's settings are process-global: set them once here (threads share them).
+    with quiet_pydicom():
         try:
-            with ex:
-                futs = {ex.submit(_read_chunk, c): i for i, c in enumerate(chunks)}
-                for fut in as_completed(futs):
-                    results[futs[fut]] = fut.result()
-                    bar.update(len(chunks[futs[fut]]))
-        except BrokenProcessPool:
-            log.warning("header-reader pool died; reading the remaining files in-process")
-        for i, r in enumerate(results):
-            if r is None:
-                results[i] = _read_chunk(chunks[i])
-                bar.update(len(chunks[i]))
-        return [rec for r in results for rec in (r or [])]
-    finally:
-        bar.close()
+            if workers <= 1 or len(paths) < MIN_POOL_FILES:
+                out = []
+                for p in paths:
+                    out.append(read_header(p))
+                    bar.update(1)
+                return out
+            chunk = min(2048, max(64, -(-len(paths) // (4 * workers))))  # few big tasks: less IPC
+            chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+            results: list[list[dict[str, Any]] | None] = [None] * len(chunks)
+            ex: Executor = (ThreadPoolExecutor(max_workers=workers) if pool == "thread"
+                            else ProcessPoolExecutor(max_workers=workers))
+            task = _read_many if pool == "thread" else _read_chunk_quiet
+            try:
+                with ex:
+                    futs = {ex.submit(task, c): i for i, c in enumerate(chunks)}
+                    for fut in as_completed(futs):
+                        results[futs[fut]] = fut.result()
+                        bar.update(len(chunks[futs[fut]]))
+            except BrokenProcessPool:
+                log.warning("header-reader pool died; reading the remaining files in-process")
+            for i, r in enumerate(results):
+                if r is None:
+                    results[i] = _read_many(chunks[i])
+                    bar.update(len(chunks[i]))
+            return [rec for r in results for rec in (r or [])]
+        finally:
+            bar.close()

@@ -73,8 +73,12 @@ def _regex(value: Any, key: str, source: str) -> re.Pattern[str]:
 
 
 def _get(row: Any, key: str) -> Any:
+    """row[key], with NaN / pandas NA (index CSVs, DataFrame rows) as None."""
     value = row.get(key) if hasattr(row, "get") else None
-    if isinstance(value, float) and math.isnan(value):
+    try:
+        if value is None or bool(value != value):  # NaN is the only value unequal to itself
+            return None
+    except (TypeError, ValueError):  # pandas.NA refuses bool()
         return None
     return value
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,12 @@ import numpy as np
 
 from mmai.errors import DicomError
 from mmai.io.dicom_geometry import (
-    StackGeometry, describe_gaps, deshear, orientation_label, resample_even, stack_geometry,
+    StackGeometry,
+    describe_gaps,
+    deshear,
+    orientation_label,
+    resample_even,
+    stack_geometry,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,8 +61,10 @@ class DicomVolume:
 class Frame:
     """One 2D frame: its geometry, pixel encoding and stored (not yet rescaled) pixels.
 
-    ``stored`` is (rows, cols) = (J, I) in the file's integer dtype; ``stack_key`` groups the
-    frames of a multi-frame file into stacks (StackID, temporal index, echo time, orientation).
+    ``stored`` is (rows, cols) = (J, I) in the file's integer dtype, or None when the fast path
+    left the pixels in the file: then ``pixel_offset`` / ``pixel_dtype`` say where they are and
+    ``unused_bits`` how many high bits to clear (sign-extending) after reading. ``stack_key``
+    groups the frames of a multi-frame file (StackID, temporal index, echo time, orientation).
     """
 
     source: str
@@ -69,13 +77,33 @@ class Frame:
     intercept: float
     photometric: str
     bits_stored: int
-    stored: np.ndarray
+    stored: np.ndarray | None
     slice_thickness: float | None = None
     image_type: tuple[str, ...] = ()
     modality: str = ""
     series_description: str = ""
     transfer_syntax: str = ""
     stack_key: tuple[Any, ...] = ()
+    frame_index: int = 0
+    pixel_offset: int = -1
+    pixel_dtype: str = ""
+    unused_bits: int = 0
+
+    def read_stored(self, out: np.ndarray | None = None) -> np.ndarray:
+        """(rows, cols) stored values; read from the file (into ``out`` if given) when lazy."""
+        if self.stored is not None:
+            return self.stored
+        dtype = np.dtype(self.pixel_dtype)
+        arr = np.empty((self.rows, self.cols), dtype=dtype) if out is None else out
+        with open(self.source, "rb", buffering=0) as fh:
+            fh.seek(self.pixel_offset)
+            got = fh.readinto(arr.data.cast("B"))
+        if got != arr.nbytes:
+            raise DicomError(f"{self.source}: pixel data truncated: read {got} of {arr.nbytes} bytes")
+        if self.unused_bits:  # same correction as pydicom: clear unused high bits, sign-extend if signed
+            np.left_shift(arr, self.unused_bits, out=arr)
+            np.right_shift(arr, self.unused_bits, out=arr)
+        return arr
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -91,11 +119,12 @@ def _float(value: Any, default: float) -> float:
 
 def frames_from_dataset(ds: Any, source: str) -> list[Frame]:
     """Frames of a single-frame pydicom dataset (pixels decoded by pydicom's handlers)."""
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    ts_uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    ts = str(ts_uid or "")
     try:
         pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError, ValueError, AttributeError, TypeError) as exc:
-        name = getattr(getattr(ds.file_meta, "TransferSyntaxUID", None), "name", ts) if hasattr(ds, "file_meta") else ts
+        name = getattr(ts_uid, "name", "unknown")
         raise DicomError(
             f"{source}: cannot decode pixel data (transfer syntax {ts} {name}): {exc}. Decoders in use: "
             f"pydicom's own, pylibjpeg (-libjpeg, -openjpeg, -rle) and python-gdcm; install the one "
@@ -147,8 +176,18 @@ def read_frames(path: str | Path, *, fast: bool = True) -> list[Frame]:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(source)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        try:
+            ds = pydicom.dcmread(source)
+        except InvalidDicomError:  # no preamble/'DICM' (raw data set): accept it only with pixels
+            ds = pydicom.dcmread(source, force=True)
+            if "PixelData" not in ds or "Rows" not in ds:
+                raise
+            if "TransferSyntaxUID" not in ds.file_meta:  # raw data set: native encoding as read
+                implicit, little = ds.original_encoding
+                ds.file_meta.TransferSyntaxUID = (
+                    pydicom.uid.ImplicitVRLittleEndian if implicit else
+                    pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
         raise DicomError(f"{source}: not a readable DICOM file: {exc}") from exc
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         from mmai.io.dicom_multiframe import frames_from_multiframe
@@ -170,57 +209,110 @@ def _drop_localizers(frames: list[Frame], warnings: list[str]) -> list[Frame]:
     return frames
 
 
-def _check_consistent(frames: list[Frame]) -> None:
+def _check_consistent(frames: list[Frame]) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Every frame has geometry, one size, one orientation and one pixel spacing.
+
+    Returns:
+        ((K, 3) ImagePositionPatient per frame, (6,) orientation, PixelSpacing (row, col)).
+    """
     first = frames[0]
+    ipps = []
     for f in frames:
         if f.ipp is None or f.iop is None or f.pixel_spacing is None:
             missing = [n for n, v in (("ImagePositionPatient", f.ipp), ("ImageOrientationPatient", f.iop),
                                       ("PixelSpacing", f.pixel_spacing)) if v is None]
             raise DicomError(f"{f.source}: lacks {', '.join(missing)}; cannot place it in patient space")
+        ipps.append(f.ipp)
+        iop0, ps0 = np.asarray(first.iop), np.asarray(first.pixel_spacing)
         if (f.rows, f.cols) != (first.rows, first.cols):
             raise DicomError(
                 f"{f.source}: {f.rows}x{f.cols} pixels but {first.source} has {first.rows}x{first.cols}; "
                 f"the files are not one series (select one stack, see docs/dicom_scan.md)")
-        if np.abs(f.iop - first.iop).max() > 1e-4:
+        if np.abs(f.iop - iop0).max() > 1e-4:
             raise DicomError(
                 f"{f.source}: ImageOrientationPatient {f.iop.round(5).tolist()} differs from "
-                f"{first.source} {first.iop.round(5).tolist()}; the files are not one stack")
-        if np.abs(np.subtract(f.pixel_spacing, first.pixel_spacing)).max() > 1e-4:
+                f"{first.source} {iop0.round(5).tolist()}; the files are not one stack")
+        if np.abs(np.subtract(f.pixel_spacing, ps0)).max() > 1e-4:
             raise DicomError(
                 f"{f.source}: PixelSpacing {list(f.pixel_spacing)} differs from {first.source} "
-                f"{list(first.pixel_spacing)}; the files are not one stack")
+                f"{ps0.tolist()}; the files are not one stack")
+    ps = (float(ps0[0]), float(ps0[1]))
+    return np.stack(ipps), iop0, ps
 
 
 def _output_dtype(frames: list[Frame], dtype: str, warnings: list[str]) -> np.dtype:
+    """float32, or for "native" the smallest exact integer dtype over the stored dtype's range."""
     if dtype == "float32":
         return np.dtype(np.float32)
     integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in frames)
     if not integral:
         warnings.append("dtype='native' asked, but RescaleSlope/Intercept are not integers: returned float32")
         return np.dtype(np.float32)
-    lo = min(float(f.stored.min()) * f.slope + f.intercept if f.slope >= 0
-             else float(f.stored.max()) * f.slope + f.intercept for f in frames)
-    hi = max(float(f.stored.max()) * f.slope + f.intercept if f.slope >= 0
-             else float(f.stored.min()) * f.slope + f.intercept for f in frames)
+    ends = []
+    for f in frames:
+        info = np.iinfo(f.stored.dtype if f.stored is not None else np.dtype(f.pixel_dtype))
+        lo, hi = (0, (1 << f.bits_stored) - 1) if info.min == 0 else (-(1 << (f.bits_stored - 1)), (1 << (f.bits_stored - 1)) - 1)
+        ends += [lo * f.slope + f.intercept, hi * f.slope + f.intercept]
     for cand in (np.int16, np.int32):
-        info = np.iinfo(cand)
-        if info.min <= lo and hi <= info.max:
+        if np.iinfo(cand).min <= min(ends) and max(ends) <= np.iinfo(cand).max:
             return np.dtype(cand)
     return np.dtype(np.float64)
 
 
-def _fill_slice(out: np.ndarray, f: Frame) -> None:
-    """out (J, I) <- rescale(stored), with MONOCHROME1 inverted in the stored domain."""
-    stored = f.stored
+_local = threading.local()
+
+
+def _scratch(f: Frame) -> np.ndarray:
+    """A per-thread (rows, cols) buffer for lazily read pixels (no fresh pages per slice)."""
+    key = (f.rows, f.cols, f.pixel_dtype)
+    if getattr(_local, "key", None) != key:
+        _local.key, _local.buf = key, np.empty((f.rows, f.cols), dtype=np.dtype(f.pixel_dtype))
+    return _local.buf
+
+
+class _Overflow(Exception):
+    """A native int16 volume cannot hold a slice's values (the caller retries with int32)."""
+
+
+def _fill_slice(out: np.ndarray, f: Frame, check: bool = False) -> None:
+    """out (J, I) <- rescale(stored), with MONOCHROME1 inverted in the stored domain.
+
+    With ``check`` (an integer ``out`` narrower than the stored range allows), raise _Overflow
+    before writing values that do not fit.
+    """
+    plain = f.slope == 1.0 and f.intercept == 0.0 and f.photometric != "MONOCHROME1"
+    if f.stored is None and plain and out.dtype == np.dtype(f.pixel_dtype):
+        f.read_stored(out)  # straight from the file into the volume
+        return
+    stored = f.read_stored(_scratch(f) if f.stored is None else None)
     if f.photometric == "MONOCHROME1":
         wide = stored.astype(np.int64)
         stored = (-1 - wide) if stored.dtype.kind == "i" else (((1 << f.bits_stored) - 1) - wide)
-    if f.slope == 1.0:
-        np.copyto(out, stored, casting="unsafe")
-    else:
+    if check and stored.size:
+        ends = (float(stored.min()) * f.slope + f.intercept, float(stored.max()) * f.slope + f.intercept)
+        info = np.iinfo(out.dtype)
+        if min(ends) < info.min or max(ends) > info.max:
+            raise _Overflow
+    if f.slope != 1.0:
         np.multiply(stored, f.slope, out=out, casting="unsafe")
-    if f.intercept != 0.0:
-        out += out.dtype.type(f.intercept)
+        if f.intercept != 0.0:
+            out += out.dtype.type(f.intercept)
+    elif f.intercept != 0.0:  # one pass over the output
+        np.add(stored, out.dtype.type(f.intercept), out=out, casting="unsafe")
+    else:
+        np.copyto(out, stored, casting="unsafe")
+
+
+def _fill_volume(ordered: list[Frame], dtype: np.dtype, check: bool = False) -> np.ndarray:
+    """(K, J, I) volume of rescaled frames, filled by a thread pool (I/O and numpy drop the GIL)."""
+    buf = np.empty((len(ordered), ordered[0].rows, ordered[0].cols), dtype=dtype)
+    if len(ordered) > 8:
+        with ThreadPoolExecutor(_workers(len(ordered))) as pool:
+            list(pool.map(lambda k: _fill_slice(buf[k], ordered[k], check), range(len(ordered))))
+    else:
+        for k, f in enumerate(ordered):
+            _fill_slice(buf[k], f, check)
+    return buf
 
 
 def assemble(frames: list[Frame], *, dtype: str = "float32", uneven: str = "warn",
@@ -236,32 +328,29 @@ def assemble(frames: list[Frame], *, dtype: str = "float32", uneven: str = "warn
     if not frames:
         raise DicomError("load_series: no frames to assemble (empty file list)")
     frames = _drop_localizers(frames, warnings)
-    _check_consistent(frames)
+    ipps, iop, pixel_spacing = _check_consistent(frames)
     sources = [f.source for f in frames]
-    geom: StackGeometry = stack_geometry(
-        np.stack([f.ipp for f in frames]), frames[0].iop, frames[0].pixel_spacing,
-        slice_thickness=frames[0].slice_thickness, sources=sources,
-    )
+    geom: StackGeometry = stack_geometry(ipps, iop, pixel_spacing, slice_thickness=frames[0].slice_thickness,
+                                         sources=sources)
     if geom.uneven:
         text = (f"uneven slice spacing (median {geom.spacing:.4f} mm) - missing slice(s) or gaps at "
                 f"{describe_gaps(geom)}")
         if uneven == "error":
             raise DicomError(f"{sources[0]} (+{len(sources) - 1} files): {text}; uneven='error'")
         warnings.append(text + ("; resampled to even spacing (linear along k)" if uneven == "resample"
-                                else f"; the affine uses the median spacing (uneven='resample' to fix)"))
+                                else "; the affine uses the median spacing (uneven='resample' to fix)"))
     if geom.tilted:
         warnings.append(f"gantry tilt {geom.tilt_deg:.3f} deg: slice origins drift in-plane "
                         + ("(kept as a sheared affine)" if tilt == "shear" else "(resampled to an orthogonal grid)"))
     out_dtype = _output_dtype(frames, dtype, warnings)
     ordered = [frames[int(i)] for i in geom.order]
-    rows, cols = frames[0].rows, frames[0].cols
-    buf = np.empty((len(ordered), rows, cols), dtype=out_dtype)  # (K, J, I)
-    if len(ordered) > 8:
-        with ThreadPoolExecutor(_workers(len(ordered))) as pool:
-            list(pool.map(lambda kf: _fill_slice(buf[kf[0]], kf[1]), enumerate(ordered)))
+    if dtype == "native" and out_dtype == np.int32:
+        try:  # e.g. uint16 stored + intercept -1024: int16 holds the real values almost always
+            buf = _fill_volume(ordered, np.dtype(np.int16), check=True)
+        except _Overflow:
+            buf = _fill_volume(ordered, out_dtype)
     else:
-        for k, f in enumerate(ordered):
-            _fill_slice(buf[k], f)
+        buf = _fill_volume(ordered, out_dtype)
     positions, origin, was_uneven = geom.positions, geom.origin, geom.uneven
     resampled = False
     if geom.uneven and uneven == "resample":
@@ -286,7 +375,7 @@ def assemble(frames: list[Frame], *, dtype: str = "float32", uneven: str = "warn
         "series_description": first.series_description,
         "shape": list(array.shape),
         "spacing": [geom.pixel_spacing[0], geom.pixel_spacing[1], spacing_k],
-        "orientation": orientation_label(first.iop),
+        "orientation": orientation_label(iop),
         "tilt_deg": round(geom.tilt_deg, 4),
         "uneven_spacing": was_uneven,
         "resampled": resampled,
@@ -305,6 +394,7 @@ def load_series(
     uneven: str = "warn",
     tilt: str = "shear",
     fast: bool = True,
+    frames: Sequence[int] | None = None,
 ) -> DicomVolume:
     """Load one series (single-frame files, or one enhanced multi-frame file) as a volume.
 
@@ -319,6 +409,8 @@ def load_series(
             "resample" (bilinear in-plane shift onto an orthogonal grid).
         fast: use the byte-level reader for uncompressed little-endian files (bit-identical to
             pydicom); False forces pydicom for every file.
+        frames: 0-based frame indices to keep from a single multi-frame file (what
+            ``mmai.io.dicom_scan.SeriesStack.frames`` holds); None keeps all.
 
     Returns:
         DicomVolume with array (I, J, K) and affine (4, 4) voxel -> RAS.
@@ -338,17 +430,22 @@ def load_series(
             per_file = list(pool.map(lambda p: read_frames(p, fast=fast), paths))
     else:
         per_file = [read_frames(p, fast=fast) for p in paths]
-    frames = [f for group in per_file for f in group]
-    if len(paths) == 1 and len(frames) > 1:
+    found = [f for group in per_file for f in group]
+    if frames is not None:
+        if len(paths) != 1:
+            raise DicomError(f"load_series: frames= selects frames of one multi-frame file, got {len(paths)} files")
+        keep = set(int(i) for i in frames)
+        found = [f for f in found if f.frame_index in keep]
+    if len(paths) == 1 and len(found) > 1:
         from mmai.io.dicom_multiframe import split_frames
 
-        stacks = split_frames(frames)
+        stacks = split_frames(found)
         if len(stacks) > 1:
             raise DicomError(
                 f"{paths[0]}: the multi-frame file holds {len(stacks)} stacks/phases "
                 f"({', '.join(s.label for s in stacks)}); use load_multiframe() to get each")
-        frames = stacks[0].frames
-    return assemble(frames, dtype=dtype, uneven=uneven, tilt=tilt)
+        found = stacks[0].frames
+    return assemble(found, dtype=dtype, uneven=uneven, tilt=tilt)
 
 
 _PHASE_KEYS = ("TemporalPositionIdentifier", "EchoNumbers", "TriggerTime", "AcquisitionNumber")
@@ -380,12 +477,12 @@ def split_by_phase(datasets: Sequence[T]) -> list[list[T]]:
     if len(set(positions)) == len(positions):
         return [items]
     for key in _PHASE_KEYS:
-        values = [getattr(ds, key, None) for ds in items]
-        if any(v is None or v == "" for v in values):
+        raw = [getattr(ds, key, None) for ds in items]
+        if any(v is None or v == "" for v in raw):
             continue
-        groups: dict[Any, list[int]] = {}
-        for idx, v in enumerate(values):
-            groups.setdefault(float(v), []).append(idx)
+        groups: dict[float, list[int]] = {}
+        for idx, v in enumerate(raw):
+            groups.setdefault(float(v), []).append(idx)  # type: ignore[arg-type]
         if len(groups) < 2:
             continue
         if all(len({positions[i] for i in idx}) == len(idx) for idx in groups.values()):

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from mmai.errors import DicomError
@@ -248,7 +248,8 @@ def write_series(
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     template = _template(
-        shape=vol.shape, spacing=tuple(float(s) for s in spacing), orientation=np.asarray(orientation, float),
+        shape=vol.shape, spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        orientation=np.asarray(orientation, float),
         modality=modality, patient_id=patient_id, patient_name=patient_name, study_uid=study_uid,
         series_uid=series_uid, series_number=series_number, series_description=series_description,
         slope=float(rescale_slope), intercept=float(rescale_intercept),

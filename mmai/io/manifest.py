@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mmai.config import PipelineConfig
-from mmai.errors import ClinicalError, ManifestError
+from mmai.errors import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +90,23 @@ class _Problems:
 
 
 def load_manifest(path: str | Path, config: PipelineConfig, *, require_targets: bool = True,
-                  check_files: bool = True) -> pd.DataFrame:
+                  check_files: bool = True, check_clinical: bool = True) -> pd.DataFrame:
     """Read and validate a manifest; see :func:`validate_manifest`."""
     path = Path(path)
     return validate_manifest(read_table(path), config, base_dir=path.parent, source=str(path),
-                             require_targets=require_targets, check_files=check_files)
+                             require_targets=require_targets, check_files=check_files,
+                             check_clinical=check_clinical)
 
 
 def validate_manifest(df: pd.DataFrame, config: PipelineConfig, *, base_dir: Path, source: str,
-                      require_targets: bool = True, check_files: bool = True) -> pd.DataFrame:
+                      require_targets: bool = True, check_files: bool = True,
+                      check_clinical: bool = True) -> pd.DataFrame:
     """Validate a manifest table and return a normalised copy.
 
     The copy has ``case_id`` and ``patient_id`` as strings, the image column as absolute path
     strings (None where missing), targets as numbers, and the clinical columns untouched
-    (the clinical preprocessor parses them).
+    (the clinical preprocessor parses them). Batch inference turns ``check_files`` and
+    ``check_clinical`` off and reports bad cases one by one instead of failing the batch.
 
     Raises:
         ManifestError: listing each problem with its row, case_id and column.
@@ -144,10 +147,8 @@ def validate_manifest(df: pd.DataFrame, config: PipelineConfig, *, base_dir: Pat
         if missing:
             raise ManifestError(f"{source}: clinical column(s) {missing} declared in the pipeline are not in the "
                                 f"manifest; its columns are {list(out.columns)}")
-        try:
-            config.clinical.validate(out, source=source, id_column="case_id")
-        except ClinicalError:
-            raise
+        if check_clinical:
+            config.clinical.validate(out, source=source, id_column="case_id")  # raises ClinicalError
     return out.reset_index(drop=True)
 
 

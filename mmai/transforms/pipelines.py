@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from typing import Any
 
 import numpy as np
@@ -81,8 +82,10 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
 
     chain: list[Any] = []
     if load:
-        chain += [LoadImaged(KEY, reader=MmaiDicomReader(), image_only=True, dtype=np.float32),
-                  EnsureChannelFirstd(KEY)]
+        with warnings.catch_warnings():  # MONAI registers its optional readers and warns about absent codecs
+            warnings.simplefilter("ignore", UserWarning)
+            loader = LoadImaged(KEY, reader=MmaiDicomReader(), image_only=True, dtype=np.float32)
+        chain += [loader, EnsureChannelFirstd(KEY)]
     chain.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, device=torch.device(device),
                              track_meta=True))
     chain.append(Orientationd(KEY, axcodes=cfg.orientation))

@@ -213,3 +213,71 @@ def test_onehot_matrix():
     assert "site=<unknown>" in names and "age__missing" in names
     site = [i for i, n in enumerate(names) if n.startswith("site=")]
     assert set(x[:, site].sum(1)) <= {0.0, 1.0}
+
+
+# ----------------------------------------------------------------------------- end to end (mmai train / predict)
+
+
+def _e2e_files(tmp_path, df: pd.DataFrame, name: str):
+    import yaml
+
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "task": {"kind": "binary", "target": "label"},
+        "clinical": {"numeric": ["age", {"name": "crp", "log": True, "range": [0, 500]}],
+                     "categorical": ["site"], "binary": ["diabetes"]},
+        "image": None,
+        "model": {"fusion": "clinical_only", "dim": 16, "heads": 2},
+        "train": {"epochs": 2, "batch_size": 64, "patience": 5},
+    }))
+    manifest = tmp_path / f"{name}.csv"
+    df.to_csv(manifest, index=False)
+    return cfg, manifest
+
+
+def _e2e_cohort(n: int = 90) -> pd.DataFrame:
+    df = cohort(n=n, seed=11)[["case_id", "age", "crp", "site", "diabetes"]].copy()
+    df["label"] = (np.arange(n) % 2).astype(int)
+    df["split"] = np.where(np.arange(n) >= n - 20, "test", "train")
+    return df
+
+
+def test_end_to_end_no_leakage_and_row_independent_predictions(tmp_path):
+    """mmai train: changing test-split rows changes no fitted clinical statistic (state.json).
+    mmai predict: a row's prediction is the same alone or in a batch; a missing cell and the
+    imputed number written in give different predictions (the mask is seen)."""
+    trainer = pytest.importorskip("mmai.engine.trainer")
+    predictor = pytest.importorskip("mmai.inference.predictor")
+    df = _e2e_cohort()
+    cfg, manifest = _e2e_files(tmp_path, df, "a")
+    trainer.train_from_files(cfg, manifest, tmp_path / "run_a", fusion="clinical_only", device="cpu", progress=False)
+    changed = df.copy()
+    test_rows = changed["split"] == "test"
+    changed.loc[test_rows, "age"] = 500.0
+    changed.loc[test_rows, "crp"] = 499.0
+    changed.loc[test_rows, "site"] = "never-seen"
+    _, manifest_b = _e2e_files(tmp_path, changed, "b")
+    trainer.train_from_files(cfg, manifest_b, tmp_path / "run_b", fusion="clinical_only", device="cpu", progress=False)
+    state_a = json.loads((tmp_path / "run_a" / "state.json").read_text())["clinical"]
+    state_b = json.loads((tmp_path / "run_b" / "state.json").read_text())["clinical"]
+    assert state_a == state_b
+    pre = ClinicalPreprocessor.from_state(state_a)
+    fill = {s["name"]: s for s in pre.statistics}["age"]["fill"]
+
+    rows = df.iloc[:4].drop(columns=["label", "split"]).copy()
+    rows["case_id"] = ["missing", "imputed", "other", "other2"]
+    rows.loc[0, "age"] = None
+    rows.loc[1, "age"] = fill
+    rows.loc[1, ["crp", "site", "diabetes"]] = rows.loc[0, ["crp", "site", "diabetes"]].to_numpy()
+    batch_csv, out = tmp_path / "predict.csv", tmp_path / "pred_all.csv"
+    rows.to_csv(batch_csv, index=False)
+    predictor.predict_from_files(tmp_path / "run_a", out, manifest_path=batch_csv, device="cpu", progress=False)
+    together = pd.read_csv(out).set_index("case_id")
+    for i, cid in enumerate(rows["case_id"]):
+        alone_csv, alone_out = tmp_path / f"one{i}.csv", tmp_path / f"pred{i}.csv"
+        rows.iloc[[i]].to_csv(alone_csv, index=False)
+        predictor.predict_from_files(tmp_path / "run_a", alone_out, manifest_path=alone_csv, device="cpu",
+                                     progress=False)
+        alone = pd.read_csv(alone_out).set_index("case_id")
+        np.testing.assert_allclose(alone.loc[cid, "prob_1"], together.loc[cid, "prob_1"], rtol=1e-6, atol=1e-7)
+    assert together.loc["missing", "prob_1"] != together.loc["imputed", "prob_1"]

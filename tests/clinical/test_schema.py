@@ -258,3 +258,10 @@ def test_cli_clinical_schema_bad_input_is_one_line(tmp_path, capsys):
     assert main(["clinical-schema", str(tmp_path / "bin.csv")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+def test_column_constructor_checks_kind():
+    with pytest.raises(ConfigError, match=r"kind 'text' is not allowed; choose one of \['numeric'"):
+        ClinicalColumn("note", "text")
+    with pytest.raises(ConfigError, match="needs levels"):
+        ClinicalColumn("grade", "ordinal")

@@ -231,3 +231,12 @@ def test_compute_metrics_reports_undefined_instead_of_crashing():
 def test_errors_name_the_problem(call, match):
     with pytest.raises(MmaiError, match=match):
         call()
+
+
+def test_r2_large_offset_and_constant_targets():
+    rng = np.random.default_rng(0)
+    y = 1e8 + rng.normal(size=100)
+    pred = y + rng.normal(scale=0.5, size=100)
+    assert M.r2(y, pred) == pytest.approx(skm.r2_score(y, pred), abs=1e-9)
+    with pytest.raises(M.UndefinedMetricError, match="constant"):
+        M.r2(np.full(10, 0.1), np.linspace(0, 1, 10))

@@ -212,25 +212,27 @@ def compressed(folder: Path, syntax: str) -> Case:
 
 def two_phases(folder: Path) -> Case:
     """Two phases (TemporalPositionIdentifier 1 and 2) of one series sharing every position."""
-    uid = generate_uid()
-    a = series(folder, series_uid=uid, file_prefix="P1_", extra={"TemporalPositionIdentifier": 1}, seed=1)
-    b = series(folder, series_uid=uid, file_prefix="P2_", extra={"TemporalPositionIdentifier": 2}, seed=2)
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid()}
+    a = series(folder, **uids, file_prefix="P1_", extra={"TemporalPositionIdentifier": 1}, seed=1)
+    b = series(folder, **uids, file_prefix="P2_", extra={"TemporalPositionIdentifier": 2}, seed=2)
     interleaved = [f for pair in zip(a.files, b.files, strict=True) for f in pair]
     return Case(interleaved, a.volume, a.affine, folder, {"phase2": b})
 
 
 def with_localizer(folder: Path) -> Case:
     """An axial series plus a one-image coronal localizer (its own series) in the same folder."""
-    case = series(folder)
+    study = generate_uid()
+    case = series(folder, study_uid=study)
     write_series(phantom((32, 1, 24), seed=5), folder, spacing=(1.0, 1.0, 1.0), orientation=CORONAL,
-                 series_number=99, file_prefix="LOC", extra={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})
+                 study_uid=study, series_number=99, file_prefix="LOC", extra={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})
     return case
 
 
 def two_series(folder: Path) -> Case:
     """Two unrelated axial series (different SeriesInstanceUID) in one folder."""
-    a = series(folder, series_number=2, file_prefix="A", series_description="AX 2.5")
-    series(folder, series_number=3, file_prefix="B", series_description="AX SOFT", seed=3)
+    study = generate_uid()
+    a = series(folder, study_uid=study, series_number=2, file_prefix="A", series_description="AX 2.5")
+    series(folder, study_uid=study, series_number=3, file_prefix="B", series_description="AX SOFT", seed=3)
     return a
 
 
@@ -244,14 +246,15 @@ def _item(**kwargs: Any) -> Dataset:
 
 def enhanced(path: Path, *, modality: str = "CT", n_temporal: int = 1, orientation: tuple[float, ...] = AXIAL,
              shape: tuple[int, int, int] = (16, 12, 10), slope: float = 1.0, intercept: float = -1024.0,
-             reverse: bool = True, intercept_step: float = 0.0) -> list[Case]:
+             reverse: bool = True, intercept_step: float = 0.0, phase_by: str = "temporal") -> list[Case]:
     """One enhanced CT/MR multi-frame file; ``n_temporal`` phases with interleaved frames.
 
     Geometry lives only in the functional groups: orientation and pixel measures in the shared
     group, position and (per-phase) rescale per frame. Frames are stored in descending position
     when ``reverse`` (the loader must sort them). Phase t's RescaleIntercept is
     ``intercept + t * intercept_step`` (dcm2niix's 4D output has one scaling, so compare it with
-    step 0). Returns one Case per phase (same ``files``).
+    step 0). ``phase_by="diffusion"`` tells phases apart only by a DiffusionBValue dimension
+    (no TemporalPositionIndex). Returns one Case per phase (same ``files``).
     """
     sop = {"CT": "1.2.840.10008.5.1.4.1.1.2.1", "MR": "1.2.840.10008.5.1.4.1.1.4.1"}[modality]
     row, col = np.array(orientation[:3]), np.array(orientation[3:])
@@ -267,8 +270,8 @@ def enhanced(path: Path, *, modality: str = "CT", n_temporal: int = 1, orientati
             pos = np.array(ORIGIN) + k * SPACING[2] * normal
             per_frame.append(_item(
                 FrameContentSequence=DicomSequence([_item(
-                    StackID="1", InStackPositionNumber=k + 1, TemporalPositionIndex=t + 1,
-                    DimensionIndexValues=[t + 1, k + 1])]),
+                    StackID="1", InStackPositionNumber=k + 1, DimensionIndexValues=[t + 1, k + 1],
+                    **({"TemporalPositionIndex": t + 1} if phase_by == "temporal" else {}))]),
                 PlanePositionSequence=DicomSequence([_item(ImagePositionPatient=[float(v) for v in pos])]),
                 PixelValueTransformationSequence=DicomSequence([_item(
                     RescaleSlope=slope, RescaleIntercept=t_intercept, RescaleType="HU" if modality == "CT" else "US")]),
@@ -295,7 +298,9 @@ def enhanced(path: Path, *, modality: str = "CT", n_temporal: int = 1, orientati
     org = generate_uid()
     ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=org)])
     ds.DimensionIndexSequence = DicomSequence([  # dimension 1: temporal index, 2: position in stack
-        _item(DimensionOrganizationUID=org, DimensionIndexPointer=0x00209128, FunctionalGroupPointer=0x00209111),
+        _item(DimensionOrganizationUID=org, DimensionIndexPointer=0x00209128, FunctionalGroupPointer=0x00209111)
+        if phase_by == "temporal" else  # DiffusionBValue in MRDiffusionSequence
+        _item(DimensionOrganizationUID=org, DimensionIndexPointer=0x00189087, FunctionalGroupPointer=0x00189117),
         _item(DimensionOrganizationUID=org, DimensionIndexPointer=0x00209057, FunctionalGroupPointer=0x00209111),
     ])
     ds.PixelData = np.stack(frames).tobytes()
@@ -360,3 +365,26 @@ def world_match(array: np.ndarray, affine: np.ndarray, ref_img: Any, *, tol_mm: 
         raise AssertionError(f"only {inside.mean():.0%} of the voxels lie inside the reference image")
     ours = np.asarray(array, dtype=np.float64)[tuple(idx[inside].T)]
     return ours, ref[tuple(nearest[inside].T)]
+
+
+def big_endian(folder: Path) -> Case:
+    """The plain series saved as (retired) Explicit VR Big Endian: the loader falls back to pydicom."""
+    from pydicom.filewriter import dcmwrite
+
+    case = series(folder)
+    for path in case.files:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.frombuffer(ds.PixelData, dtype="<u2").astype(">u2").tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+        dcmwrite(path, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+    return case
+
+
+def no_preamble(folder: Path) -> Case:
+    """The plain series with the 128-byte preamble, 'DICM' and the file meta group stripped."""
+    case = series(folder)
+    for path in case.files:
+        raw = path.read_bytes()
+        group_len = int.from_bytes(raw[140:144], "little")  # (0002,0000) UL value
+        path.write_bytes(raw[144 + group_len:])
+    return case

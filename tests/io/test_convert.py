@@ -148,3 +148,24 @@ def test_cli_convert_and_scan(tmp_path: Path) -> None:
     assert "PID-12345" not in (tmp_path / "i.csv").read_text()
     assert main(["scan", str(tmp_path / "in"), "--out", str(tmp_path / "j.csv"), "-q", "--include-phi"]) == 0
     assert "PID-12345" in (tmp_path / "j.csv").read_text()
+
+
+def test_workers_two_same_outputs(tmp_path: Path) -> None:
+    make_series(tmp_path / "in" / "a", k=4, series_number=1)
+    make_series(tmp_path / "in" / "b", k=5, series_number=2)
+    r1 = convert_tree(tmp_path / "in", tmp_path / "o1")
+    r2 = convert_tree(tmp_path / "in", tmp_path / "o2", workers=2)
+    assert sorted(r1.written) == sorted(r2.written) and len(r1.written) == 2
+    for name in r1.written:
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "o1" / name).dataobj),
+                                      np.asarray(nib.load(tmp_path / "o2" / name).dataobj))
+
+
+def test_two_stacks_of_one_multiframe_file_get_two_names(tmp_path: Path) -> None:
+    from tests.io.test_dicom_scan import AXIAL, write_enhanced
+
+    (tmp_path / "in").mkdir()
+    # two StackIDs, same orientation, different positions: two stacks in one file
+    write_enhanced(tmp_path / "in" / "mf.dcm", n_per_stack=3, orientations=[AXIAL, AXIAL])
+    rep = convert_tree(tmp_path / "in", tmp_path / "out")
+    assert len(set(rep.written)) == len(rep.written) == 2, (rep.written, rep.errors)

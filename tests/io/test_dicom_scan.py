@@ -77,6 +77,15 @@ def test_localizer_by_image_type_and_lone_slice(tmp_path: Path) -> None:
     assert all("localizer" in s.row["problems"].split(";") for s in locs)
 
 
+def test_triplane_scout_series_is_all_localizers(tmp_path: Path) -> None:
+    series, study = generate_uid(), generate_uid()
+    for name, ori in (("AX", AXIAL), ("COR", CORONAL), ("SAG", SAGITTAL)):
+        make_series(tmp_path, k=1, series_uid=series, study_uid=study, prefix=name, orientation=ori)
+    df = scan_tree(tmp_path)
+    assert len(df) == 3 and df.is_localizer.all()
+    assert sorted(df.orientation) == ["axial", "coronal", "sagittal"]
+
+
 @pytest.mark.parametrize("key", ["AcquisitionNumber", "TemporalPositionIdentifier", "EchoNumbers", "TriggerTime"])
 def test_two_phases_same_positions(tmp_path: Path, key: str) -> None:
     series, study = generate_uid(), generate_uid()
@@ -188,12 +197,24 @@ def test_no_phi_in_index_and_logs(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert df2.patient_id.iloc[0] == "PID-777-SECRET"
 
 
-def test_workers_give_same_index(tmp_path: Path) -> None:
+def test_workers_give_same_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmai.io.dicom_scan_read as reader
+
+    monkeypatch.setattr(reader, "MIN_POOL_FILES", 8)  # make the small tree use the pools
     for i in range(4):
         make_series(tmp_path / f"s{i}", k=20, series_number=i + 1)
+    from pydicom import config
+
+    before = config.settings.reading_validation_mode
     a = scan_tree(tmp_path, workers=1)
     b = scan_tree(tmp_path, workers=2)
-    assert a.drop(columns=["stack_id"]).equals(b.drop(columns=["stack_id"]))
+    assert a.equals(b)
+    assert config.settings.reading_validation_mode == before  # the quiet mode is not leaked
+    paths = sorted(str(p) for p in tmp_path.rglob("*.dcm"))
+    assert reader.read_headers(paths, workers=2, pool="process") == reader.read_headers(paths)
+    assert reader.read_headers(paths, workers=2, pool="thread") == reader.read_headers(paths)
+    with pytest.raises(Exception, match="pool='fibers'"):
+        reader.read_headers(paths, workers=2, pool="fibers")
 
 
 def test_enhanced_multiframe_two_stacks(tmp_path: Path) -> None:
@@ -261,3 +282,33 @@ def test_pydicom_reads_enhanced_fixture(tmp_path: Path) -> None:
     write_enhanced(path, n_per_stack=2, orientations=[AXIAL])
     ds = pydicom.dcmread(path)
     assert ds.pixel_array.shape == (2, 8, 8)
+
+
+def test_fast_header_path_equals_pydicom_path(tmp_path: Path) -> None:
+    import os
+
+    from pydicom.data import get_testdata_files
+
+    from mmai.io.dicom_scan_read import quiet_pydicom, read_header
+    from tests.io import dicom_cases as dc
+
+    for name in ("two_phases", "implicit_vr", "monochrome1", "tilted_series"):
+        (tmp_path / name).mkdir()
+        getattr(dc, name)(tmp_path / name)
+    files = [f for f in get_testdata_files() if os.path.isfile(f)] + [str(p) for p in tmp_path.rglob("*.dcm")]
+    with quiet_pydicom():
+        for f in files:
+            assert read_header(f) == read_header(f, fast=False), f
+
+
+def test_garbage_after_dicm_prefix_is_an_unreadable_row(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    (tmp_path / "noise.dcm").write_bytes(b"\0" * 128 + b"DICM" + rng.bytes(300))
+    (tmp_path / "prefix_only.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    make_series(tmp_path / "ok", k=3)
+    df = scan_tree(tmp_path)
+    bad = df[df.kind == "unreadable"]
+    assert sorted(Path(p).name for p in bad.path) == ["noise.dcm", "prefix_only.dcm"]
+    assert all(p.startswith("unreadable: ") and ";" not in p for p in bad.problems)
+    assert df.attrs["n_unreadable"] == 2
+    assert (df[df.kind == "image"].n_instances == 3).all()

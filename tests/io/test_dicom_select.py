@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mmai.errors import ConfigError, SeriesSelectionError
-from mmai.io.dicom_scan import SeriesStack, scan_stacks
+from mmai.io.dicom_scan import SeriesStack, scan_stacks, scan_tree
 from mmai.io.dicom_select import SelectionRule, filter_stacks, group_by_study, select_one
 
 
@@ -153,3 +153,5 @@ def test_group_by_study_and_scan_integration(tmp_path: Path) -> None:
     with pytest.raises(SeriesSelectionError, match="Head"):
         select_one(studies[s2], r, "study-2")
     assert len(filter_stacks(stacks, rule({"modality": "CT"}))) == 3
+    df = scan_tree(tmp_path)  # DataFrame rows (nullable Int64 columns) work as rows too
+    assert [r.matches(x) for _, x in df.iterrows()].count(True) == 1

@@ -10,7 +10,11 @@ import pytest
 import SimpleITK as sitk
 
 from mmai.errors import DicomError
+from mmai.io.dicom_fastread import read_frame_fast
+from mmai.io.dicom_multiframe import load_multiframe
+from mmai.io.dicom_series import load_series, split_by_phase
 from mmai.io.dicom_write import write_series
+from tests.io import dicom_cases as dc
 
 ORIENTATIONS = {
     "axial": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
@@ -102,11 +106,6 @@ def test_write_series_rejects_bad_input(tmp_path: Path) -> None:
 # Reference tools: dcm2niix (the converter users trust; compared in world space with
 # dicom_cases.world_match), SimpleITK for per-slice geometry, and the analytic truth the fixture
 # wrote. docs/dicom.md explains which reference each case uses and why.
-from tests.io import dicom_cases as dc  # noqa: E402
-
-from mmai.io.dicom_fastread import read_frame_fast  # noqa: E402
-from mmai.io.dicom_multiframe import load_multiframe  # noqa: E402
-from mmai.io.dicom_series import load_series, split_by_phase  # noqa: E402
 
 
 def _check_against_dcm2niix(vol, folder: Path, out: Path, *, name: str | None = None, atol: float = 0.0,
@@ -156,17 +155,30 @@ def test_fast_path_is_bit_identical_to_pydicom(tmp_path: Path, builder: str) -> 
     np.testing.assert_array_equal(fast.array, case.volume)
 
 
+@pytest.mark.parametrize("builder", ["big_endian", "no_preamble"])
+def test_unusual_files_fall_back_to_pydicom(tmp_path: Path, builder: str) -> None:
+    """Big-endian files and raw data sets (no preamble/file meta) load correctly via pydicom."""
+    case = getattr(dc, builder)(tmp_path / "s")
+    assert read_frame_fast(str(case.files[0])) is None
+    vol = load_series(case.files)
+    np.testing.assert_array_equal(vol.array, case.volume)
+    np.testing.assert_allclose(vol.affine, case.affine, atol=1e-6)
+
+
 def test_rescale_sign_and_bits(tmp_path: Path) -> None:
-    """Per-slice slope/intercept and signed 12-bit data agree with dcm2niix; MONOCHROME1 is inverted."""
+    """Per-slice slope/intercept and signed 12-bit data agree with dcm2niix; MONOCHROME1 is
+    inverted as SimpleITK does."""
     for builder in ("per_slice_rescale", "signed_12bit"):
         case = getattr(dc, builder)(tmp_path / builder)
         vol = load_series(case.files)
         np.testing.assert_array_equal(vol.array, case.volume)
         _check_against_dcm2niix(vol, tmp_path / builder, tmp_path / f"{builder}_nii", atol=1e-3)
-    # MONOCHROME1: dcm2niix keeps the raw stored values; the reference is the inverted truth.
+    # MONOCHROME1: dcm2niix keeps the raw stored values; SimpleITK (GDCM) inverts, like mmai.
     case = dc.monochrome1(tmp_path / "m1")
     vol = load_series(case.files)
     np.testing.assert_array_equal(vol.array, case.volume)
+    ref = sitk.GetArrayFromImage(_sitk_read(case.files)).transpose(2, 1, 0)
+    np.testing.assert_array_equal(vol.array, ref)
 
 
 def test_native_dtype(tmp_path: Path) -> None:
@@ -174,6 +186,11 @@ def test_native_dtype(tmp_path: Path) -> None:
     vol = load_series(case.files, dtype="native")
     assert vol.array.dtype == np.int16
     np.testing.assert_array_equal(vol.array, case.volume)
+    big = dc.phantom((4, 4, 3))
+    big[0, 0, 2] = 40000.0  # stored 41024 as uint16: the real value needs int32
+    vol = load_series(write_series(big, tmp_path / "big"), dtype="native")
+    assert vol.array.dtype == np.int32
+    np.testing.assert_array_equal(vol.array, big)
     case = dc.per_slice_rescale(tmp_path / "r")
     vol = load_series(case.files, dtype="native")
     assert vol.array.dtype == np.float32 and any("native" in w for w in vol.warnings)
@@ -231,7 +248,7 @@ def test_gantry_tilt_resample_matches_simpleitk_resample(tmp_path: Path) -> None
     aff = vol.affine
     np.testing.assert_allclose(aff[:3, :3], np.diag([-0.8, -0.9, 2.5]), atol=1e-6)  # orthogonal
     for k, path in enumerate(case.files):
-        src = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat64) + float(0.0)
+        src = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat64)
         origin = (aff @ np.array([0, 0, k, 1.0]))[:3] * [-1, -1, 1]
         ref = sitk.Image([vol.array.shape[0], vol.array.shape[1], 1], sitk.sitkFloat64)
         ref.SetOrigin(origin.tolist())
@@ -294,6 +311,15 @@ def test_enhanced_multiframe_per_phase_rescale(tmp_path: Path) -> None:
     cases = dc.enhanced(tmp_path / "mf.dcm", modality="CT", n_temporal=2, intercept_step=-100.0)
     vols = load_multiframe(tmp_path / "mf.dcm")
     assert [v.meta["stack"] for v in vols] == ["stack 1, temporal 1", "stack 1, temporal 2"]
+    for vol, case in zip(vols, cases, strict=True):
+        np.testing.assert_array_equal(vol.array, case.volume)
+
+
+def test_enhanced_multiframe_split_by_other_dimension(tmp_path: Path) -> None:
+    """Phases told apart only by a DimensionIndexSequence entry (a b-value) are split too."""
+    cases = dc.enhanced(tmp_path / "mf.dcm", modality="MR", n_temporal=3, phase_by="diffusion")
+    vols = load_multiframe(tmp_path / "mf.dcm")
+    assert [v.meta["stack"] for v in vols] == [f"stack 1, dimension index [{t}]" for t in (1, 2, 3)]
     for vol, case in zip(vols, cases, strict=True):
         np.testing.assert_array_equal(vol.array, case.volume)
 

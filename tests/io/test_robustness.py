@@ -71,18 +71,22 @@ def test_scan_accounts_for_every_file(tree: dict) -> None:
     assert everything == accounted, sorted(str(p) for p in everything - accounted)[:5]
     problems = ";".join(s.row["problems"] for s in res.stacks)
     silent = [p for p in tree["truncated"]
-              if p.name not in problems and p not in {u for u, _ in res.unreadable} and p not in res.non_dicom]
+              if p.name not in problems and p not in {u for u, _ in res.unreadable}
+              and p not in res.non_dicom and p not in res.dicomdirs]
     # A copy cut exactly between two elements of a non-image object (SR, RTPLAN, ...) is a valid,
     # shorter dataset: nothing in its header can tell. Everything else must be named.
     for p in silent:
         stack = next(s for s in res.stacks if p in s.files or p.name in s.row["problems"])
         assert stack.row["kind"] == "non-image", (p.name, stack.row)
     assert len(silent) <= len(tree["truncated"]) // 4
-    for p, reason in res.unreadable:
+    for _p, reason in res.unreadable:
         assert reason and "\n" not in reason
 
 
-def test_workers_two_same_result(tree: dict) -> None:
+def test_workers_two_same_result(tree: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmai.io.dicom_scan_read as reader
+
+    monkeypatch.setattr(reader, "MIN_POOL_FILES", 8)
     a = scan(tree["root"] / "bad")
     b = scan(tree["root"] / "bad", workers=2)
     assert [s.row for s in a.stacks] == [s.row for s in b.stacks]

@@ -1,0 +1,220 @@
+"""MONAI reader for DICOM folders/files backed by mmai's loader, and ``load_volume`` for any input.
+
+``mmai_load_image()`` / ``mmai_load_imaged(keys)`` (or ``LoadImage(reader=MmaiDicomReader())``) load a
+DICOM folder (scanned with :func:`mmai.io.dicom_scan.scan_stacks`; exactly one image stack must
+match the selection rule, else SeriesSelectionError lists the candidates), one DICOM file, or a
+list of files of one series. The metadata carries the RAS ``affine`` and only non-identifying
+fields (see :class:`mmai.io.dicom_series.DicomVolume`).
+
+Beware: MONAI's ``LoadImage(reader=X)`` catches any exception X raises and retries with its own
+readers (ITK, pydicom ...), which stack every series of a folder, and if all fail it raises a
+RuntimeError. A SeriesSelectionError would vanish or change type. ``mmai_load_image`` /
+``mmai_load_imaged`` build the MONAI transforms so that MmaiDicomReader is the only reader and its
+errors reach the caller unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.config import PathLike
+from monai.data.image_reader import ImageReader
+from monai.transforms import LoadImage, LoadImaged
+from monai.utils import MetaKeys, SpaceKeys
+
+from mmai.errors import DicomError
+from mmai.io.dicom_series import DicomVolume, load_series
+
+logger = logging.getLogger(__name__)
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
+
+
+def _rule(select: Any, source: str) -> Any:
+    from mmai.io.dicom_select import SelectionRule
+
+    if select is None or isinstance(select, Mapping):
+        return SelectionRule.from_dict(select, source)
+    if isinstance(select, SelectionRule):
+        return select
+    raise DicomError(f"{source}: select must be a SelectionRule, a mapping or None, got {type(select).__name__}")
+
+
+def load_dicom_folder(folder: PathLike, *, select: Any = None, dtype: str = "float32", uneven: str = "warn",
+                      tilt: str = "shear") -> DicomVolume:
+    """Scan ``folder``, pick the one stack ``select`` matches, and load it.
+
+    Args:
+        folder: a DICOM folder (walked recursively).
+        select: a :class:`mmai.io.dicom_select.SelectionRule`, its mapping form (pipeline YAML
+            ``image.select``), or None: every image stack except localizers is a candidate.
+        dtype, uneven, tilt: as in :func:`mmai.io.dicom_series.load_series`.
+
+    Raises:
+        SeriesSelectionError: no stack or several stacks match (the message lists them).
+    """
+    from mmai.io.dicom_scan import scan_stacks
+    from mmai.io.dicom_select import select_one
+
+    folder = Path(folder)
+    rule = _rule(select, f"MmaiDicomReader(select=...) for {folder}")
+    stacks = [s for s in scan_stacks(folder) if s.row.get("kind") == "image"]
+    stack = select_one(stacks, rule, study_label=str(folder))
+    return load_series(stack.files, dtype=dtype, uneven=uneven, tilt=tilt, frames=stack.frames)
+
+
+def load_volume(path: PathLike, *, select: Any = None, dtype: str = "float32", uneven: str = "warn",
+                tilt: str = "shear") -> DicomVolume:
+    """Load a NIfTI file, a DICOM folder or a single DICOM file as a DicomVolume.
+
+    NIfTI comes back as stored: ``array`` (I, J, K) float32 (``dtype="native"``: the on-disk
+    dtype when the file has no scaling) and ``affine`` = the image's voxel -> RAS affine, the same
+    convention as DICOM volumes. 4D NIfTI files are refused.
+
+    Args:
+        path: ``*.nii`` / ``*.nii.gz``, a DICOM folder, or one DICOM file.
+        select, dtype, uneven, tilt: as in :func:`load_dicom_folder` (DICOM only).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DicomError(f"{p}: no such file or folder")
+    if p.is_dir():
+        return load_dicom_folder(p, select=select, dtype=dtype, uneven=uneven, tilt=tilt)
+    if p.name.lower().endswith(_NIFTI_SUFFIXES):
+        return _load_nifti(p, dtype)
+    return load_series([p], dtype=dtype, uneven=uneven, tilt=tilt)
+
+
+def _load_nifti(path: Path, dtype: str) -> DicomVolume:
+    import nibabel as nib
+
+    from mmai.io.dicom_geometry import orientation_label
+
+    img: Any = nib.load(str(path))
+    if len(img.shape) != 3:
+        raise DicomError(f"{path}: NIfTI shape {img.shape} is not 3D; allowed: a 3D volume (I, J, K)")
+    scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0
+    array = np.asanyarray(img.dataobj) if dtype == "native" and not scaled else img.get_fdata(dtype=np.float32)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    # DICOM-style orientation cosines of the i and j axes (LPS) give the same label as for DICOM.
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
+    cos = np.concatenate([lps[:, 0] / np.linalg.norm(lps[:, 0]), lps[:, 1] / np.linalg.norm(lps[:, 1])])
+    meta = {"modality": "", "series_description": "", "shape": list(array.shape), "spacing": zooms,
+            "orientation": orientation_label(cos), "tilt_deg": 0.0, "source_format": "nifti",
+            "dtype": str(array.dtype)}
+    return DicomVolume(array=array, affine=affine, warnings=[], meta=meta)
+
+
+class MmaiDicomReader(ImageReader):
+    """MONAI ImageReader over :func:`load_series` / :func:`load_dicom_folder` (and, for one
+    ``.nii``/``.nii.gz`` path, nibabel via :func:`load_volume`, so one reader serves manifests
+    that mix NIfTI files and DICOM folders).
+
+    Args:
+        select: selection rule for folders holding several stacks (see :func:`load_dicom_folder`).
+        dtype: "float32" or "native" (see :func:`mmai.io.dicom_series.load_series`).
+        uneven: "warn" | "resample" | "error" (missing slices / uneven spacing).
+        tilt: "shear" | "resample" (gantry tilt).
+
+    Example:
+        >>> from monai.transforms import LoadImage
+        >>> img = LoadImage(reader=MmaiDicomReader(select={"modality": "CT"}), image_only=True)(folder)
+        >>> img.shape, img.affine  # (I, J, K), voxel -> RAS
+    """
+
+    def __init__(self, select: Any = None, *, dtype: str = "float32", uneven: str = "warn",
+                 tilt: str = "shear") -> None:
+        super().__init__()
+        self.select = select
+        self.kwargs = {"dtype": dtype, "uneven": uneven, "tilt": tilt}
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        """True for folders, DICOM-like names (no suffix, .dcm, .dicom, .ima) and one NIfTI file."""
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        if len(names) == 1 and Path(names[0]).name.lower().endswith(_NIFTI_SUFFIXES):
+            return True
+        for name in names:
+            p = Path(name)
+            if p.is_dir():
+                continue
+            if p.name.lower().endswith(_NIFTI_SUFFIXES) or p.suffix.lower() not in _DICOM_SUFFIXES:
+                return False
+        return bool(names)
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> DicomVolume:
+        """Load a folder (one stack selected), a file (DICOM or NIfTI, see :func:`load_volume`),
+        or a list of DICOM files of one series.
+
+        Args:
+            data: a folder, a file, or a sequence of files (a one-item sequence may be a folder).
+            kwargs: overrides of dtype / uneven / tilt / select for this call.
+        """
+        opts = {**self.kwargs, **{k: v for k, v in kwargs.items() if k in self.kwargs}}
+        select = kwargs.get("select", self.select)
+        items = [Path(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data)]
+        if len(items) == 1:
+            return load_volume(items[0], select=select, **opts)
+        if any(i.is_dir() or i.name.lower().endswith(_NIFTI_SUFFIXES) for i in items):
+            raise DicomError(f"MmaiDicomReader: got {len(items)} paths including folders or NIfTI files; "
+                             f"allowed: one folder, one file, or the DICOM files of one series")
+        return load_series(items, **opts)
+
+    def get_data(self, img: DicomVolume) -> tuple[np.ndarray, dict]:
+        """(array (I, J, K), meta) with RAS ``affine``/``original_affine``, ``spatial_shape``,
+        ``space``, no channel dim, and the volume's non-identifying meta (+ ``dicom_warnings``)."""
+        meta: dict[str, Any] = {k: v for k, v in img.meta.items() if k != "shape"}
+        meta[MetaKeys.AFFINE] = img.affine.copy()
+        meta[MetaKeys.ORIGINAL_AFFINE] = img.affine.copy()
+        meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(img.array.shape[:3])
+        meta[MetaKeys.SPACE] = SpaceKeys.RAS
+        meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = float("nan")  # "no_channel"
+        meta["spacing"] = np.asarray(img.meta.get("spacing", np.linalg.norm(img.affine[:3, :3], axis=0)))
+        meta["dicom_warnings"] = "; ".join(img.warnings)
+        return img.array, meta
+
+
+
+class _MmaiLoadImage(LoadImage):
+    """LoadImage that always reads with its MmaiDicomReader, so mmai's errors propagate unchanged
+    (LoadImage(reader=X) would wrap them in RuntimeError or retry with MONAI's own readers)."""
+
+    def __init__(self, mmai_reader: MmaiDicomReader, **load_kwargs: Any) -> None:
+        super().__init__(reader=mmai_reader, **load_kwargs)
+        self.mmai_reader = mmai_reader
+        self.readers = [mmai_reader]
+
+    def __call__(self, filename: Any, reader: ImageReader | None = None) -> Any:
+        return super().__call__(filename, reader=reader or self.mmai_reader)
+
+
+def mmai_load_image(*, select: Any = None, dtype: str = "float32", uneven: str = "warn", tilt: str = "shear",
+                    load_dtype: Any = np.float32, **load_kwargs: Any) -> LoadImage:
+    """A ``monai.transforms.LoadImage`` that reads only with MmaiDicomReader; errors propagate.
+
+    Args:
+        select, dtype, uneven, tilt: MmaiDicomReader's options.
+        load_dtype: LoadImage's own output ``dtype`` (None keeps the reader's dtype).
+        load_kwargs: other LoadImage keywords (image_only, ensure_channel_first ...).
+    """
+    reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt)
+    return _MmaiLoadImage(reader, dtype=load_dtype, **load_kwargs)
+
+
+def mmai_load_imaged(keys: Any, *, select: Any = None, dtype: str = "float32", uneven: str = "warn",
+                     tilt: str = "shear", load_dtype: Any = np.float32, **load_kwargs: Any) -> LoadImaged:
+    """A ``monai.transforms.LoadImaged`` that reads only with MmaiDicomReader (see mmai_load_image)."""
+    reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt)
+    loader = LoadImaged(keys, reader=reader, dtype=load_dtype, **load_kwargs)  # type: ignore[arg-type]
+    inner = loader._loader
+    loader._loader = _MmaiLoadImage(reader, dtype=load_dtype, image_only=inner.image_only,
+                                    ensure_channel_first=inner.ensure_channel_first,
+                                    simple_keys=inner.simple_keys, prune_meta_pattern=inner.pattern,
+                                    prune_meta_sep=inner.sep, expanduser=inner.expanduser)
+    return loader

@@ -1,0 +1,170 @@
+"""A tiny cohort through every verb: synth -> preprocess -> train -> predict -> evaluate -> export."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mmai.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_pipeline(tmp: Path, **model) -> Path:
+    cfg = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
+    cfg["image"].update(spacing=[12.0, 12.0, 12.0], size=[24, 24, 16])
+    cfg["model"].update(widths=[4, 8, 8, 16], dim=16, heads=2, **model)
+    cfg["train"].update(epochs=2, batch_size=8, patience=5)
+    p = tmp / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    assert main(["synth", "--out", str(tmp / "cohort"), "--n", "24", "--seed", "1", "-q"]) == 0
+    pipe = tiny_pipeline(tmp)
+    assert main(["preprocess", "--config", str(pipe), "--input", str(tmp / "cohort" / "manifest.csv"),
+                 "--out", str(tmp / "pre"), "--workers", "2", "-q"]) == 0
+    assert main(["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"),
+                 "--out", str(tmp / "run"), "-q"]) == 0
+    return tmp, pipe
+
+
+def test_preprocess_outputs(world):
+    tmp, _ = world
+    m = pd.read_csv(tmp / "pre" / "manifest.csv")
+    assert len(m) == 24 and m["image"].str.startswith("images/").all()
+    assert pd.read_csv(tmp / "pre" / "errors.csv").empty
+    img = nib.load(tmp / "pre" / m["image"][0])
+    assert img.shape == (24, 24, 16)
+    np.testing.assert_allclose(np.abs(np.diag(img.affine)[:3]), [12.0, 12.0, 12.0], atol=1e-4)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    data = np.asarray(img.dataobj)
+    assert 0.0 <= data.min() and data.max() <= 1.0  # window [-1000, 400] HU -> [0, 1]
+
+
+def test_preprocess_rerun_skips_finished_cases(world):
+    tmp, pipe = world
+    from mmai.preprocess import run_preprocess
+
+    summary = run_preprocess(config_path=pipe, input_path=tmp / "cohort" / "manifest.csv", out_dir=tmp / "pre",
+                             progress=False)
+    assert summary.n_skipped == 24 and summary.n_done == 0
+
+
+def test_run_directory_contract(world):
+    tmp, _ = world
+    run = tmp / "run"
+    for name in ("config.yaml", "model.safetensors", "state.json", "metrics.json", "log.jsonl",
+                 "plots/training_curves.png"):
+        assert (run / name).exists(), name
+    state = json.loads((run / "state.json").read_text())
+    assert state["fusion"] == "cross_attention"
+    assert state["clinical"]["version"] if "version" in state["clinical"] else state["clinical"]
+    assert state["target"]["classes"] == ["0", "1"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_test"] == 6 and "test" in metrics and "auroc" in metrics["test"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))  # no pickle in a run
+
+
+def test_predict_evaluate_and_resume(world, capsys):
+    tmp, _ = world
+    pred = tmp / "pred.csv"
+    args = ["predict", "--run", str(tmp / "run"), "--manifest", str(tmp / "pre" / "manifest.csv"),
+            "--out", str(pred), "-q"]
+    assert main(args) == 0
+    df = pd.read_csv(pred)
+    assert list(df.columns) == ["case_id", "prob_0", "prob_1", "prediction", "model_id"]
+    assert len(df) == 24 and np.allclose(df["prob_0"] + df["prob_1"], 1.0)
+    # resumable: drop half of the rows, re-run, get the same predictions back
+    df.iloc[:10].to_csv(pred, index=False)
+    assert main(args) == 0
+    again = pd.read_csv(pred).sort_values("case_id").reset_index(drop=True)
+    np.testing.assert_allclose(again["prob_1"], df.sort_values("case_id")["prob_1"], atol=1e-6)
+    # predictions from raw DICOM equal predictions from the preprocessed volumes
+    raw = tmp / "pred_raw.csv"
+    assert main(["predict", "--run", str(tmp / "run"), "--manifest", str(tmp / "cohort" / "manifest.csv"),
+                 "--out", str(raw), "-q"]) == 0
+    r = pd.read_csv(raw).sort_values("case_id").reset_index(drop=True)
+    np.testing.assert_allclose(r["prob_1"], again["prob_1"], atol=1e-4)
+    capsys.readouterr()
+    assert main(["evaluate", "--predictions", str(pred), "--manifest", str(tmp / "pre" / "manifest.csv"),
+                 "--out", str(tmp / "report"), "-q"]) == 0
+    assert "auroc" in capsys.readouterr().out.lower()
+    assert (tmp / "report" / "report.json").exists()
+
+
+def test_predict_lists_bad_cases_and_finishes_the_others(world):
+    tmp, _ = world
+    m = pd.read_csv(tmp / "pre" / "manifest.csv", dtype=str)
+    bad = tmp / "pre" / "images" / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    m.loc[3, "image"] = "images/broken.nii.gz"
+    m.loc[5, "age"] = "old"
+    m.to_csv(tmp / "pre" / "bad.csv", index=False)
+    out = tmp / "pred_bad.csv"
+    assert main(["predict", "--run", str(tmp / "run"), "--manifest", str(tmp / "pre" / "bad.csv"),
+                 "--out", str(out), "-q"]) == 0
+    assert len(pd.read_csv(out)) == 22
+    err = pd.read_csv(tmp / "pred_bad.errors.csv")
+    assert set(err["case_id"]) == {m.loc[3, "case_id"], m.loc[5, "case_id"]}
+    assert set(err["stage"]) == {"image", "clinical"}
+    assert err["error"].str.contains("broken.nii.gz").any() and err["error"].str.contains("old").any()
+
+
+def test_explain_and_export(world):
+    tmp, _ = world
+    out = tmp / "explain"
+    assert main(["predict", "--run", str(tmp / "run"), "--manifest", str(tmp / "pre" / "manifest.csv"),
+                 "--out", str(tmp / "pred_x.csv"), "--explain", str(out), "--shard", "0/6", "-q"]) == 0
+    maps = sorted(out.glob("*_saliency.nii.gz"))
+    assert len(maps) == 4  # shard 0 of 6 over 24 cases
+    sal = nib.load(maps[0])
+    assert sal.shape == (24, 24, 16) and float(np.asarray(sal.dataobj).max()) == pytest.approx(1.0)
+    assert sorted(out.glob("*_attention.nii.gz")) and sorted(out.glob("*_overview.png"))
+    attr = pd.read_csv(out / "clinical_attributions.csv")
+    assert set(attr["feature"]) == {"age", "crp", "bmi", "sex", "smoking", "diabetes"}
+    assert (attr.loc[attr["observed"] == 0, "attribution"] == 0).all()
+    ts = tmp / "model.ts"
+    assert main(["export", "--run", str(tmp / "run"), "--format", "torchscript", "--out", str(ts), "-q"]) == 0
+    import torch
+
+    mod = torch.jit.load(str(ts))
+    y = mod(torch.zeros(1, 1, 24, 24, 16), torch.ones(1), torch.zeros(1, 6), torch.ones(1, 6))
+    assert y.shape == (1, 2)
+
+
+def test_resume_training_continues_from_checkpoint(world, tmp_path):
+    tmp, pipe = world
+    run = tmp_path / "run"
+    base = ["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"), "--out", str(run),
+            "--fusion", "clinical_only", "-q"]
+    assert main([*base, "--epochs", "2"]) == 0
+    assert main([*base, "--epochs", "4", "--resume"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mmai.cli", "train", "--config", str(tmp_path / "nope.yaml"),
+                        "--manifest", "m.csv", "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
+
+
+@pytest.mark.parametrize("verb", ["scan", "convert", "preprocess", "train", "predict", "evaluate",
+                                  "clinical-schema", "export", "synth", "demo"])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--help"])
+    assert exc.value.code == 0
+    assert "usage: mmai " + verb in capsys.readouterr().out
