@@ -16,7 +16,7 @@ fitted on the training rows of each split).
 
 Last line: ``{"datasets": {NAME: {"metric", "mmai", "baseline", ...}}, "worst_gap": min(mmai - baseline), ...}``
 
-    .venv/bin/python benchmarks/clinical_real.py [--engine auto|trainer|components] [--folds 5] [--repeats 2]
+    .venv/bin/python benchmarks/clinical_real.py [--engine auto|trainer|components] [--folds 5] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                         "auto: trainer when importable")
     p.add_argument("--datasets", nargs="*", default=list(LOADERS), choices=list(LOADERS))
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="repeat the K folds with new shuffles (default 1)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: trainer's YAML default / 400)")
     p.add_argument("--work", default=None, help="folder for manifests and runs (default: a temp folder)")
     a = p.parse_args(argv)

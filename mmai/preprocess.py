@@ -67,10 +67,10 @@ def _is_done(path: Path, tag: str) -> bool:
 def _process_one(image_cfg: ImageConfig, source: Any, out_path: str, device: str) -> tuple[str, list[int]]:
     """Load + transform one case and write it. Runs in a worker process. Returns (path, shape)."""
     from mmai.data.dataset import save_preprocessed
-    from mmai.transforms.pipelines import KEY, preprocess_transforms
+    from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
 
     chain = preprocess_transforms(image_cfg, device=device)
-    out = chain({KEY: source})[KEY]
+    out = apply_chain(chain, {KEY: source})[KEY]
     save_preprocessed(out, Path(out_path), image_cfg)
     return out_path, list(out.shape[1:])
 

@@ -7,9 +7,9 @@ BMI (no effect), with about 10% of the cells missing at random.
 
 The outcome depends on both modalities:
 
-    z_img  = (lesion_radius_mm - 12) / 4.6                      (image only)
+    z_img  = (lesion_radius_mm - 14) / 4.6                      (image only)
     z_clin = 0.8 age_z + 0.8 [current] + 0.4 [former] + 0.7 log_crp_z + 0.5 diabetes
-    logit  = -0.6 + 1.6 z_img + 1.5 z_clin + 0.9 z_img [current]  (interaction)
+    logit  = -0.6 + 1.8 z_img + 1.5 z_clin + 0.9 z_img [current]  (interaction)
 
 so neither modality alone reaches the fusion optimum. ``truth.csv`` holds each case's true
 probability (binary) or true log-hazard (survival); ``truth.json`` the Bayes-optimal AUROC
@@ -37,7 +37,8 @@ SHAPE = (80, 80, 40)
 SPACING = (4.0, 4.0, 5.0)
 SMOKING = ("never", "former", "current")
 CLINICAL_COLUMNS = ("age", "sex", "smoking", "diabetes", "crp", "bmi")
-R_MIN, R_MAX = 4.0, 20.0
+R_MIN, R_MAX = 6.0, 22.0
+LESION_HU = 250.0  # an enhancing nodule: brighter than soft tissue, darker than bone
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class SynthSpec:
 
 def image_score(radius_mm: np.ndarray) -> np.ndarray:
     """Standardised image latent from the lesion radius (mm)."""
-    return (np.asarray(radius_mm, dtype=np.float64) - 12.0) / 4.6
+    return (np.asarray(radius_mm, dtype=np.float64) - 14.0) / 4.6
 
 
 def clinical_score(age: np.ndarray, smoking: np.ndarray, crp: np.ndarray, diabetes: np.ndarray) -> np.ndarray:
@@ -92,7 +93,7 @@ def true_logit(radius_mm: np.ndarray, age: np.ndarray, smoking: np.ndarray, crp:
     """The generating linear predictor (log-odds for binary, log-hazard for survival)."""
     z_img = image_score(radius_mm)
     z_clin = clinical_score(age, smoking, crp, diabetes)
-    return -0.6 + 1.6 * z_img + 1.5 * z_clin + 0.9 * z_img * (smoking == "current")
+    return -0.6 + 1.8 * z_img + 1.5 * z_clin + 0.9 * z_img * (smoking == "current")
 
 
 # ----------------------------------------------------------------------------- phantom
@@ -111,10 +112,10 @@ def make_phantom(rng: np.random.Generator, radius_mm: float) -> tuple[np.ndarray
     z = (np.arange(nk) - (nk - 1) / 2) * sk
     X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
     vol = np.full(SHAPE, -1000.0, dtype=np.float32)
-    a, b = rng.uniform(125, 145), rng.uniform(90, 108)
+    a, b = rng.uniform(130, 140), rng.uniform(95, 103)
     body = (X / a) ** 2 + (Y / b) ** 2 <= 1.0
     vol[body] = 40.0 + rng.normal(0, 5)
-    lung_a, lung_b, lung_c = a * 0.32, b * 0.62, rng.uniform(80, 95)
+    lung_a, lung_b, lung_c = a * 0.32, b * 0.62, rng.uniform(85, 92)
     lungs = []
     for side in (-1, 1):
         cx = side * a * 0.45
@@ -141,7 +142,7 @@ def make_phantom(rng: np.random.Generator, radius_mm: float) -> tuple[np.ndarray
     # soft-edged sphere (partial volume), integrated lesion mass ~ r^3
     dist = np.sqrt((X - centre_mm[0]) ** 2 + (Y - centre_mm[1]) ** 2 + (Z - centre_mm[2]) ** 2)
     frac = np.clip((radius_mm - dist) / 2.0 + 0.5, 0.0, 1.0).astype(np.float32)
-    vol = vol * (1 - frac) + 30.0 * frac
+    vol = vol * (1 - frac) + LESION_HU * frac
     vol += rng.normal(0, 15, SHAPE).astype(np.float32)
     centre_vox = (centre_mm - np.array([x[0], y[0], z[0]])) / np.array(SPACING)
     return vol.astype(np.float32), {"lesion_centre_voxel": centre_vox.round(2).tolist()}
@@ -239,7 +240,7 @@ def write_cohort(out_dir: Path, spec: SynthSpec, *, progress: bool = True) -> di
         "bayes": bayes_metric(df, spec.task),
         "bayes_test": bayes_metric(df[df["split"] == "test"], spec.task),
         "missing_rate": spec.missing_rate,
-        "model": "logit = -0.6 + 1.6 z_img + 1.5 z_clin + 0.9 z_img [smoking == current]",
+        "model": "logit = -0.6 + 1.8 z_img + 1.5 z_clin + 0.9 z_img [smoking == current]",
     }
     atomic_write_json(out_dir / "truth.json", info)
     return info

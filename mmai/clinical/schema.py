@@ -409,7 +409,8 @@ def propose_schema(df: pd.DataFrame, exclude: Iterable[str] | None = None,
 
     Columns whose non-missing values are all binary tokens become ``binary``; all-numeric
     columns become ``numeric`` (with the observed range widened by 10%, a unit left for the
-    user, and ``log: true`` for strongly right-skewed positive values); the rest become
+    user, and ``log: true`` for strongly right-skewed positive values), except two integer
+    codes such as 1/2, which become ``categorical``; the rest become
     ``categorical`` with their observed levels (up to ``max_levels``). Ordinals cannot be
     guessed: change a categorical to ``ordinal: {name: [low, ..., high]}`` by hand.
 
@@ -435,6 +436,11 @@ def propose_schema(df: pd.DataFrame, exclude: Iterable[str] | None = None,
             proposal["binary"].append(name_s)
             continue
         numbers = [_parse_number(v) for v in values]
+        if all(n is not None for n in numbers) and len(set(numbers)) == 2 and all(
+                float(n).is_integer() for n in numbers if n is not None):
+            # two integer codes that are not 0/1 (e.g. sex coded 1/2): a category, not a quantity
+            proposal["categorical"].append({"name": name_s, "levels": sorted({normalize_level(n) for n in numbers})})
+            continue
         if all(n is not None for n in numbers):
             proposal["numeric"].append(_propose_numeric(name_s, np.asarray(numbers, dtype=float)))
             continue

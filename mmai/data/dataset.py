@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mmai.config import ImageConfig
 from mmai.errors import MmaiError, PreprocessError
-from mmai.transforms.pipelines import KEY, PREPROCESSED_TAG, image_pipeline_id, preprocess_transforms
+from mmai.transforms.pipelines import KEY, PREPROCESSED_TAG, apply_chain, image_pipeline_id, preprocess_transforms
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ImageLoader:
             else:
                 if self._chain is None:
                     self._chain = preprocess_transforms(self.cfg, device=self.device)
-                out = self._chain({KEY: path})[KEY]
+                out = apply_chain(self._chain, {KEY: path})[KEY]
                 arr = np.asarray(out.detach().cpu(), dtype=np.float32)
                 affine = np.asarray(out.affine.cpu(), dtype=np.float64)
         except MmaiError:

@@ -143,7 +143,9 @@ class CrossAttentionFusion(MultimodalModel):
     2. keys = [missing-image token; image tokens]; image tokens are masked out where the image
        is missing, so absent images never contribute.
     3. queries = [CLS; clinical tokens] (B, 1+F, D) cross-attend to the keys.
-    4. a transformer layer over [CLS; clinical tokens; mean image token]; CLS -> head.
+    4. a transformer layer over [CLS; clinical tokens; mean image token]; the mean of its output
+       tokens -> head (the average keeps a direct path from every clinical token and from the
+       image, so the model trains as easily as concatenation and adds the interactions).
     """
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4,
@@ -187,7 +189,7 @@ class CrossAttentionFusion(MultimodalModel):
         img_mean = (img_tok.mean(dim=1, keepdim=True) * present
                     + self.no_image.expand(b, -1, -1) * (1 - present))  # (B, 1, D)
         x = self.mix(torch.cat([q, img_mean], dim=1))  # (B, 2+F, D)
-        return self.head(x[:, 0])
+        return self.head(x.mean(dim=1))
 
 
 class ConcatFusion(MultimodalModel):

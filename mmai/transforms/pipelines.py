@@ -26,7 +26,6 @@ from monai.transforms import (
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     NormalizeIntensityd,
     Orientationd,
     RandFlipd,
@@ -78,13 +77,15 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         device: ``cpu`` or ``cuda[:N]``; with CUDA the volume moves to the GPU after loading.
         load: include the loading step (False when the caller provides a MetaTensor).
     """
-    from mmai.io.reader import MmaiDicomReader
+    from mmai.io.reader import mmai_load_imaged
 
     chain: list[Any] = []
     if load:
+        # mmai's reader only (NIfTI files, DICOM folders, DICOM file lists): MONAI's LoadImage
+        # would otherwise retry a refused folder with readers that stack every series in it
         with warnings.catch_warnings():  # MONAI registers its optional readers and warns about absent codecs
             warnings.simplefilter("ignore", UserWarning)
-            loader = LoadImaged(KEY, reader=MmaiDicomReader(), image_only=True, dtype=np.float32)
+            loader = mmai_load_imaged(KEY, select=cfg.select, load_dtype=np.float32, image_only=True)
         chain += [loader, EnsureChannelFirstd(KEY)]
     chain.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, device=torch.device(device),
                              track_meta=True))
@@ -101,6 +102,20 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         chain.append(CropForegroundd(KEY, source_key=KEY, select_fn=_foreground(cfg), margin=2))
     chain.append(ResizeWithPadOrCropd(KEY, spatial_size=cfg.size, mode="constant", value=background_value(cfg)))
     return Compose(chain)
+
+
+def apply_chain(chain: Compose, data: dict[str, Any]) -> dict[str, Any]:
+    """Run a chain; MONAI wraps a failing transform's error in "applying transform ..." RuntimeErrors,
+    so re-raise the original error (an MmaiError keeps its message naming the file and the problem)."""
+    try:
+        return chain(data)
+    except RuntimeError as exc:
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is exc:
+            raise
+        raise cause from exc
 
 
 def augment_transforms(cfg: ImageConfig, *, seed: int = 0) -> Compose | None:

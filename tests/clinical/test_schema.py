@@ -194,6 +194,7 @@ def proposal_table() -> pd.DataFrame:
         "sex": rng.choice(["F", "M"], n),
         "smoker": rng.choice(["yes", "no", ""], n),
         "stage": rng.choice(["I", "II", "III"], n),
+        "sex_code": rng.choice([1, 2], n),
         "empty": [None] * n,
         "note": [f"free text {i}" for i in range(n)],
     })
@@ -204,11 +205,12 @@ def test_propose_schema_types_and_it_parses():
     schema = ClinicalSchema.from_dict(prop, "proposal")
     kinds = {c.name: c.kind for c in schema.columns}
     assert kinds == {"age": "numeric", "crp": "numeric", "sex": "categorical", "smoker": "binary",
-                     "stage": "categorical", "note": "categorical"}
+                     "stage": "categorical", "note": "categorical", "sex_code": "categorical"}
     assert schema.column("crp").log and not schema.column("age").log
     lo, hi = schema.column("age").range
     assert lo <= 30 and hi >= 89
     assert schema.column("sex").levels == ("F", "M") and schema.column("note").levels is None
+    assert schema.column("sex_code").levels == ("1", "2")
     schema.validate(proposal_table(), "t.csv")  # the proposal accepts the table it came from
 
 

@@ -323,18 +323,6 @@ def dcm2niix(folder: Path, out: Path, *extra_args: str) -> list[tuple[str, Any]]
     return [(p.name, nib.load(p)) for p in sorted(out.glob("*.nii"))]
 
 
-def world_compare(array: np.ndarray, affine: np.ndarray, ref_img: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Reorient both (array, affine) and a nibabel image to the closest canonical (RAS+) grid.
-
-    Returns (ours, ours_affine, ref, ref_affine) with arrays as float64 (ref scaled by scl_slope).
-    """
-    import nibabel as nib
-
-    ours = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, dtype=np.float64), affine))
-    ref = nib.as_closest_canonical(ref_img)
-    return ours.get_fdata(), ours.affine, np.squeeze(ref.get_fdata()), ref.affine
-
-
 def world_match(array: np.ndarray, affine: np.ndarray, ref_img: Any, *, tol_mm: float = 1e-3,
                 volume: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Pair every voxel of (array, affine) with the reference image's voxel at the same place.
@@ -388,3 +376,8 @@ def no_preamble(folder: Path) -> Case:
         group_len = int.from_bytes(raw[140:144], "little")  # (0002,0000) UL value
         path.write_bytes(raw[144 + group_len:])
     return case
+
+
+def long_header(folder: Path) -> Case:
+    """A series whose header is longer than the fast path's first read (16 KiB)."""
+    return series(folder, extra={"TextValue": "x" * 30000})  # UT: no length limit

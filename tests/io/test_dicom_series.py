@@ -143,7 +143,8 @@ def test_file_order_and_instance_numbers_do_not_matter(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ref.array, case.volume)
 
 
-@pytest.mark.parametrize("builder", ["series", "signed_12bit", "monochrome1", "implicit_vr", "per_slice_rescale"])
+@pytest.mark.parametrize("builder", ["series", "signed_12bit", "monochrome1", "implicit_vr", "per_slice_rescale",
+                                     "long_header"])
 def test_fast_path_is_bit_identical_to_pydicom(tmp_path: Path, builder: str) -> None:
     case = getattr(dc, builder)(tmp_path / "s")
     assert read_frame_fast(str(case.files[0])) is not None  # the fast path handles this case
@@ -153,6 +154,24 @@ def test_fast_path_is_bit_identical_to_pydicom(tmp_path: Path, builder: str) -> 
     np.testing.assert_array_equal(fast.array, slow.array)
     np.testing.assert_array_equal(fast.affine, slow.affine)
     np.testing.assert_array_equal(fast.array, case.volume)
+
+
+def test_fast_path_on_pydicom_test_files() -> None:
+    """Every file of pydicom's own test data that the fast path accepts decodes to exactly
+    pydicom's pixel_array (the rest fall back to pydicom)."""
+    import warnings
+
+    root = Path(pydicom.__file__).parent / "data" / "test_files"
+    accepted = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            frame = read_frame_fast(str(path))
+            if frame is None:
+                continue
+            accepted += 1
+            np.testing.assert_array_equal(frame.read_stored(), pydicom.dcmread(path).pixel_array, err_msg=str(path))
+    assert accepted >= 20
 
 
 @pytest.mark.parametrize("builder", ["big_endian", "no_preamble"])

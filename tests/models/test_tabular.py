@@ -162,3 +162,47 @@ def test_learns_with_30_percent_of_cells_missing_at_random():
     lr = LogisticRegression(max_iter=1000).fit(onehot[:1500], y[:1500])
     lr_auc = roc_auc_score(y[1500:], lr.decision_function(onehot[1500:]))
     assert auc > 0.75 and auc > lr_auc - 0.03, (auc, lr_auc)
+
+
+@pytest.mark.parametrize("kind, encoder", [("binary", "tokens"), ("multiclass", "mlp"), ("regression", "tokens"),
+                                           ("survival", "mlp"), ("survival", "tokens")])
+def test_clinical_only_is_trained_by_mmai_train_for_every_task(tmp_path, kind, encoder):
+    """`mmai train --fusion clinical_only` (no image section) then `mmai predict`, for each task kind
+    and both clinical encoders (model.clinical_encoder tokens | mlp); predictions carry the contract's columns and are finite."""
+    import yaml
+
+    trainer = pytest.importorskip("mmai.engine.trainer")
+    predictor = pytest.importorskip("mmai.inference.predictor")
+    rng = np.random.default_rng(0)
+    n = 60
+    x = rng.normal(size=n)
+    df = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "age": (60 + 10 * x).round(1),
+                       "site": rng.choice(["A", "B", ""], n), "dm": rng.choice(["yes", "no", ""], n),
+                       "split": np.where(np.arange(n) >= 50, "test", "train")})
+    task: dict = {"kind": kind}
+    if kind == "binary":
+        df["label"] = (x > 0).astype(int)
+    elif kind == "multiclass":
+        df["label"] = np.digitize(x, [-0.5, 0.5])
+    elif kind == "regression":
+        df["label"] = 2 * x + rng.normal(size=n)
+    else:
+        df["time"] = np.exp(-x + rng.normal(scale=0.3, size=n)).round(3)
+        df["event"] = (rng.random(n) < 0.7).astype(int)
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "task": task, "clinical": {"numeric": ["age"], "categorical": ["site"], "binary": ["dm"]}, "image": None,
+        "model": {"dim": 16, "heads": 2, "clinical_encoder": encoder}, "train": {"epochs": 2, "batch_size": 32}}))
+    manifest = tmp_path / "m.csv"
+    df.to_csv(manifest, index=False)
+    summary = trainer.train_from_files(cfg, manifest, tmp_path / "run", fusion="clinical_only", device="cpu",
+                                       progress=False)
+    assert summary["fusion"] == "clinical_only" and summary["n_test"] == 10
+    out = tmp_path / "pred.csv"
+    predictor.predict_from_files(tmp_path / "run", out, manifest_path=manifest, device="cpu", progress=False)
+    pred = pd.read_csv(out)
+    assert len(pred) == n and list(pred.columns)[0] == "case_id" and list(pred.columns)[-1] == "model_id"
+    expected = {"binary": ["prob_0", "prob_1", "prediction"], "multiclass": ["prob_0", "prob_1", "prob_2", "prediction"],
+                "regression": ["prediction"], "survival": ["risk"]}[kind]
+    assert list(pred.columns)[1:-1] == expected
+    assert np.isfinite(pred[expected].to_numpy(dtype=float)).all()
