@@ -111,14 +111,34 @@ def bench_series_load(files: list[Path], repeats: int) -> dict[str, float]:
     return times
 
 
+def bench_tree_scan(root: Path, n_series: int, repeats: int) -> dict[str, float]:
+    """Seconds to scan a tree of ``n_series`` 256x256x60 series with ``mmai scan --workers 2``
+    (the tree builder is shared with benchmarks/dicom_scan.py, which has the full comparison)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dicom_scan import build_tree
+
+    from mmai.io.dicom_scan import scan_tree
+
+    if not (root / "done").exists():
+        build_tree(root, n_series, 256, 60)
+        (root / "done").write_text("ok")
+    seconds, df = best_of(lambda: scan_tree(root, workers=2), repeats)
+    if len(df) != n_series:
+        raise SystemExit(f"tree scan found {len(df)} series, expected {n_series}: the benchmark is void")
+    return {"tree_scan_w2_s": seconds}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slices", type=int, default=SHAPE[2])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mmai_bench_cache")
+    parser.add_argument("--tree-series", type=int, default=20, help="series in the scanned tree (0 = skip)")
     args = parser.parse_args(argv)
     files = make_series(args.cache, args.slices)
     t = bench_series_load(files, args.repeats)
+    if args.tree_series:
+        t.update(bench_tree_scan(args.cache / f"tree{args.tree_series}", args.tree_series, args.repeats))
     result: dict[str, Any] = {
         "series": f"512x512x{args.slices} CT, uncompressed",
         **{k: round(v, 4) for k, v in t.items()},

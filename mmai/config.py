@@ -97,6 +97,7 @@ class ModelConfig:
     layers: int = 1
     dropout: float = 0.1
     image_dropout: float = 0.0
+    aux_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class TrainConfig:
     accumulate: int = 1
     scaling: Literal["robust", "standard"] = "robust"
     impute: Literal["median", "mean"] = "median"
-    select_metric: str = "auto"
+    select_metric: Literal["auto", "loss"] = "auto"
     num_workers: int = 0
 
 
@@ -196,7 +197,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -289,11 +290,11 @@ def _check_values(task: TaskConfig, image: ImageConfig | None, model: ModelConfi
     if not 0.0 <= train.val_fraction < 1.0:
         raise ConfigError(f"{source}: train.val_fraction must be in [0, 1), got {train.val_fraction}")
     if image is not None:
-        for i, s in enumerate(image.size):
-            positive(f"image.size[{i}]", s)
+        for i, n in enumerate(image.size):
+            positive(f"image.size[{i}]", n)
         if image.spacing is not None:
-            for i, s in enumerate(image.spacing):
-                positive(f"image.spacing[{i}]", s)
+            for i, mm in enumerate(image.spacing):
+                positive(f"image.spacing[{i}]", mm)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

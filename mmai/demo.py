@@ -34,7 +34,7 @@ class DemoPlan:
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoPlan:
-        return cls(n=160, epochs=4) if quick else cls(n=1000, epochs=25)
+        return cls(n=160, epochs=4) if quick else cls(n=1200, epochs=40)
 
 
 def demo_config(epochs: int, path: Path = DEMO_CONFIG) -> PipelineConfig:

@@ -48,7 +48,7 @@ def test_preprocess_outputs(world):
     np.testing.assert_allclose(np.abs(np.diag(img.affine)[:3]), [12.0, 12.0, 12.0], atol=1e-4)
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     data = np.asarray(img.dataobj)
-    assert 0.0 <= data.min() and data.max() <= 1.0  # window [-1000, 400] HU -> [0, 1]
+    assert data.min() >= 0.0 and data.max() <= 1.0  # window [-1000, 400] HU -> [0, 1]
 
 
 def test_preprocess_rerun_skips_finished_cases(world):

@@ -7,8 +7,16 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from mmai.synth import SHAPE, SPACING, SynthSpec, make_phantom, phantom_origin_lps, sample_cohort, write_cohort
 from mmai.errors import ConfigError
+from mmai.synth import (
+    SHAPE,
+    SPACING,
+    SynthSpec,
+    make_phantom,
+    phantom_origin_lps,
+    sample_cohort,
+    write_cohort,
+)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,13 @@ from torch.utils.data import Dataset
 
 from mmai.config import ImageConfig
 from mmai.errors import MmaiError, PreprocessError
-from mmai.transforms.pipelines import KEY, PREPROCESSED_TAG, apply_chain, image_pipeline_id, preprocess_transforms
+from mmai.transforms.pipelines import (
+    KEY,
+    PREPROCESSED_TAG,
+    apply_chain,
+    image_pipeline_id,
+    preprocess_transforms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,7 @@ def read_descrip(path: str | Path) -> str:
     p = str(path)
     if not (p.endswith(".nii") or p.endswith(".nii.gz")):
         return ""
-    hdr = nib.load(p).header
+    hdr: Any = nib.load(p).header
     return bytes(hdr["descrip"].tobytes()).split(b"\x00")[0].decode("ascii", "replace")
 
 
@@ -65,7 +71,7 @@ class ImageLoader:
         """(array (1, *cfg.size) float32, affine (4, 4) voxel -> RAS mm) of one case."""
         try:
             if isinstance(path, str) and read_descrip(path) == self.tag:
-                img = nib.load(path)
+                img: Any = nib.load(path)
                 arr, affine = np.asarray(img.dataobj, dtype=np.float32)[None], np.asarray(img.affine)
             else:
                 if self._chain is None:

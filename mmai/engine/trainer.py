@@ -1,7 +1,7 @@
 """Training: the loop (AMP, gradient accumulation, early stopping, resume, DDP) and the run folder.
 
 ``train_from_files`` is what ``mmai train`` calls. It writes RUN_DIR/config.yaml (resolved),
-model.safetensors (best epoch by validation loss), state.json (everything inference needs:
+model.safetensors (best validation epoch), state.json (everything inference needs:
 clinical preprocessor, target encoding, image pipeline, model constructor arguments, versions),
 metrics.json (validation and held-out test metrics with bootstrap CIs; test rows are never
 used for fitting or selection), log.jsonl (one line per epoch) and plots/.
@@ -77,7 +77,8 @@ def predict_outputs(model: torch.nn.Module, loader: DataLoader, device: str, amp
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Raw outputs (N, n_outputs) on CPU and the concatenated targets of a loader."""
     model.eval()
-    outs, targets = [], {}
+    outs: list[torch.Tensor] = []
+    targets: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         batch = _to(batch, device)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
@@ -112,6 +113,55 @@ def _headline(kind: str) -> str:
     return {"binary": "auroc", "multiclass": "auroc", "regression": "mae", "survival": "c_index"}[kind]
 
 
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, loader: DataLoader, device: str, max_batches: int = 20) -> None:
+    """Replace BatchNorm running statistics by their average over up to ``max_batches`` training
+    batches with the current weights ("precise BN"). The running averages accumulated during the
+    epoch lag behind weights that moved, which makes eval-mode predictions (validation loss, the
+    saved model) erratic on small cohorts."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        _forward(model, _to(batch, device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
+def _aux_loss(model: torch.nn.Module, kind: str, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of the unimodal auxiliary losses a model exposes in ``aux_outputs`` (0 if none).
+    The image head only counts cases whose image is present."""
+    aux = getattr(model, "aux_outputs", None) or {}
+    total = torch.zeros((), device=batch["image_present"].device)
+    for name, out in aux.items():
+        keep = batch["image_present"] > 0 if name == "image" else torch.ones_like(batch["image_present"], dtype=torch.bool)
+        if int(keep.sum()) < 2:
+            continue
+        sub = {k: v[keep] for k, v in batch.items() if k in ("target", "time", "event")}
+        total = total + task_loss(kind, out[keep].float(), sub)
+    return total
+
+
+def _selection_score(row: dict[str, Any], kind: str, select_metric: str) -> float:
+    """Lower is better. ``auto``: minus the validation AUROC / C-index (ranking metrics are not
+    thrown off by a few over-confident predictions the way the loss is), the validation loss for
+    regression; ``loss``: the validation loss. Without validation rows: the training loss."""
+    if "val_loss" not in row:
+        return float(row["train_loss"])
+    head = _headline(kind)
+    if select_metric == "auto" and kind != "regression" and row.get(f"val_{head}") is not None:
+        return -float(row[f"val_{head}"])
+    return float(row["val_loss"])
+
+
 @dataclasses.dataclass
 class FitResult:
     best_state: dict[str, torch.Tensor]
@@ -122,7 +172,8 @@ class FitResult:
 def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader, val_loader: DataLoader | None,
         *, kind: str, classes: list[str], device: str, ckpt_dir: Path | None = None, resume: bool = False,
         progress: bool = True, rank: int = 0, log_path: Path | None = None) -> FitResult:
-    """Train ``model`` with AdamW + cosine schedule; keep the weights of the best validation loss."""
+    """Train ``model`` with AdamW + cosine schedule; keep the weights of the best validation epoch
+    (see :func:`_selection_score`) and stop after ``train.patience`` epochs without improvement."""
     tc = config.train
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / tc.accumulate))
@@ -136,13 +187,13 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
 
     amp = tc.amp and device.startswith("cuda")
     history: list[dict[str, Any]] = []
-    best_loss, best_epoch, bad_epochs, start_epoch, step = math.inf, 0, 0, 1, 0
+    best_score, best_epoch, bad_epochs, start_epoch, step = math.inf, 0, 0, 1, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    raw_model = model.module if hasattr(model, "module") else model
+    raw_model = _unwrap(model)
     if resume and ckpt_dir is not None and (ckpt_dir / "last.json").exists():
         info, best = load_training_checkpoint(ckpt_dir, raw_model, opt)
         start_epoch, step = info["epoch"] + 1, info["step"]
-        best_loss, best_epoch, bad_epochs = info["best_loss"], info["best_epoch"], info["bad_epochs"]
+        best_score, best_epoch, bad_epochs = info["best_score"], info["best_epoch"], info["bad_epochs"]
         history = info.get("history", [])
         if best is not None:
             best_state = best
@@ -162,6 +213,7 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
             batch = _to(batch, device)
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
                 loss = task_loss(kind, _forward(model, batch).float(), batch)
+                loss = loss + config.model.aux_weight * _aux_loss(raw_model, kind, batch)
             (loss / tc.accumulate).backward()
             losses.append(float(loss.detach()))
             if (i + 1) % tc.accumulate == 0 or i + 1 == len(train_loader):
@@ -173,16 +225,17 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
                 step += 1
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                                "lr": tc.lr * lr_at(max(0, step - 1)), "seconds": round(time.time() - t0, 2)}
-        if val_loader is not None and len(val_loader.dataset) > 0:
+        if val_loader is not None:
+            recompute_batchnorm(raw_model, train_loader, device)
             out, tgt = predict_outputs(raw_model, val_loader, device, amp)
             val = evaluate_outputs(kind, out, tgt, classes)
             row["val_loss"] = val["loss"]
             head = _headline(kind)
             if val.get(head) is not None:
                 row[f"val_{head}"] = val[head]
-        score = row.get("val_loss", row["train_loss"])
-        if score < best_loss - 1e-5:
-            best_loss, best_epoch, bad_epochs = score, epoch, 0
+        score = _selection_score(row, kind, tc.select_metric)
+        if score < best_score - 1e-5:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
         else:
             bad_epochs += 1
@@ -194,7 +247,7 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.startswith(("train_loss", "val_"))})
             if ckpt_dir is not None:
                 save_training_checkpoint(ckpt_dir, raw_model, opt, {
-                    "epoch": epoch, "step": step, "best_loss": best_loss, "best_epoch": best_epoch,
+                    "epoch": epoch, "step": step, "best_score": best_score, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "history": history}, best_model_state=best_state)
         if bad_epochs >= tc.patience:
             log.info("early stopping at epoch %d (best epoch %d)", epoch, best_epoch)
@@ -206,8 +259,14 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
 # ----------------------------------------------------------------------------- one split
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def _loader(ds: Any, batch_size: int, shuffle: bool, world: int, seed: int, num_workers: int) -> DataLoader:
-    sampler = None
+    sampler: torch.utils.data.Sampler[int] | None = None
     if world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=shuffle, seed=seed)
         shuffle = False
@@ -228,7 +287,7 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
     pre = fit_clinical(config, train_df)
     specs = feature_specs(pre)
     mc = config.model
-    model_kwargs = dict(n_outputs=n_outputs_for(kind, len(enc.classes)), in_channels=1, encoder=mc.encoder,
+    model_kwargs: dict[str, Any] = dict(n_outputs=n_outputs_for(kind, len(enc.classes)), in_channels=1, encoder=mc.encoder,
                         widths=list(mc.widths), dim=mc.dim, heads=mc.heads, layers=mc.layers, dropout=mc.dropout,
                         clinical_encoder=mc.clinical_encoder)
     try:
@@ -239,15 +298,16 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
     if uses_image and config.image is None:
         raise ConfigError(f"--fusion {fusion} needs images, but the pipeline has image: null")
     aug = augment_transforms(config.image, seed=config.train.seed) if uses_image and config.image else None
-    mk = dict(pre=pre, uses_image=uses_image)
-    train_ds = build_dataset(config, train_df, targets=enc.encode(config, train_df), augment=aug,
-                             image_dropout=mc.image_dropout, seed=config.train.seed, **mk)
-    val_ds = build_dataset(config, val_df, targets=enc.encode(config, val_df), loader=train_ds.loader, **mk)
+    train_ds = build_dataset(config, train_df, pre=pre, uses_image=uses_image, targets=enc.encode(config, train_df),
+                             augment=aug, image_dropout=mc.image_dropout, seed=config.train.seed)
+    val_ds = build_dataset(config, val_df, pre=pre, uses_image=uses_image, targets=enc.encode(config, val_df),
+                           loader=train_ds.loader)
     for ds in (train_ds, val_ds):
         ds.preload(progress=progress and rank == 0)
     model.to(device)
+    wrapped: torch.nn.Module = model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     bs, nw, seed = config.train.batch_size, config.train.num_workers, config.train.seed
     train_loader = _loader(train_ds, bs, True, world, seed, nw)
     val_loader = _loader(val_ds, bs, False, 1, seed, nw) if len(val_ds) else None
@@ -255,17 +315,18 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
     log_path = out_dir / "log.jsonl"
     if rank == 0 and not resume and log_path.exists():
         log_path.unlink()
-    result = fit(model, config, train_loader, val_loader, kind=kind, classes=enc.classes, device=device,
+    result = fit(wrapped, config, train_loader, val_loader, kind=kind, classes=enc.classes, device=device,
                  ckpt_dir=out_dir / "ckpt", resume=resume, progress=progress, rank=rank, log_path=log_path)
-    raw = model.module if hasattr(model, "module") else model
+    raw: torch.nn.Module = model
     raw.load_state_dict(result.best_state)
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "n_train": len(train_df), "n_val": len(val_df),
                                "n_test": len(test_df), "fusion": fusion, "split": split.name}
-    if len(val_ds):
+    if val_loader is not None:
         metrics["val"] = evaluate_outputs(kind, *predict_outputs(raw, val_loader, device), enc.classes,
                                           n_boot=1000, seed=seed)
     if len(test_df):
-        test_ds = build_dataset(config, test_df, targets=enc.encode(config, test_df), loader=train_ds.loader, **mk)
+        test_ds = build_dataset(config, test_df, pre=pre, uses_image=uses_image,
+                                targets=enc.encode(config, test_df), loader=train_ds.loader)
         test_loader = _loader(test_ds, bs, False, 1, seed, nw)
         metrics["test"] = evaluate_outputs(kind, *predict_outputs(raw, test_loader, device), enc.classes,
                                            n_boot=1000, seed=seed)

@@ -79,7 +79,9 @@ class Predictor:
                 and img["pipeline_id"] != image_pipeline_id(self.config.image):
             raise CheckpointError(f"{run_dir}: config.yaml's image section does not match the one the model was "
                                   "trained with (pipeline id differs); do not edit a run's config.yaml")
-        self.loader = ImageLoader(self.config.image, device=self.device) if self.uses_image else None
+        if self.uses_image and self.config.image is None:
+            raise CheckpointError(f"{run_dir}: the model reads images but config.yaml has image: null")
+        self.loader = ImageLoader(self.config.image, device=self.device) if self.config.image is not None else None
 
     # ------------------------------------------------------------------ columns
 
@@ -138,11 +140,13 @@ class Predictor:
     def predict_batch(self, df: pd.DataFrame, errors: list[dict[str, str]]) -> list[dict[str, Any]]:
         """Predict the rows of a validated manifest chunk; failures are appended to ``errors``."""
         values, mask, ok = self._clinical(df, errors)
-        images, present = [], []
-        size = tuple(self.config.image.size) if self.config.image is not None else ()
+        images: list[np.ndarray | None] = []
+        present: list[float] = []
+        loader, cfg = self.loader, self.config.image
+        size = tuple(cfg.size) if cfg is not None else ()
         for i, row in enumerate(df.itertuples(index=False)):
-            path = getattr(row, self.config.image.column) if self.uses_image and self.config.image else None
-            if not ok[i] or not self.uses_image:
+            path = getattr(row, cfg.column) if self.uses_image and cfg is not None else None
+            if not ok[i] or not self.uses_image or loader is None:
                 images.append(None)
                 present.append(0.0)
                 continue
@@ -151,7 +155,7 @@ class Predictor:
                 present.append(0.0)
                 continue
             try:
-                images.append(self.loader(path if isinstance(path, list) else str(path)))
+                images.append(loader(path if isinstance(path, list) else str(path)))
                 present.append(1.0)
             except MmaiError as exc:
                 errors.append({"case_id": row.case_id, "stage": "image", "error": str(exc)})
@@ -163,7 +167,7 @@ class Predictor:
             return []
         image = None
         if self.uses_image:
-            image = torch.from_numpy(np.stack([images[i] for i in keep])).to(self.device)
+            image = torch.from_numpy(np.stack([img for i in keep if (img := images[i]) is not None])).to(self.device)
         out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
                          torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device))
         return self._rows([str(df["case_id"].iloc[i]) for i in keep], out.float().cpu())

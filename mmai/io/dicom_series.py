@@ -367,8 +367,8 @@ def assemble(frames: list[Frame], *, dtype: str = "float32", uneven: str = "warn
     array = buf.transpose(2, 1, 0)  # (I, J, K), Fortran-contiguous
     if dtype == "native" and array.dtype.kind == "f" and resampled:
         warnings.append("resampling produced float32 output despite dtype='native'")
-    for w in warnings:
-        logger.warning("%s: %s", sources[0], w)
+    for w in warnings:  # the file name only: folder names in archives often carry patient names
+        logger.warning("%s: %s", Path(str(sources[0])).name, w)
     first = frames[0]
     meta = {
         "modality": first.modality,

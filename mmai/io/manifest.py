@@ -192,7 +192,7 @@ def _check_targets(out: pd.DataFrame, config: PipelineConfig, problems: _Problem
     if task.target not in out.columns:
         raise ManifestError(f"{problems.source}: target column '{task.target}' is missing; columns are "
                             f"{list(out.columns)}")
-    values = []
+    values: list[str | float | None] = []
     for i, (cid, v) in enumerate(zip(out["case_id"], out[task.target], strict=True)):
         if _blank(v):
             problems.add(i, cid, task.target, "label missing (every training case needs a target)")

@@ -38,6 +38,7 @@ class FourierPosition(nn.Module):
 
     def __init__(self, dim: int, n_freq: int = 4) -> None:
         super().__init__()
+        self.freqs: torch.Tensor
         self.register_buffer("freqs", (2.0 ** torch.arange(n_freq)) * math.pi, persistent=False)
         self.proj = nn.Linear(3 * 2 * n_freq, dim)
 
@@ -146,6 +147,9 @@ class CrossAttentionFusion(MultimodalModel):
     4. a transformer layer over [CLS; clinical tokens; mean image token]; the mean of its output
        tokens -> head (the average keeps a direct path from every clinical token and from the
        image, so the model trains as easily as concatenation and adds the interactions).
+    5. in training, auxiliary heads on the pooled image token and on the mean clinical token
+       (``aux_outputs``) let the trainer add unimodal losses, so the harder modality (usually the
+       image) keeps learning while the easier one already explains part of the outcome.
     """
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4,
@@ -162,15 +166,18 @@ class CrossAttentionFusion(MultimodalModel):
                                            activation="gelu")
         self.mix = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
         self.head = Head(dim, n_outputs, dropout)
+        self.aux_image = Head(dim, n_outputs, dropout)
+        self.aux_clinical = Head(dim, n_outputs, dropout)
+        self.aux_outputs: dict[str, torch.Tensor] = {}
         self.last_attention: torch.Tensor | None = None  # for explanations
         self.last_grid: tuple[int, int, int] | None = None
 
     def image_tokens(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(B, C_in, D, H, W) -> tokens (B, N, D) and the feature grid shape (d, h, w)."""
         fmap = self.encoder.forward_features(image)  # (B, C, d, h, w)
-        grid = tuple(fmap.shape[2:])
+        d, h, w = fmap.shape[2:]
         tok = self.img_proj(fmap.flatten(2).transpose(1, 2))  # (B, N, D)
-        return tok + self.pos(grid_coords(grid, image.device))[None], grid  # type: ignore[return-value]
+        return tok + self.pos(grid_coords((d, h, w), image.device))[None], (d, h, w)
 
     def forward(self, image, image_present, clinical, clinical_mask):
         img_tok, self.last_grid = self.image_tokens(image)  # (B, N, D), (d, h, w)
@@ -189,6 +196,9 @@ class CrossAttentionFusion(MultimodalModel):
         img_mean = (img_tok.mean(dim=1, keepdim=True) * present
                     + self.no_image.expand(b, -1, -1) * (1 - present))  # (B, 1, D)
         x = self.mix(torch.cat([q, img_mean], dim=1))  # (B, 2+F, D)
+        if self.training:
+            self.aux_outputs = {"image": self.aux_image(img_mean[:, 0]),  # (B, n_outputs)
+                                "clinical": self.aux_clinical(clin_tok.mean(dim=1))}
         return self.head(x.mean(dim=1))
 
 

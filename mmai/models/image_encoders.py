@@ -13,6 +13,7 @@ Create them by name with :func:`create_encoder` (timm style).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from monai.networks.nets import DenseNet121, ResNet
@@ -70,7 +71,8 @@ class DenseNetEncoder(ImageEncoder):
         net = DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=1, init_features=int(widths[0]),
                           growth_rate=max(8, int(widths[0]) // 2))
         self.features = net.features
-        self.num_features = int(net.class_layers.out.in_features)
+        out_layer: Any = net.class_layers.out
+        self.num_features = int(out_layer.in_features)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.features(x))  # (B, C, D/32, H/32, W/32)
