@@ -7,7 +7,7 @@ BMI (no effect), with about 10% of the cells missing at random.
 
 The outcome depends on both modalities:
 
-    z_img  = (lesion_radius_mm - 14) / 4.6                      (image only)
+    z_img  = standardised lesion volume (4/3 pi r^3, uniform on [2, 40] mL)   (image only)
     z_clin = 0.8 age_z + 0.8 [current] + 0.4 [former] + 0.7 log_crp_z + 0.5 diabetes
     logit  = -0.6 + 1.8 z_img + 1.5 z_clin + 0.9 z_img [current]  (interaction)
 
@@ -37,7 +37,7 @@ SHAPE = (80, 80, 40)
 SPACING = (4.0, 4.0, 5.0)
 SMOKING = ("never", "former", "current")
 CLINICAL_COLUMNS = ("age", "sex", "smoking", "diabetes", "crp", "bmi")
-R_MIN, R_MAX = 6.0, 22.0
+V_MIN, V_MAX = 2000.0, 40000.0  # lesion volume, mm^3 (radius 7.8 to 21.2 mm)
 LESION_HU = 250.0  # an enhancing nodule: brighter than soft tissue, darker than bone
 
 
@@ -76,8 +76,10 @@ class SynthSpec:
 
 
 def image_score(radius_mm: np.ndarray) -> np.ndarray:
-    """Standardised image latent from the lesion radius (mm)."""
-    return (np.asarray(radius_mm, dtype=np.float64) - 14.0) / 4.6
+    """Standardised image latent: the lesion volume (from its radius in mm), mean 0 and SD 1
+    over the generating distribution (volume uniform on [V_MIN, V_MAX])."""
+    volume = 4.0 / 3.0 * np.pi * np.asarray(radius_mm, dtype=np.float64) ** 3
+    return (volume - (V_MIN + V_MAX) / 2) / ((V_MAX - V_MIN) / np.sqrt(12.0))
 
 
 def clinical_score(age: np.ndarray, smoking: np.ndarray, crp: np.ndarray, diabetes: np.ndarray) -> np.ndarray:
@@ -166,7 +168,7 @@ def sample_cohort(spec: SynthSpec) -> pd.DataFrame:
     diabetes = (rng.random(n) < 0.25).astype(int)
     crp = np.exp(rng.normal(np.log(5.0), 0.8, n)).round(2)
     bmi = rng.normal(27, 4, n).round(1)
-    radius = rng.uniform(R_MIN, R_MAX, n)
+    radius = np.cbrt(3.0 * rng.uniform(V_MIN, V_MAX, n) / (4.0 * np.pi))
     lin = true_logit(radius, age, smoking, crp, diabetes)
     df = pd.DataFrame({
         "case_id": [f"case{i:04d}" for i in range(n)],

@@ -96,7 +96,9 @@ def test_outcome_depends_on_both_modalities():
 
     bayes = bayes_metric(df, "binary")
     assert bayes > roc_auc_score(y, r) + 0.05  # the image alone falls short
-    assert bayes > roc_auc_score(y, df["true_linear_predictor"] - 1.8 * (r - 14) / 4.6) + 0.02
+    from mmai.synth import image_score
+
+    assert bayes > roc_auc_score(y, df["true_linear_predictor"] - 1.8 * image_score(r)) + 0.02
 
 
 def test_missing_cells_and_bad_spec():
