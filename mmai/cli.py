@@ -118,7 +118,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_clinical_schema(a: argparse.Namespace) -> int:
     import yaml
 
-    from mmai.clinical.schema import propose_schema_from_file
+    from mmai.clinical.propose import propose_schema_from_file
 
     proposal = propose_schema_from_file(Path(a.table), exclude=a.exclude)
     text = yaml.safe_dump({"clinical": proposal}, sort_keys=False)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mmai.engine import metrics as M
+from mmai.engine.metrics_report import compute_metrics
 from mmai.errors import ManifestError
 
 log = logging.getLogger(__name__)
@@ -241,17 +242,17 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
 
 def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
     if kind == "survival":
-        return M.compute_metrics(kind, time=use["time"].to_numpy(), event=use["event"].to_numpy(),
+        return compute_metrics(kind, time=use["time"].to_numpy(), event=use["event"].to_numpy(),
                                  risk=use["risk"].to_numpy(), n_boot=n_boot, seed=seed)
     if kind == "regression":
-        return M.compute_metrics(kind, y=use["y"].to_numpy(), pred=use["prediction"].to_numpy(),
+        return compute_metrics(kind, y=use["y"].to_numpy(), pred=use["prediction"].to_numpy(),
                                  n_boot=n_boot, seed=seed)
     P = use[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
     pred = None
     lp = use["label_pred"]
     if lp.notna().all() and lp.isin(classes).all():
         pred = lp.to_numpy()  # the model's own decisions (its threshold), when they are class labels
-    out = M.compute_metrics(kind, y=use["y"].to_numpy(), prob=P[:, 1] if kind == "binary" else P,
+    out = compute_metrics(kind, y=use["y"].to_numpy(), prob=P[:, 1] if kind == "binary" else P,
                             pred=pred, classes=classes, n_boot=n_boot, seed=seed)
     out["decision"] = "prediction column" if pred is not None else (
         "prob >= 0.5" if kind == "binary" else "argmax of prob")

@@ -93,7 +93,7 @@ def predict_outputs(model: torch.nn.Module, loader: DataLoader, device: str, amp
 def evaluate_outputs(kind: str, out: torch.Tensor, targets: dict[str, torch.Tensor], classes: list[str],
                      n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
     """Loss + task metrics (with bootstrap CIs when n_boot > 0) of raw outputs."""
-    from mmai.engine.metrics import compute_metrics
+    from mmai.engine.metrics_report import compute_metrics
 
     loss = float(task_loss(kind, out, targets))
     pred = outputs_to_predictions(kind, out).numpy()

@@ -28,11 +28,19 @@ MAX_REPORTED = 10
 SPLITS = ("train", "val", "test")
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, Parquet or Decathlon-style JSON table; all cells as strings or NaN for empty."""
+def read_table(path: str | Path, what: str = "manifest") -> pd.DataFrame:
+    """Read a CSV/TSV, Parquet or Decathlon-style JSON table; cells as text, empty cells NaN/None.
+
+    Args:
+        path: the table.
+        what: how messages name the table ("manifest", "clinical table" ...).
+
+    Raises:
+        ManifestError: the file is missing, empty, unreadable or of an unsupported type.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ManifestError(f"manifest not found: {path}")
+    if not path.is_file():
+        raise ManifestError(f"{what} not found: {path}")
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv", ".txt"):
@@ -43,9 +51,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
         elif suffix == ".json":
             df = _read_decathlon(path)
         else:
-            raise ManifestError(f"{path}: unknown manifest format {suffix!r}; use .csv, .tsv, .parquet or .json")
+            raise ManifestError(f"{path}: unsupported table type {suffix!r}; use .csv, .tsv, .parquet or .json")
+    except pd.errors.EmptyDataError as exc:
+        raise ManifestError(f"{path}: the table is empty (no header row)") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as exc:
-        raise ManifestError(f"{path}: cannot be read as a table: {exc}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise ManifestError(f"{path}: cannot read the table: {first}") from exc
+    if df.empty:
+        raise ManifestError(f"{path}: the table has a header but no rows")
     df.columns = [str(c).strip() for c in df.columns]
     return df
 

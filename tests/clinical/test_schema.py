@@ -10,12 +10,11 @@ import pytest
 import yaml
 
 from mmai.cli import main
+from mmai.clinical.propose import propose_schema, propose_schema_from_file
 from mmai.clinical.schema import (
     ClinicalColumn,
     ClinicalSchema,
     normalize_level,
-    propose_schema,
-    propose_schema_from_file,
 )
 from mmai.errors import ClinicalError, ConfigError, ManifestError
 

@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve as sk_calibration_curve
 
 from mmai.engine import metrics as M
+from mmai.engine.metrics_report import compute_metrics
 from mmai.errors import MmaiError
 
 lifelines_utils = pytest.importorskip("lifelines.utils")
@@ -177,7 +178,7 @@ def test_bootstrap_auroc_is_fast():
 def test_compute_metrics_binary_is_json_and_complete():
     y, p = _binary_data(0, 200)
     labels = np.where(y == 1, "yes", "no")
-    out = M.compute_metrics("binary", y=labels, prob=np.c_[1 - p, p], classes=["no", "yes"], n_boot=200)
+    out = compute_metrics("binary", y=labels, prob=np.c_[1 - p, p], classes=["no", "yes"], n_boot=200)
     json.dumps(out, allow_nan=False)
     assert isinstance(out["ece"], float) and "ece_ci" not in out
     for k in ("auroc", "auprc", "brier", "balanced_accuracy"):
@@ -193,22 +194,22 @@ def test_compute_metrics_other_kinds():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 90)
     P = rng.dirichlet(np.ones(3), 90)
-    out = M.compute_metrics("multiclass", y=np.array(["a", "b", "c"])[y], prob=P, classes=["a", "b", "c"],
+    out = compute_metrics("multiclass", y=np.array(["a", "b", "c"])[y], prob=P, classes=["a", "b", "c"],
                             n_boot=100)
     assert out["auroc"] == pytest.approx(skm.roc_auc_score(y, P, multi_class="ovr"))
     assert set(out["auroc_per_class"]) == {"a", "b", "c"} and sum(out["n_per_class"].values()) == 90
-    reg = M.compute_metrics("regression", y=np.arange(50.0), pred=np.arange(50.0) + 1, n_boot=100)
+    reg = compute_metrics("regression", y=np.arange(50.0), pred=np.arange(50.0) + 1, n_boot=100)
     assert reg["mae"] == pytest.approx(1.0) and reg["mae_ci"] == [pytest.approx(1.0)] * 2
     t, e, r = _survival_data(1, 100)
-    surv = M.compute_metrics("survival", time=t, event=e, risk=r, n_boot=100)
+    surv = compute_metrics("survival", time=t, event=e, risk=r, n_boot=100)
     assert surv["c_index"] == pytest.approx(lifelines_utils.concordance_index(t, -r, e))
     assert surv["n_events"] == int(e.sum())
     json.dumps([out, reg, surv], allow_nan=False)
-    assert M.compute_metrics("survival", time=t, event=e, risk=r, n_boot=0)["c_index_ci"] is None
+    assert compute_metrics("survival", time=t, event=e, risk=r, n_boot=0)["c_index_ci"] is None
 
 
 def test_compute_metrics_reports_undefined_instead_of_crashing():
-    out = M.compute_metrics("binary", y=np.ones(20), prob=np.linspace(0, 1, 20), n_boot=50)
+    out = compute_metrics("binary", y=np.ones(20), prob=np.linspace(0, 1, 20), n_boot=50)
     assert out["auroc"] is None and "only class 1" in out["undefined"]["auroc"]
     assert isinstance(out["brier"], float)
     json.dumps(out, allow_nan=False)
@@ -222,10 +223,10 @@ def test_compute_metrics_reports_undefined_instead_of_crashing():
     (lambda: M.auroc([1, 1, 1], [0.1, 0.2, 0.3]), "undefined"),
     (lambda: M.brier([0, 1], [0.1, 1.5]), r"\[0, 1\]"),
     (lambda: M.c_index([1, 2], [0, 0], [0.1, 0.2]), "no comparable pairs"),
-    (lambda: M.compute_metrics("binary", y=["a", "c"], prob=[0.1, 0.9], classes=["a", "b"]), "'c'.*not one of"),
-    (lambda: M.compute_metrics("binary", y=[0, 1]), "needs prob"),
-    (lambda: M.compute_metrics("ordinal", y=[0, 1]), "unknown task kind"),
-    (lambda: M.compute_metrics("multiclass", y=[0, 1], prob=[[0.5, 0.6], [0.2, 0.8]]), "sum to 1"),
+    (lambda: compute_metrics("binary", y=["a", "c"], prob=[0.1, 0.9], classes=["a", "b"]), "'c'.*not one of"),
+    (lambda: compute_metrics("binary", y=[0, 1]), "needs prob"),
+    (lambda: compute_metrics("ordinal", y=[0, 1]), "unknown task kind"),
+    (lambda: compute_metrics("multiclass", y=[0, 1], prob=[[0.5, 0.6], [0.2, 0.8]]), "sum to 1"),
     (lambda: M.bootstrap_ci(M.auroc, [0, 1], [0.1], n_boot=10), "array 1"),
 ])
 def test_errors_name_the_problem(call, match):

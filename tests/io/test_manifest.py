@@ -120,5 +120,5 @@ def test_parquet_and_decathlon_json(tmp_path):
 
 def test_unknown_format(tmp_path):
     (tmp_path / "m.xlsx").write_bytes(b"")
-    with pytest.raises(ManifestError, match="unknown manifest format"):
+    with pytest.raises(ManifestError, match="unsupported table type '.xlsx'"):
         load_manifest(tmp_path / "m.xlsx", CFG)
