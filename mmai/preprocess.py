@@ -117,7 +117,8 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
                      prior_errors: list[dict[str, str]] | None = None) -> PreprocessSummary:
     """Preprocess the cases of a validated manifest frame (image column = absolute paths, a DICOM
     stack's file list, or None). ``prior_errors`` (e.g. failed series selection) go to errors.csv."""
-    assert config.image is not None  # checked by the caller
+    if config.image is None:
+        raise ConfigError(f"{config.source}: image: null; there is nothing to preprocess")
     col = config.image.column
     tag = f"{PREPROCESSED_TAG}{image_pipeline_id(config.image)}"
     images_dir = out_dir / "images"

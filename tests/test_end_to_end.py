@@ -168,3 +168,19 @@ def test_every_verb_has_help(verb, capsys):
         main([verb, "--help"])
     assert exc.value.code == 0
     assert "usage: mmai " + verb in capsys.readouterr().out
+
+
+def test_predict_from_dicom_root_and_clinical_table(world):
+    """DICOM root + clinical table: cases matched by PatientID, named by the table's case_id, and the
+    same predictions as from the manifest."""
+    tmp, _ = world
+    out = tmp / "pred_root.csv"
+    assert main(["predict", "--run", str(tmp / "run"), "--dicom-root", str(tmp / "cohort" / "images"),
+                 "--clinical", str(tmp / "cohort" / "clinical.csv"), "--out", str(out), "-q"]) == 0
+    got = pd.read_csv(out).sort_values("case_id").reset_index(drop=True)
+    ref = tmp / "pred_ref.csv"
+    assert main(["predict", "--run", str(tmp / "run"), "--manifest", str(tmp / "cohort" / "manifest.csv"),
+                 "--out", str(ref), "-q"]) == 0
+    want = pd.read_csv(ref).sort_values("case_id").reset_index(drop=True)
+    assert list(got["case_id"]) == list(want["case_id"])
+    np.testing.assert_allclose(got["prob_1"], want["prob_1"], atol=1e-4)

@@ -128,13 +128,25 @@ class MultimodalDataset(Dataset):
         return len(self.case_ids)
 
     def preload(self, progress: bool = False) -> None:
-        """Load every image into the cache (raises the first PreprocessError)."""
+        """Load every image into the cache.
+
+        Raises:
+            PreprocessError: listing every case whose image failed (case_id and reason).
+        """
         from tqdm.auto import tqdm
 
         if self.image_paths is None:
             return
+        failed: list[str] = []
         for i in tqdm(range(len(self)), desc="loading images", disable=not progress, unit="case", leave=False):
-            self._image(i)
+            try:
+                self._image(i)
+            except MmaiError as exc:
+                failed.append(f"case {self.case_ids[i]}: {exc}")
+        if failed:
+            more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+            raise PreprocessError(f"{len(failed)} training image(s) cannot be loaded (fix or blank their image "
+                                  "cell to train with the image missing):\n  " + "\n  ".join(failed[:10]) + more)
 
     def _image(self, i: int) -> np.ndarray | None:
         if self.image_paths is None or self.image_paths[i] is None:
