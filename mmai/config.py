@@ -117,6 +117,7 @@ class TrainConfig:
     scaling: Literal["robust", "standard"] = "robust"
     impute: Literal["median", "mean"] = "median"
     select_metric: Literal["auto", "loss"] = "auto"
+    ema: float = 0.0
     num_workers: int = 0
 
 

@@ -67,28 +67,33 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict[str, An
 
 
 def save_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             info: dict[str, Any], best_model_state: dict[str, torch.Tensor] | None = None) -> None:
+                             info: dict[str, Any], best_model_state: dict[str, torch.Tensor] | None = None,
+                             ema_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``last.safetensors`` + ``last.json`` (json last: its presence marks a complete checkpoint)."""
     opt_tensors, opt_scalars = _flatten_optimizer(optimizer.state_dict())
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(opt_tensors)
     if best_model_state is not None:
         tensors.update({f"best.{k}": v for k, v in best_model_state.items()})
+    if ema_state is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema_state.items()})
     save_weights(tensors, folder / "last.safetensors")
     atomic_write_json(folder / "last.json", {**info, "optimizer": opt_scalars})
 
 
 def load_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-                             ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore model and optimizer from ``folder``; returns (info, best model state or None)."""
+                             ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """Restore model and optimizer from ``folder``; returns (info, best model state, EMA state),
+    the last two None when the checkpoint has none."""
     info = read_json(folder / "last.json", "checkpoint")
     tensors = load_weights(folder / "last.safetensors")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")} or None
     opt = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     try:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(_unflatten_optimizer(opt, info.pop("optimizer")))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{folder}: checkpoint does not match this model/config: {exc}") from exc
-    return info, best
+    return info, best, ema

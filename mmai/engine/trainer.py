@@ -190,8 +190,16 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
     best_score, best_epoch, bad_epochs, start_epoch, step = math.inf, 0, 0, 1, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     raw_model = _unwrap(model)
+    # the weights that are validated and kept: an exponential moving average when train.ema > 0
+    ema = (torch.optim.swa_utils.AveragedModel(raw_model, use_buffers=True,
+                                               multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema))
+           if tc.ema > 0 else None)
+    eval_model = ema.module if ema is not None else raw_model
     if resume and ckpt_dir is not None and (ckpt_dir / "last.json").exists():
-        info, best = load_training_checkpoint(ckpt_dir, raw_model, opt)
+        info, best, ema_state = load_training_checkpoint(ckpt_dir, raw_model, opt)
+        if ema is not None and ema_state is not None:
+            eval_model.load_state_dict(ema_state)
+            ema.n_averaged.fill_(int(info.get("ema_n", 1)))
         start_epoch, step = info["epoch"] + 1, info["step"]
         best_score, best_epoch, bad_epochs = info["best_score"], info["best_epoch"], info["bad_epochs"]
         history = info.get("history", [])
@@ -223,11 +231,13 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+                if ema is not None:
+                    ema.update_parameters(raw_model)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                                "lr": tc.lr * lr_at(max(0, step - 1)), "seconds": round(time.time() - t0, 2)}
         if val_loader is not None:
-            recompute_batchnorm(raw_model, train_loader, device)
-            out, tgt = predict_outputs(raw_model, val_loader, device, amp)
+            recompute_batchnorm(eval_model, train_loader, device)
+            out, tgt = predict_outputs(eval_model, val_loader, device, amp)
             val = evaluate_outputs(kind, out, tgt, classes)
             row["val_loss"] = val["loss"]
             head = _headline(kind)
@@ -236,7 +246,7 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
         score = _selection_score(row, kind, tc.select_metric)
         if score < best_score - 1e-5:
             best_score, best_epoch, bad_epochs = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
         else:
             bad_epochs += 1
         history.append(row)
@@ -248,7 +258,9 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
             if ckpt_dir is not None:
                 save_training_checkpoint(ckpt_dir, raw_model, opt, {
                     "epoch": epoch, "step": step, "best_score": best_score, "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs, "history": history}, best_model_state=best_state)
+                    "bad_epochs": bad_epochs, "history": history,
+                    "ema_n": int(ema.n_averaged) if ema is not None else 0}, best_model_state=best_state,
+                    ema_state=eval_model.state_dict() if ema is not None else None)
         if bad_epochs >= tc.patience:
             log.info("early stopping at epoch %d (best epoch %d)", epoch, best_epoch)
             break
