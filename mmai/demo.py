@@ -118,10 +118,9 @@ def run_demo(out: Path, *, quick: bool = False, progress: bool = True, seed: int
 
 
 def _model_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """Pick the headline binary metrics from an evaluate report."""
-    m = report.get("metrics", report)
-    if "models" in report and isinstance(report["models"], dict) and report["models"]:
-        m = next(iter(report["models"].values())).get("metrics", m)
+    """The headline binary metrics of a one-model :func:`mmai.evaluate.evaluate_frame` report."""
+    (entry,) = report["models"].values()
+    m = entry["metrics"]
     keys = ("auroc", "auroc_ci", "auprc", "auprc_ci", "brier", "brier_ci", "ece", "n", "n_pos")
     return {k: m.get(k) for k in keys if k in m}
 

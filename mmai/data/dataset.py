@@ -32,13 +32,18 @@ from mmai.transforms.pipelines import (
 log = logging.getLogger(__name__)
 
 
+def _is_nifti(path: str | Path) -> bool:
+    p = str(path)
+    return p.endswith(".nii") or p.endswith(".nii.gz")
+
+
+def _descrip(img: Any) -> str:
+    return bytes(img.header["descrip"].tobytes()).split(b"\x00")[0].decode("ascii", "replace")
+
+
 def read_descrip(path: str | Path) -> str:
     """The NIfTI header's description field ('' for anything that isn't a NIfTI file)."""
-    p = str(path)
-    if not (p.endswith(".nii") or p.endswith(".nii.gz")):
-        return ""
-    hdr: Any = nib.load(p).header
-    return bytes(hdr["descrip"].tobytes()).split(b"\x00")[0].decode("ascii", "replace")
+    return _descrip(nib.load(str(path))) if _is_nifti(path) else ""
 
 
 def save_preprocessed(volume: Any, path: Path, cfg: ImageConfig) -> None:
@@ -70,8 +75,8 @@ class ImageLoader:
     def load(self, path: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(array (1, *cfg.size) float32, affine (4, 4) voxel -> RAS mm) of one case."""
         try:
-            if isinstance(path, str) and read_descrip(path) == self.tag:
-                img: Any = nib.load(path)
+            img: Any = nib.load(path) if isinstance(path, str) and _is_nifti(path) else None
+            if img is not None and _descrip(img) == self.tag:  # preprocessed: one header read, no chain
                 arr, affine = np.asarray(img.dataobj, dtype=np.float32)[None], np.asarray(img.affine)
             else:
                 if self._chain is None:
