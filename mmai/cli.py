@@ -142,7 +142,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     from mmai.synth import SynthSpec, write_cohort
 
     spec = SynthSpec(n=a.n, task=a.task, seed=a.seed, fmt=a.format)
-    info = write_cohort(Path(a.out), spec, progress=not a.quiet)
+    info = write_cohort(Path(a.out), spec, progress=not a.quiet, workers=a.workers)
     log.info("wrote a %d-case %s cohort to %s (Bayes-optimal %s = %.3f)",
              spec.n, spec.task, a.out, info["metric"], info["bayes"])
     return 0
@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", choices=["binary", "survival"], default="binary", help="outcome kind")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--format", choices=["dicom", "nifti"], default="dicom", help="image format")
+    s.add_argument("--workers", type=int, default=1, help="processes writing images (default 1; same cohort)")
     _add_common(s)
     s.set_defaults(func=_cmd_synth)
 

@@ -53,12 +53,18 @@ class IntensityConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-time random augmentation (MONAI dictionary transforms)."""
+    """Training-time random augmentation (MONAI dictionary transforms).
+
+    ``translate``: shift the volume by up to this many voxels along each axis (whole voxels, the
+    uncovered border filled with the background value), so the encoder sees each structure at
+    many grid offsets; helps most when the labels are few and the voxels coarse.
+    """
 
     flip: bool = False
     rotate90: bool = False
     intensity_shift: float = 0.0
     noise_std: float = 0.0
+    translate: int = 0
 
 
 @dataclass(frozen=True)
@@ -296,6 +302,9 @@ def _check_values(task: TaskConfig, image: ImageConfig | None, model: ModelConfi
         if image.spacing is not None:
             for i, mm in enumerate(image.spacing):
                 positive(f"image.spacing[{i}]", mm)
+        for name in ("translate", "noise_std", "intensity_shift"):
+            if getattr(image.augment, name) < 0:
+                raise ConfigError(f"{source}: image.augment.{name} must be >= 0, got {getattr(image.augment, name)!r}")
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -29,19 +29,19 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
     n: int
-    epochs: int
+    epochs: int | None  # None: pipelines/demo.yaml's train.epochs
     workers: int = 2
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoPlan:
-        return cls(n=160, epochs=4) if quick else cls(n=1200, epochs=40)
+        return cls(n=160, epochs=4) if quick else cls(n=1200, epochs=None)
 
 
-def demo_config(epochs: int, path: Path = DEMO_CONFIG) -> PipelineConfig:
+def demo_config(epochs: int | None = None, path: Path = DEMO_CONFIG) -> PipelineConfig:
     if not path.exists():
         raise ConfigError(f"demo pipeline not found at {path}; run the demo from a checkout of the mmai repository")
     cfg = load_config(path)
-    return cfg.replace(train=dataclasses.replace(cfg.train, epochs=epochs))
+    return cfg if epochs is None else cfg.replace(train=dataclasses.replace(cfg.train, epochs=epochs))
 
 
 def run_demo(out: Path, *, quick: bool = False, progress: bool = True, seed: int = 0) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def run_demo(out: Path, *, quick: bool = False, progress: bool = True, seed: int
     cohort = out / "cohort"
     if not (cohort / "truth.json").exists():
         log.info("[1/5] writing a synthetic cohort of %d patients (DICOM) to %s", plan.n, cohort)
-        write_cohort(cohort, SynthSpec(n=plan.n, seed=seed, fmt="dicom"), progress=progress)
+        write_cohort(cohort, SynthSpec(n=plan.n, seed=seed, fmt="dicom"), progress=progress, workers=plan.workers)
     truth = json.loads((cohort / "truth.json").read_text())
     timings["synth"] = time.time() - t0
 

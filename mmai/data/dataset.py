@@ -59,6 +59,19 @@ def save_preprocessed(volume: Any, path: Path, cfg: ImageConfig) -> None:
         nib.save(img, str(tmp))
 
 
+def _augment(chain: Compose, t: torch.Tensor) -> torch.Tensor:
+    """Run the random transforms on a plain tensor: without MONAI's metadata tracking (no affine
+    is needed for a cached, already-resampled volume) they cost a third as much per sample."""
+    from monai.data import get_track_meta, set_track_meta
+
+    prev = get_track_meta()
+    set_track_meta(False)
+    try:
+        return torch.as_tensor(chain({KEY: t})[KEY], dtype=torch.float32)
+    finally:
+        set_track_meta(prev)
+
+
 class ImageLoader:
     """Path -> model-ready array (1, *cfg.size) float32, with the raw-input fallback."""
 
@@ -177,7 +190,7 @@ class MultimodalDataset(Dataset):
             else:
                 t = torch.from_numpy(img)
                 if self.augment is not None:
-                    t = torch.as_tensor(self.augment({KEY: t})[KEY], dtype=torch.float32)
+                    t = _augment(self.augment, t)
                 item["image"] = t
             item["image_present"] = torch.tensor(1.0 if present else 0.0)
         else:

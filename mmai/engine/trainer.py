@@ -65,7 +65,16 @@ def _init_distributed(device: str) -> tuple[int, int, str]:
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Move a batch to ``device``; 5-D image batches in channels-last layout (the model's layout:
+    3D convolutions run about a quarter faster that way on CPU)."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.dim() == 5:
+                v = v.contiguous(memory_format=torch.channels_last_3d)
+        out[k] = v
+    return out
 
 
 def _forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -114,7 +123,7 @@ def _headline(kind: str) -> str:
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: torch.nn.Module, loader: DataLoader, device: str, max_batches: int = 20) -> None:
+def recompute_batchnorm(model: torch.nn.Module, loader: DataLoader, device: str, max_batches: int = 10) -> None:
     """Replace BatchNorm running statistics by their average over up to ``max_batches`` training
     batches with the current weights ("precise BN"). The running averages accumulated during the
     epoch lag behind weights that moved, which makes eval-mode predictions (validation loss, the
@@ -316,7 +325,7 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
                            loader=train_ds.loader)
     for ds in (train_ds, val_ds):
         ds.preload(progress=progress and rank == 0)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last_3d)
     wrapped: torch.nn.Module = model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)

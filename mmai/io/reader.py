@@ -15,9 +15,10 @@ errors reach the caller unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,20 @@ class _MmaiLoadImage(LoadImage):
         return super().__call__(filename, reader=reader or self.mmai_reader)
 
 
+@contextlib.contextmanager
+def _quiet_optional_readers() -> Iterator[None]:
+    """LoadImage instantiates every optional MONAI reader it knows; without a CUDA build of
+    nvImageCodec one of them logs a warning per process (so per preprocessing worker). mmai reads
+    with its own reader only, so that message is noise: silence it while the loader is built."""
+    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def mmai_load_image(*, select: Any = None, dtype: str = "float32", uneven: str = "warn", tilt: str = "shear",
                     load_dtype: Any = np.float32, **load_kwargs: Any) -> LoadImage:
     """A ``monai.transforms.LoadImage`` that reads only with MmaiDicomReader; errors propagate.
@@ -204,17 +219,19 @@ def mmai_load_image(*, select: Any = None, dtype: str = "float32", uneven: str =
         load_kwargs: other LoadImage keywords (image_only, ensure_channel_first ...).
     """
     reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt)
-    return _MmaiLoadImage(reader, dtype=load_dtype, **load_kwargs)
+    with _quiet_optional_readers():
+        return _MmaiLoadImage(reader, dtype=load_dtype, **load_kwargs)
 
 
 def mmai_load_imaged(keys: Any, *, select: Any = None, dtype: str = "float32", uneven: str = "warn",
                      tilt: str = "shear", load_dtype: Any = np.float32, **load_kwargs: Any) -> LoadImaged:
     """A ``monai.transforms.LoadImaged`` that reads only with MmaiDicomReader (see mmai_load_image)."""
     reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt)
-    loader = LoadImaged(keys, reader=reader, dtype=load_dtype, **load_kwargs)  # type: ignore[arg-type]
-    inner = loader._loader
-    loader._loader = _MmaiLoadImage(reader, dtype=load_dtype, image_only=inner.image_only,
-                                    ensure_channel_first=inner.ensure_channel_first,
-                                    simple_keys=inner.simple_keys, prune_meta_pattern=inner.pattern,
-                                    prune_meta_sep=inner.sep, expanduser=inner.expanduser)
+    with _quiet_optional_readers():
+        loader = LoadImaged(keys, reader=reader, dtype=load_dtype, **load_kwargs)  # type: ignore[arg-type]
+        inner = loader._loader
+        loader._loader = _MmaiLoadImage(reader, dtype=load_dtype, image_only=inner.image_only,
+                                        ensure_channel_first=inner.ensure_channel_first,
+                                        simple_keys=inner.simple_keys, prune_meta_pattern=inner.pattern,
+                                        prune_meta_sep=inner.sep, expanduser=inner.expanduser)
     return loader

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import (
+    BorderPadd,
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
@@ -32,6 +33,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandRotate90d,
     RandShiftIntensityd,
+    RandSpatialCropd,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     Spacingd,
@@ -89,7 +91,9 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         chain += [loader, EnsureChannelFirstd(KEY)]
     chain.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, device=torch.device(device),
                              track_meta=True))
-    chain.append(Orientationd(KEY, axcodes=cfg.orientation))
+    # labels spelled out: MONAI warns (once per process, so once per preprocessing worker) that
+    # its default is changing; these are the anatomical RAS/LPS labels mmai means
+    chain.append(Orientationd(KEY, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if cfg.spacing is not None:
         chain.append(Spacingd(KEY, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"))
     it = cfg.intensity
@@ -122,6 +126,9 @@ def augment_transforms(cfg: ImageConfig, *, seed: int = 0) -> Compose | None:
     """Random augmentation for training (None when the config asks for none)."""
     a = cfg.augment
     chain: list[Any] = []
+    if a.translate > 0:  # pad by t voxels, crop back to the original size at a random offset
+        chain += [BorderPadd(KEY, spatial_border=a.translate, mode="constant", value=background_value(cfg)),
+                  RandSpatialCropd(KEY, roi_size=cfg.size, random_size=False)]
     if a.flip:
         chain += [RandFlipd(KEY, prob=0.5, spatial_axis=axis) for axis in (0, 1, 2)]
     if a.rotate90:
