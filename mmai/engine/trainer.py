@@ -325,7 +325,8 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
                            loader=train_ds.loader)
     for ds in (train_ds, val_ds):
         ds.preload(progress=progress and rank == 0)
-    model.to(device, memory_format=torch.channels_last_3d)
+    # channels-last 5-D weights (torch's stubs omit Module.to's memory_format keyword)
+    model.to(device, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     wrapped: torch.nn.Module = model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
