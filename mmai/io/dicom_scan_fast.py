@@ -138,60 +138,36 @@ def fast_header(fp: Any, size: int, rec: dict[str, Any]) -> dict[str, Any] | Non
     return None
 
 
-def _walk_explicit(data: bytes, pos: int) -> dict[str, Any]:
-    """Explicit VR little endian elements from ``pos`` to Pixel Data -> wanted values."""
+def _walk_elements(data: bytes, pos: int, explicit: bool) -> dict[str, Any]:
+    """Little-endian elements (explicit or implicit VR) from ``pos`` to Pixel Data -> wanted values."""
     vals: dict[str, Any] = {}
     n = len(data)
     wanted = _FAST_TAGS
     while True:
         if pos + 12 > n:
             raise _Slow  # Pixel Data not reached in this buffer (or no pixel data at all)
-        group, elem, vr, length = _HDR(data, pos)
+        if explicit:
+            group, elem, vr, length = _HDR(data, pos)
+        else:
+            group, elem, length = _TAG_LEN(data, pos)
         if group == 0x7FE0 and elem in (0x0010, 0x0008, 0x0009):
             vals["_pixel_pos"] = pos
             return vals
         tag = (group << 16) | elem
-        if vr in _SHORT_VRS:
+        if not explicit or vr in _SHORT_VRS:
             start = pos + 8
         elif vr in _LONG_VRS:
             length = _U32(data, pos + 8)[0]
             start = pos + 12
-            if length == 0xFFFFFFFF:
-                if tag in wanted:
-                    raise _Slow
-                pos = _skip_undefined(data, start, vr != b"UN")
-                continue
         else:
             raise _Slow
-        nxt = start + length
-        spec = wanted.get(tag)
-        if spec is not None:
-            if spec[1] == "x" or nxt > n:
+        if length == 0xFFFFFFFF:  # (a 16-bit short-VR length never is)
+            if tag in wanted:
                 raise _Slow
-            vals[spec[0]] = _fast_value(data[start:nxt], spec[1])
-        pos = nxt
-
-
-def _walk_implicit(data: bytes, pos: int) -> dict[str, Any]:
-    """Implicit VR little endian elements from ``pos`` to Pixel Data -> wanted values."""
-    vals: dict[str, Any] = {}
-    n = len(data)
-    while True:
-        if pos + 12 > n:
-            raise _Slow
-        group, elem, length = _TAG_LEN(data, pos)
-        if group == 0x7FE0 and elem in (0x0010, 0x0008, 0x0009):
-            vals["_pixel_pos"] = pos
-            return vals
-        tag = (group << 16) | elem
-        start = pos + 8
-        if length == 0xFFFFFFFF:
-            if tag in _FAST_TAGS:
-                raise _Slow
-            pos = _skip_undefined(data, start, False)
+            pos = _skip_undefined(data, start, explicit and vr != b"UN")
             continue
         nxt = start + length
-        spec = _FAST_TAGS.get(tag)
+        spec = wanted.get(tag)
         if spec is not None:
             if spec[1] == "x" or nxt > n:
                 raise _Slow
@@ -211,7 +187,7 @@ def _fast_parse(data: bytes, fp: Any, size: int, rec: dict[str, Any]) -> dict[st
     if not ts or ts in _DEFLATE_OR_BE or ms == DICOMDIR_SOP:
         raise _Slow
     explicit = ts != "1.2.840.10008.1.2"
-    vals = _walk_explicit(data, pos) if explicit else _walk_implicit(data, pos)
+    vals = _walk_elements(data, pos, explicit)
     pos = vals.pop("_pixel_pos")
     if (vals.get("charset") or "") not in _PLAIN_CHARSETS:
         raise _Slow
