@@ -77,8 +77,10 @@ def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return out
 
 
-def _forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    return model(batch.get("image"), batch["image_present"], batch["clinical"], batch["clinical_mask"])
+def _forward(model: torch.nn.Module, batch: dict[str, Any], *, return_aux: bool = False) -> Any:
+    """The model's outputs (B, n_outputs); with ``return_aux``, ``(outputs, aux dict)``."""
+    return model(batch.get("image"), batch["image_present"], batch["clinical"], batch["clinical_mask"],
+                 return_aux=return_aux)
 
 
 @torch.no_grad()
@@ -145,10 +147,9 @@ def recompute_batchnorm(model: torch.nn.Module, loader: DataLoader, device: str,
     model.eval()
 
 
-def _aux_loss(model: torch.nn.Module, kind: str, batch: dict[str, Any]) -> torch.Tensor:
-    """Sum of the unimodal auxiliary losses a model exposes in ``aux_outputs`` (0 if none).
+def _aux_loss(aux: dict[str, torch.Tensor], kind: str, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of the unimodal auxiliary losses of a forward's ``aux`` outputs (0 if none).
     The image head only counts cases whose image is present."""
-    aux = getattr(model, "aux_outputs", None) or {}
     total = torch.zeros((), device=batch["image_present"].device)
     for name, out in aux.items():
         keep = batch["image_present"] > 0 if name == "image" else torch.ones_like(batch["image_present"], dtype=torch.bool)
@@ -229,8 +230,9 @@ def fit(model: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader
         for i, batch in enumerate(train_loader):
             batch = _to(batch, device)
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-                loss = task_loss(kind, _forward(model, batch).float(), batch)
-                loss = loss + config.model.aux_weight * _aux_loss(raw_model, kind, batch)
+                out, aux = _forward(model, batch, return_aux=True)
+                loss = task_loss(kind, out.float(), batch)
+                loss = loss + config.model.aux_weight * _aux_loss(aux, kind, batch)
             (loss / tc.accumulate).backward()
             losses.append(float(loss.detach()))
             if (i + 1) % tc.accumulate == 0 or i + 1 == len(train_loader):

@@ -3,6 +3,12 @@
 All models share one call signature::
 
     model(image, image_present, clinical, clinical_mask) -> (B, n_outputs)
+    model(image, image_present, clinical, clinical_mask, return_aux=True)
+        -> ((B, n_outputs), {"image": (B, n_outputs), "clinical": (B, n_outputs)})
+
+The auxiliary unimodal outputs (used by the trainer's auxiliary losses) are returned by the
+forward itself, never kept on the module, so DistributedDataParallel sees every parameter used
+in the graph it returns. Models without auxiliary heads return an empty dict.
 
     image          (B, C, D, H, W) float   zeros where the image is missing
     image_present  (B,) float              1 = image available, 0 = missing
@@ -54,8 +60,14 @@ class MultimodalModel(nn.Module):
     uses_clinical = True
 
     def forward(self, image: torch.Tensor | None, image_present: torch.Tensor, clinical: torch.Tensor | None,
-                clinical_mask: torch.Tensor | None) -> torch.Tensor:
+                clinical_mask: torch.Tensor | None, *, return_aux: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+
+def _with_aux(out: torch.Tensor, return_aux: bool, aux: dict[str, torch.Tensor] | None = None):  # noqa: ANN202
+    """``out`` or ``(out, aux)`` as the caller asked (see the module docstring)."""
+    return (out, aux or {}) if return_aux else out
 
 
 def _fill_missing(vec: torch.Tensor, present: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
@@ -87,8 +99,8 @@ class ImageOnly(MultimodalModel):
         self.image = _PooledImage(encoder, dim)
         self.head = Head(dim, n_outputs, dropout)
 
-    def forward(self, image, image_present, clinical=None, clinical_mask=None):
-        return self.head(self.image(image, image_present))
+    def forward(self, image, image_present, clinical=None, clinical_mask=None, *, return_aux=False):
+        return _with_aux(self.head(self.image(image, image_present)), return_aux)
 
 
 class ClinicalOnly(MultimodalModel):
@@ -110,12 +122,12 @@ class ClinicalOnly(MultimodalModel):
             self.encoder = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
         self.head = Head(dim, n_outputs, dropout)
 
-    def forward(self, image, image_present, clinical, clinical_mask):
+    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         if self.kind == "mlp":
-            return self.head(self.mlp(clinical, clinical_mask))
+            return _with_aux(self.head(self.mlp(clinical, clinical_mask)), return_aux)
         tok = self.tokenizer(clinical, clinical_mask)  # (B, F, D)
         x = torch.cat([self.cls.expand(tok.shape[0], -1, -1), tok], dim=1)  # (B, 1+F, D)
-        return self.head(self.encoder(x)[:, 0])
+        return _with_aux(self.head(self.encoder(x)[:, 0]), return_aux)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -148,7 +160,7 @@ class CrossAttentionFusion(MultimodalModel):
        tokens -> head (the average keeps a direct path from every clinical token and from the
        image, so the model trains as easily as concatenation and adds the interactions).
     5. in training, auxiliary heads on the pooled image token and on the mean clinical token
-       (``aux_outputs``) let the trainer add unimodal losses, so the harder modality (usually the
+       (returned with ``return_aux=True``) let the trainer add unimodal losses, so the harder modality (usually the
        image) keeps learning while the easier one already explains part of the outcome.
     """
 
@@ -168,7 +180,6 @@ class CrossAttentionFusion(MultimodalModel):
         self.head = Head(dim, n_outputs, dropout)
         self.aux_image = Head(dim, n_outputs, dropout)
         self.aux_clinical = Head(dim, n_outputs, dropout)
-        self.aux_outputs: dict[str, torch.Tensor] = {}
         self.last_attention: torch.Tensor | None = None  # for explanations
         self.last_grid: tuple[int, int, int] | None = None
 
@@ -179,7 +190,7 @@ class CrossAttentionFusion(MultimodalModel):
         tok = self.img_proj(fmap.flatten(2).transpose(1, 2))  # (B, N, D)
         return tok + self.pos(grid_coords((d, h, w), image.device))[None], (d, h, w)
 
-    def forward(self, image, image_present, clinical, clinical_mask):
+    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         img_tok, self.last_grid = self.image_tokens(image)  # (B, N, D), (d, h, w)
         b, n, _ = img_tok.shape
         kv = torch.cat([self.no_image.expand(b, -1, -1), img_tok], dim=1)  # (B, 1+N, D)
@@ -196,10 +207,11 @@ class CrossAttentionFusion(MultimodalModel):
         img_mean = (img_tok.mean(dim=1, keepdim=True) * present
                     + self.no_image.expand(b, -1, -1) * (1 - present))  # (B, 1, D)
         x = self.mix(torch.cat([q, img_mean], dim=1))  # (B, 2+F, D)
-        if self.training:
-            self.aux_outputs = {"image": self.aux_image(img_mean[:, 0]),  # (B, n_outputs)
-                                "clinical": self.aux_clinical(clin_tok.mean(dim=1))}
-        return self.head(x.mean(dim=1))
+        out = self.head(x.mean(dim=1))  # (B, n_outputs)
+        if not return_aux:
+            return out
+        return out, {"image": self.aux_image(img_mean[:, 0]),  # (B, n_outputs)
+                     "clinical": self.aux_clinical(clin_tok.mean(dim=1))}
 
 
 class ConcatFusion(MultimodalModel):
@@ -213,9 +225,9 @@ class ConcatFusion(MultimodalModel):
         self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Dropout(dropout))
         self.head = Head(dim, n_outputs, dropout)
 
-    def forward(self, image, image_present, clinical, clinical_mask):
+    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         z = torch.cat([self.image(image, image_present), self.clinical(clinical, clinical_mask)], dim=1)
-        return self.head(self.mlp(z))
+        return _with_aux(self.head(self.mlp(z)), return_aux)
 
 
 class LateFusion(MultimodalModel):
@@ -229,9 +241,9 @@ class LateFusion(MultimodalModel):
         self.clinical = ClinicalMLP(feature_specs, dim, dropout=dropout)
         self.clinical_head = Head(dim, n_outputs, dropout)
 
-    def forward(self, image, image_present, clinical, clinical_mask):
+    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         img = self.image_head(self.image(image, image_present)) * image_present.to(image.dtype)[:, None]
-        return img + self.clinical_head(self.clinical(clinical, clinical_mask))
+        return _with_aux(img + self.clinical_head(self.clinical(clinical, clinical_mask)), return_aux)
 
 
 class EarlyFusion(MultimodalModel):
@@ -243,11 +255,11 @@ class EarlyFusion(MultimodalModel):
         self.image = _PooledImage(encoder, dim)
         self.head = Head(dim, n_outputs, dropout)
 
-    def forward(self, image, image_present, clinical, clinical_mask):
+    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         b, _, d, h, w = image.shape
         extra = torch.cat([clinical * clinical_mask, clinical_mask], dim=1)  # (B, 2F)
         x = torch.cat([image, extra[:, :, None, None, None].expand(b, -1, d, h, w)], dim=1)
-        return self.head(self.image(x, torch.ones_like(image_present)))
+        return _with_aux(self.head(self.image(x, torch.ones_like(image_present))), return_aux)
 
 
 class FiLMFusion(MultimodalModel):
@@ -265,10 +277,10 @@ class FiLMFusion(MultimodalModel):
         self.missing = nn.Parameter(torch.zeros(dim))
         self.head = Head(2 * dim, n_outputs, dropout)
 
-    def forward(self, image, image_present, clinical, clinical_mask):
+    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         c = self.clinical(clinical, clinical_mask)  # (B, D)
         gamma, beta = self.film(c).chunk(2, dim=1)  # (B, C) each
         fmap = self.encoder.forward_features(image)  # (B, C, d, h, w)
         fmap = fmap * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
         img = _fill_missing(self.proj(fmap.mean(dim=(2, 3, 4))), image_present, self.missing)
-        return self.head(torch.cat([img, c], dim=1))
+        return _with_aux(self.head(torch.cat([img, c], dim=1)), return_aux)
