@@ -8,10 +8,8 @@ the path.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import numpy as np
 
 from mmai.engine import metrics as M
 from mmai.errors import MmaiError
+from mmai.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,10 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 5.
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
-    """Write fig to path as PNG via a temp file and os.replace (never a half-written PNG)."""
+    """Write fig to path as PNG via :func:`mmai.utils.atomic_path` (never a half-written PNG)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     log.debug("wrote %s", path)
     return path
 

@@ -1,8 +1,8 @@
 """Byte-level reader for the common case: one uncompressed little-endian grayscale frame.
 
-It reads the first 16 KiB of the file, walks the data elements (skipping sequences) up to Pixel
-Data (7FE0,0010) and keeps the few header values the loader needs plus the pixel offset: no
-pydicom Dataset is built. The pixels are read later with ``readinto`` straight into the volume
+It reads the first 16 KiB of the file, walks the data elements up to Pixel Data (7FE0,0010)
+with the shared walker (:func:`mmai.io.dicom_elements.walk`) and keeps the few header values
+the loader needs plus the pixel offset: no pydicom Dataset is built. The pixels are read later with ``readinto`` straight into the volume
 (or a scratch slice when they need rescaling), see ``Frame.read_stored``. Anything unusual (no preamble, compressed or
 big-endian transfer syntax, more than one frame or sample, a Modality LUT, malformed bytes)
 returns None, and the caller falls back to pydicom. The tests check that both paths give
@@ -17,16 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from mmai.io.dicom_series import Frame
+from mmai.io.dicom_elements import (
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    U16,
+    UNDEFINED,
+    NeedsPydicom,
+    pixel_element,
+    read_meta,
+    walk,
+)
+from mmai.io.dicom_frames import Frame
 
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-# tag -> (name, kind); kind: "s" text, "f" DS list, "u" US.
+# tag -> (name, kind); kind: "s" text, "f" DS list, "u" US, "x" refuse (needs pydicom).
 _WANTED: dict[int, tuple[str, str]] = {
     0x00080008: ("image_type", "s"),
     0x00080060: ("modality", "s"),
@@ -47,106 +51,33 @@ _WANTED: dict[int, tuple[str, str]] = {
     0x00281053: ("slope", "f"),
     0x00283000: ("modality_lut", "x"),
 }
-_UNPACK_TAG_VR = struct.Struct("<HH2s").unpack_from
-_UNPACK_TAG_LEN = struct.Struct("<HHI").unpack_from
-_U16 = struct.Struct("<H").unpack_from
-_U32 = struct.Struct("<I").unpack_from
 
 
-class _Unusual(Exception):
-    """The file needs pydicom."""
-
-
-def _skip_sequence(data: bytes, pos: int, explicit: bool) -> int:
-    """Skip an undefined-length sequence body starting at ``pos``; return the position after it."""
-    while True:
-        group, elem, length = _UNPACK_TAG_LEN(data, pos)
-        tag = (group << 16) | elem
-        pos += 8
-        if tag == _SEQ_END:
-            return pos
-        if tag != _ITEM:
-            raise _Unusual
-        pos = _skip_item(data, pos, explicit) if length == _UNDEFINED else pos + length
-
-
-def _skip_item(data: bytes, pos: int, explicit: bool) -> int:
-    """Skip the elements of an undefined-length item up to its delimiter."""
-    while True:
-        group, elem = struct.unpack_from("<HH", data, pos)
-        tag = (group << 16) | elem
-        if tag == _ITEM_END:
-            return pos + 8
-        pos, _, _ = _next_element(data, pos, explicit)
-
-
-def _next_element(data: bytes, pos: int, explicit: bool) -> tuple[int, int, int]:
-    """Step over one element at ``pos``; return (next position, value start, value length)."""
-    if explicit:
-        group, elem, vr = _UNPACK_TAG_VR(data, pos)
-        if vr in _LONG_VRS:
-            length = _U32(data, pos + 8)[0]
-            start = pos + 12
-        else:
-            length = _U16(data, pos + 6)[0]
-            start = pos + 8
-        if length == _UNDEFINED:
-            # UN with undefined length is implicit-VR encoded inside (PS3.5 6.2.2).
-            return _skip_sequence(data, start, explicit and vr != b"UN"), start, -1
-    else:
-        group, elem, length = _UNPACK_TAG_LEN(data, pos)
-        start = pos + 8
-        if length == _UNDEFINED:
-            return _skip_sequence(data, start, False), start, -1
-    end = start + length
-    if end > len(data):
-        raise _Unusual
-    return end, start, length
+def _value(raw: bytes, kind: str) -> Any:
+    if kind == "x":
+        raise NeedsPydicom
+    if kind == "u":
+        if len(raw) != 2:
+            raise NeedsPydicom
+        return U16(raw, 0)[0]
+    text = raw.decode("latin-1").strip(" \x00")
+    if kind == "f":
+        return [float(v) for v in text.split("\\") if v.strip()] if text else None
+    return text
 
 
 def _parse(data: bytes) -> tuple[dict[str, Any], int, int, str]:
-    """Header values, pixel value offset and length, transfer syntax; raises _Unusual."""
-    if len(data) < 140 or data[128:132] != b"DICM":
-        raise _Unusual
-    pos = 132
-    ts = ""
-    while pos + 8 <= len(data) and _U16(data, pos)[0] == 0x0002:
-        nxt, start, length = _next_element(data, pos, True)
-        if _U16(data, pos + 2)[0] == 0x0010:
-            ts = data[start:start + length].decode("ascii").strip(" \x00")
-        pos = nxt
-    if ts not in (_EXPLICIT_LE, _IMPLICIT_LE):
-        raise _Unusual
-    explicit = ts == _EXPLICIT_LE
-    values: dict[str, Any] = {}
-    n = len(data)
-    while pos + 8 <= n:
-        group, elem = struct.unpack_from("<HH", data, pos)
-        tag = (group << 16) | elem
-        if tag == _PIXEL_DATA:  # the value may lie beyond the bytes read so far
-            length, start = (_U32(data, pos + 8)[0], pos + 12) if explicit else (_U32(data, pos + 4)[0], pos + 8)
-            if length == _UNDEFINED or (explicit and data[pos + 4:pos + 6] not in (b"OW", b"OB")):
-                raise _Unusual  # encapsulated, or an odd VR
-            return values, start, length, ts
-        nxt, start, length = _next_element(data, pos, explicit)
-        spec = _WANTED.get(tag)
-        if spec is not None:
-            if length < 0 or spec[1] == "x":
-                raise _Unusual
-            raw = data[start:start + length]
-            kind = spec[1]
-            if kind == "u":
-                if length != 2:
-                    raise _Unusual
-                values[spec[0]] = _U16(raw, 0)[0]
-            else:
-                text = raw.decode("latin-1").strip(" \x00")
-                if kind == "f":
-                    values[spec[0]] = [float(v) for v in text.split("\\") if v.strip()] if text else None
-                else:
-                    values[spec[0]] = text
-        pos = nxt
-    raise _Unusual  # no Pixel Data
+    """Header values, pixel value offset and length, transfer syntax; raises NeedsPydicom."""
+    pos, ts, _ = read_meta(data)
+    if ts not in (EXPLICIT_LE, IMPLICIT_LE):
+        raise NeedsPydicom
+    explicit = ts == EXPLICIT_LE
+    raw, pos = walk(data, pos, explicit, _WANTED)
+    tag, hdr, length, vr = pixel_element(data[pos:pos + 12], True, explicit)
+    if tag != _PIXEL_DATA or length == UNDEFINED or (explicit and vr not in (b"OW", b"OB")):
+        raise NeedsPydicom  # float pixel data, encapsulated, or an odd VR
+    values = {_WANTED[t][0]: _value(v, _WANTED[t][1]) for t, v in raw.items()}
+    return values, pos + hdr, length, ts
 
 
 _HEAD = 16384  # bytes read first; enough for the header of almost every file
@@ -162,13 +93,13 @@ def read_frame_fast(path: str) -> Frame | None:
         data = fh.read(_HEAD)
         try:
             v, offset, length, ts = _parse(data)
-        except (_Unusual, struct.error, UnicodeDecodeError, ValueError):
+        except (NeedsPydicom, struct.error, UnicodeDecodeError, ValueError):
             if size <= len(data):
                 return None
             data += fh.read()  # long header (e.g. big private sequences): parse the whole file
             try:
                 v, offset, length, ts = _parse(data)
-            except (_Unusual, struct.error, UnicodeDecodeError, ValueError):
+            except (NeedsPydicom, struct.error, UnicodeDecodeError, ValueError):
                 return None
     rows, cols = v.get("rows"), v.get("cols")
     ba = v.get("bits_allocated")

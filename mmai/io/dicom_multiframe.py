@@ -4,28 +4,19 @@ Geometry comes from the functional groups: for each frame the Per-Frame group is
 then the Shared group: PlanePositionSequence (ImagePositionPatient), PlaneOrientationSequence
 (ImageOrientationPatient), PixelMeasuresSequence (PixelSpacing, SliceThickness),
 PixelValueTransformationSequence (RescaleSlope/Intercept). Frames are split into stacks by
-(StackID, TemporalPositionIndex, EffectiveEchoTime, orientation); each stack becomes one volume.
+(StackID, TemporalPositionIndex, EffectiveEchoTime, orientation); each stack becomes one volume
+(:func:`mmai.io.dicom_series.load_multiframe`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmai.errors import DicomError
-from mmai.io.dicom_series import (
-    DTYPE_CHOICES,
-    TILT_CHOICES,
-    UNEVEN_CHOICES,
-    DicomVolume,
-    Frame,
-    _check_choice,
-    _float,
-    assemble,
-)
+from mmai.io.dicom_frames import Frame, float_or, frames_from_dataset
 
 
 @dataclass
@@ -54,8 +45,6 @@ def _floats(item: Any, keyword: str) -> list[float] | None:
 
 def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
     """One Frame per frame of a multi-frame dataset; ``Frame.source`` is ``file#frame`` (1-based)."""
-    from mmai.io.dicom_series import frames_from_dataset
-
     n = int(getattr(ds, "NumberOfFrames", 1) or 1)
     try:
         pixels = ds.pixel_array
@@ -76,12 +65,12 @@ def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
         modality=str(getattr(ds, "Modality", "")),
         series_description=str(getattr(ds, "SeriesDescription", "")), transfer_syntax=ts,
     )
-    top_slope = _float(getattr(ds, "RescaleSlope", None), 1.0)
-    top_intercept = _float(getattr(ds, "RescaleIntercept", None), 0.0)
+    top_slope = float_or(getattr(ds, "RescaleSlope", None), 1.0)
+    top_intercept = float_or(getattr(ds, "RescaleIntercept", None), 0.0)
     frames: list[Frame] = []
     if per_seq is None and shared is None:  # legacy multi-frame: one position, frames along the normal
         ipp, iop, ps = (getattr(ds, k, None) for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"))
-        step = _float(getattr(ds, "SpacingBetweenSlices", None), 0.0) or _float(getattr(ds, "SliceThickness", None), 0.0)
+        step = float_or(getattr(ds, "SpacingBetweenSlices", None), 0.0) or float_or(getattr(ds, "SliceThickness", None), 0.0)
         if not (ipp and iop and ps and step):
             raise DicomError(f"{source}: multi-frame file without functional groups lacks ImagePositionPatient, "
                              f"ImageOrientationPatient, PixelSpacing or SpacingBetweenSlices; cannot place its frames")
@@ -159,35 +148,3 @@ def split_frames(frames: list[Frame]) -> list[FrameStack]:
         for i, s in enumerate(stacks):
             s.label = f"{s.label} (orientation {i + 1})"
     return stacks
-
-
-def load_multiframe(file: str | Path, *, dtype: str = "float32", uneven: str = "warn",
-                    tilt: str = "shear") -> list[DicomVolume]:
-    """Load every stack/phase of one multi-frame file as its own volume.
-
-    Args:
-        file: an enhanced (or legacy) multi-frame CT/MR file.
-        dtype, uneven, tilt: as in :func:`mmai.io.dicom_series.load_series`.
-
-    Returns:
-        One DicomVolume per stack, ordered by (StackID, TemporalPositionIndex, echo time);
-        ``meta["stack"]`` names the stack.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    _check_choice("dtype", dtype, DTYPE_CHOICES)
-    _check_choice("uneven", uneven, UNEVEN_CHOICES)
-    _check_choice("tilt", tilt, TILT_CHOICES)
-    try:
-        ds = pydicom.dcmread(str(file))
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise DicomError(f"{file}: not a readable DICOM file: {exc}") from exc
-    frames = frames_from_multiframe(ds, str(file))
-    volumes = []
-    for stack in split_frames(frames):
-        vol = assemble(stack.frames, dtype=dtype, uneven=uneven, tilt=tilt)
-        vol.meta["stack"] = stack.label
-        vol.meta["n_frames"] = len(stack.frames)
-        volumes.append(vol)
-    return volumes

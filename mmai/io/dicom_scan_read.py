@@ -24,14 +24,12 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from mmai.io.dicom_scan_fast import _LONG_VRS, DICOMDIR_SOP, fast_header
+from mmai.io.dicom_elements import DICOMDIR_SOP, SEQUENCE_DELIMITERS, pixel_check
+from mmai.io.dicom_scan_fast import fast_header
 
 log = logging.getLogger(__name__)
 
 MIN_POOL_FILES = 1000  # below this, a pool's start-up costs more than it saves (benchmarks/dicom_scan.py)
-_PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
-_SEQ_DELIM_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-_SEQ_DELIM_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 
 SPECIFIC_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
@@ -117,7 +115,7 @@ def _frames(ds: Any) -> list[dict[str, Any]] | None:
 
 
 def _pixel_problems(fp: Any, ds: Any, size: int, n_frames: int) -> tuple[bool, list[str]]:
-    """pydicom path: check the element at the current position (see :func:`_pixel_check`)."""
+    """pydicom path: check the element at the current position (see :func:`mmai.io.dicom_elements.pixel_check`)."""
     pos = fp.tell()
     head = fp.read(12)
     little = ds.original_encoding[1]
@@ -125,57 +123,6 @@ def _pixel_problems(fp: Any, ds: Any, size: int, n_frames: int) -> tuple[bool, l
             "bits": _val(ds, "BitsAllocated", int), "spp": _val(ds, "SamplesPerPixel", int) or 1,
             "photometric": str(_val(ds, "PhotometricInterpretation") or "")}
     return pixel_check(head, pos, fp, size, little is not False, n_frames, info)
-
-
-def pixel_check(head: bytes, pos: int, fp: Any, size: int, little: bool, n_frames: int,
-                 info: dict[str, Any]) -> tuple[bool, list[str]]:
-    """Check the Pixel Data element header at file offset ``pos`` against the file size.
-
-    Args:
-        head: the first 12 bytes at ``pos``.
-        little: byte order of the dataset.
-        info: rows, cols, bits (BitsAllocated), spp (SamplesPerPixel), photometric.
-
-    Returns:
-        (has_pixels, problems)
-    """
-    if len(head) < 8:
-        return False, []
-    e = "<" if little else ">"
-    group, elem = struct.unpack(e + "HH", head[:4])
-    if (group, elem) not in _PIXEL_TAGS:
-        return False, []
-    # Decide implicit/explicit from the bytes: pydicom silently switches when a file lies.
-    implicit = not (head[4:6].isalpha() and head[4:6].isupper())
-    if implicit:
-        (length,) = struct.unpack(e + "I", head[4:8])
-        hdr = 8
-    elif head[4:6] in _LONG_VRS:
-        if len(head) < 12:
-            return True, ["pixel data element cut off"]
-        (length,) = struct.unpack(e + "I", head[8:12])
-        hdr = 12
-    else:
-        (length,) = struct.unpack(e + "H", head[6:8])
-        hdr = 8
-    if length == 0xFFFFFFFF:
-        fp.seek(max(pos, size - 256))
-        tail = fp.read()
-        if _SEQ_DELIM_LE not in tail and _SEQ_DELIM_BE not in tail:
-            return True, ["encapsulated pixel data has no end marker (truncated?)"]
-        return True, []
-    present = size - pos - hdr
-    if length > present:
-        return True, [f"pixel data truncated (header says {length} bytes, file has {present})"]
-    rows, cols, bits, spp = info["rows"], info["cols"], info["bits"], info["spp"] or 1
-    if rows and cols and bits:
-        n = rows * cols * spp * max(n_frames, 1)
-        if spp == 3 and str(info["photometric"]).endswith("_422"):
-            n = n * 2 // 3  # 4:2:2 subsampled chroma
-        expected = (n + 7) // 8 if bits == 1 else n * ((bits + 7) // 8)
-        if length < expected:
-            return True, [f"pixel data too short ({length} bytes, Rows x Columns x frames needs {expected})"]
-    return True, []
 
 
 def read_header(path: str, *, fast: bool = True) -> dict[str, Any]:
@@ -286,7 +233,7 @@ def _cut_inside(fp: Any, force: bool) -> str:
         return ""
     if getattr(last, "is_undefined_length", False) or length == 0xFFFFFFFF:
         fp.seek(max(0, fp.seek(0, 2) - 8))
-        if fp.read(8) not in (_SEQ_DELIM_LE, _SEQ_DELIM_BE):
+        if fp.read(8) not in SEQUENCE_DELIMITERS:
             return f"file ends inside sequence {last.tag} (no sequence delimiter): truncated"
     return ""
 

@@ -11,8 +11,7 @@ import SimpleITK as sitk
 
 from mmai.errors import DicomError
 from mmai.io.dicom_fastread import read_frame_fast
-from mmai.io.dicom_multiframe import load_multiframe
-from mmai.io.dicom_series import load_series, split_by_phase
+from mmai.io.dicom_series import load_multiframe, load_series
 from mmai.io.dicom_write import write_series
 from tests.io import dicom_cases as dc
 
@@ -216,28 +215,33 @@ def test_native_dtype(tmp_path: Path) -> None:
 
 
 def test_missing_slice(tmp_path: Path) -> None:
+    """Default: resampled onto the uniform grid (dcm2niix's _Eq); error and keep on request."""
     case = dc.missing_slice(tmp_path / "s", drop=7)
-    vol = load_series(case.files)
-    assert vol.array.shape == (32, 24, 19)
-    assert vol.meta["uneven_spacing"] and "116.000->121.000 mm (gap 5.000)" in vol.warnings[0]
-    with pytest.raises(DicomError, match="116.000->121.000"):
-        load_series(case.files, uneven="error")
-    res = load_series(case.files, uneven="resample")
-    assert res.array.shape == (32, 24, 20) and res.meta["resampled"]
+    res = load_series(case.files)
+    assert res.array.shape == (32, 24, 20) and res.meta["resampled"] and res.meta["geometry"] == "resampled"
+    assert res.meta["problems"] == ["missing slices"]
+    assert "116.000->121.000" not in res.warnings[0]  # a whole missing slice is not an uneven step
+    assert res.warnings[0].startswith("missing slices: 19 slices") and "image.dicom.uneven: error" in res.warnings[0]
     np.testing.assert_allclose(res.affine, case.affine, atol=1e-6)
     np.testing.assert_allclose(res.array[:, :, 7], (case.volume[:, :, 6] + case.volume[:, :, 8]) / 2, atol=1e-3)
     # dcm2niix writes the equidistant version as *_Eq_1.nii (rounded to int16: atol 0.5).
     _check_against_dcm2niix(res, tmp_path / "s", tmp_path / "nii", name="1_1_Eq_1.nii", atol=0.5 + 1e-3)
+    with pytest.raises(DicomError, match=r"IM00001\.dcm \+18 files\): missing slices.*image\.dicom\.uneven: error"):
+        load_series(case.files, uneven="error")
+    kept = load_series(case.files, uneven="keep")
+    assert kept.array.shape == (32, 24, 19) and kept.meta["geometry"] == "irregular"
+    assert kept.meta["slice_positions_mm"][6:8] == [15.0, 20.0]
+    assert "image.dicom.uneven: keep" in kept.warnings[0]
 
 
 def test_uneven_spacing(tmp_path: Path) -> None:
     case = dc.uneven_series(tmp_path / "s")
-    vol = load_series(case.files)
-    assert "gap 4.000" in vol.warnings[0] and vol.array.shape[2] == 20
-    res = load_series(case.files, uneven="resample")
+    res = load_series(case.files)
+    assert res.meta["problems"] == ["uneven spacing"] and "(4.000)" in res.warnings[0]
     assert res.array.shape == (32, 24, 21)
     assert res.meta["spacing"][2] == pytest.approx(49.0 / 20)
     _check_against_dcm2niix(res, tmp_path / "s", tmp_path / "nii", name="1_1_Eq_1.nii", atol=0.5 + 1e-3)
+    assert load_series(case.files, uneven="keep").array.shape[2] == 20
 
 
 def test_gantry_tilt_shear_places_every_slice_where_the_file_says(tmp_path: Path) -> None:
@@ -278,18 +282,12 @@ def test_gantry_tilt_resample_matches_simpleitk_resample(tmp_path: Path) -> None
         np.testing.assert_allclose(vol.array[:, :, k][inside], out[inside], atol=1e-3)
 
 
-def test_duplicate_positions_need_split_by_phase(tmp_path: Path) -> None:
+def test_duplicate_positions_are_refused_with_the_way_out(tmp_path: Path) -> None:
+    """Two interleaved phases: load_series refuses and names the way out (the scan's splitter,
+    used by load_volume's select={'phase': n}; tests/io/test_reader.py loads each phase)."""
     case = dc.two_phases(tmp_path / "s")
-    with pytest.raises(DicomError, match="split_by_phase"):
+    with pytest.raises(DicomError, match=r"share one position.*select=\{'phase': n\}"):
         load_series(case.files)
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in case.files]
-    groups = split_by_phase(headers)
-    assert [len(g) for g in groups] == [20, 20]
-    assert [int(g[0].TemporalPositionIdentifier) for g in groups] == [1, 2]
-    for group, truth in zip(groups, (case.volume, case.notes["phase2"].volume), strict=True):
-        vol = load_series([h.filename for h in group])
-        np.testing.assert_array_equal(vol.array, truth)
-    assert split_by_phase(headers[::2]) == [headers[::2]]  # nothing to split
 
 
 def test_localizer_in_the_list_is_dropped(tmp_path: Path) -> None:
@@ -368,7 +366,9 @@ def test_undecodable_transfer_syntax_names_file_and_syntax(tmp_path: Path) -> No
 
 def test_bad_options_list_the_choices(tmp_path: Path) -> None:
     case = dc.series(tmp_path / "s", shape=(4, 4, 2))
-    with pytest.raises(DicomError, match=r"uneven='bogus'.*\['warn', 'resample', 'error'\]"):
-        load_series(case.files, uneven="bogus")
+    with pytest.raises(DicomError, match=r"image\.dicom\.uneven = 'warn'.*\['resample', 'error', 'keep'\]"):
+        load_series(case.files, uneven="warn")
+    with pytest.raises(DicomError, match=r"image\.dicom\.spacing_tolerance = 0\.7"):
+        load_series(case.files, policy={"spacing_tolerance": 0.7})
     with pytest.raises(DicomError, match="empty"):
         load_series([])
