@@ -55,7 +55,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
     report = convert_tree(
         Path(a.dicom_root), Path(a.out), config_path=Path(a.config) if a.config else None,
-        workers=a.workers, split_phases=a.split_phases, progress=not a.quiet,
+        workers=a.workers, split_phases=a.split_phases, progress=not a.quiet, uneven=a.uneven,
     )
     log.info("%s", report)
     return 0
@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="parallel workers (default 1)")
     s.add_argument("--split-phases", action="store_true",
                    help="write one file per phase/echo instead of one 4D file")
+    s.add_argument("--uneven", choices=("resample", "error", "keep"), default=None,
+                   help="series not uniformly spaced (missing slice, gaps, jitter): resample onto a uniform "
+                   "grid (default), error, or keep the raw slices (sidecar: geometry irregular + positions); "
+                   "overrides the --config's image.dicom.uneven")
     _add_common(s)
     s.set_defaults(func=_cmd_convert)
 

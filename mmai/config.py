@@ -68,6 +68,31 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class DicomConfig:
+    """DICOM geometry policy and tolerances (docs/dicom.md); read by mmai.io.dicom_geometry.
+
+    ``uneven``: a stack not uniform within ``spacing_tolerance`` (missing slice, uneven spacing,
+    jitter) is ``resample``d onto a uniform grid, refused (``error``) or kept raw and flagged
+    irregular (``keep``). ``tilt``: gantry tilt above ``tilt_tolerance_deg`` as a sheared affine
+    (``shear``) or resampled onto an orthogonal grid. ``spacing_tolerance``: largest distance of a
+    slice from the uniform grid, as a fraction of the slice step. ``orientation_tolerance``:
+    largest difference of ImageOrientationPatient cosines within one stack.
+    """
+
+    uneven: Literal["resample", "error", "keep"] = "resample"
+    tilt: Literal["shear", "resample"] = "shear"
+    spacing_tolerance: float = 0.01
+    tilt_tolerance_deg: float = 0.1
+    orientation_tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name, hi in (("spacing_tolerance", 0.5), ("tilt_tolerance_deg", 45.0), ("orientation_tolerance", 0.1)):
+            if not 0 < getattr(self, name) < hi:
+                raise ConfigError(f"image.dicom.{name} = {getattr(self, name)!r} is not allowed; choose a "
+                                  f"number in (0, {hi:g})")
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """How a case's image is found, loaded and prepared.
 
@@ -78,6 +103,7 @@ class ImageConfig:
         size: spatial size (i, j, k) the model sees: centre pad/crop after resampling.
         orientation: axis codes after reorientation (MONAI Orientationd), e.g. RAS.
         crop_foreground: crop to the body (values above the window minimum) before padding.
+        dicom: DICOM geometry policy and tolerances (:class:`DicomConfig`).
     """
 
     column: str = "image"
@@ -88,6 +114,7 @@ class ImageConfig:
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     crop_foreground: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """`mmai convert`: every image stack of a DICOM tree -> NIfTI + JSON sidecar (like dcm2niix).
 
 One ``.nii.gz`` per stack (affine = the loader's voxel -> RAS affine), a multi-phase series as
-one 4D file (or one file per phase with ``split_phases``), and a JSON sidecar with geometry,
-warnings, the scan's problems and the non-identifying acquisition parameters
+one 4D file (or one file per phase with ``split_phases``), and a JSON sidecar with geometry
+(what the loader did: ``geometry`` regular | resampled | irregular, the policy, the original
+slice steps, every slice position when not uniform), warnings, the scan's problems and the
+non-identifying acquisition parameters
 (:func:`mmai.io.deid.safe_meta`). Output names carry no PHI:
 ``s<SeriesNumber>_<sanitized description>_<hash of the study/series/stack UIDs>``.
 Localizers and non-image objects are skipped (counted in the report); a stack that cannot be
@@ -28,11 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from mmai.errors import ConfigError
+from mmai.config import load_config
 from mmai.io.deid import DEFAULT_SALT, pseudonym, safe_meta
+from mmai.io.dicom_frames import Frame
+from mmai.io.dicom_geometry import GeometryPolicy, policy_from
 from mmai.io.dicom_scan import SeriesStack, scan
 from mmai.io.dicom_scan_read import quiet_pydicom
 from mmai.io.dicom_select import SelectionRule
+from mmai.io.dicom_series import DicomVolume, assemble, load_series, read_frames
+from mmai.utils import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +71,21 @@ class ConvertReport:
                 f"{self.n_non_dicom} non-DICOM files, {self.n_dicomdir} DICOMDIR ignored")
 
 
-def read_select_rule(config_path: Path | None) -> SelectionRule | None:
-    """The ``image.select`` rule of a pipeline YAML (None if no path or no rule).
+def read_pipeline_image(config_path: Path | None) -> tuple[SelectionRule | None, GeometryPolicy | None]:
+    """The ``image.select`` rule and the ``image.dicom`` geometry policy of a pipeline YAML
+    (None, None without a path; the rule is None when the YAML has none).
 
     Raises:
-        ConfigError: missing file, invalid YAML, or an invalid rule (names the file).
+        ConfigError: missing file, invalid YAML, or an invalid section (names the file and key).
     """
     if config_path is None:
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(config_path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"pipeline config not found: {config_path}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from exc
-    image = data.get("image") if isinstance(data, dict) else None
-    if image is not None and not isinstance(image, dict):
-        raise ConfigError(f"{config_path}: 'image' must be a mapping, got {type(image).__name__}")
-    select = (image or {}).get("select")
-    if select is None:
-        return None
-    return SelectionRule.from_dict(select, f"{config_path}: image.select")
+        return None, None
+    cfg = load_config(config_path)
+    if cfg.image is None:
+        return None, None
+    rule = (SelectionRule.from_dict(cfg.image.select, f"{config_path}: image.select")
+            if cfg.image.select is not None else None)
+    return rule, policy_from(cfg.image.dicom)
 
 
 def output_stem(row: dict[str, Any], *, phase: int | None = None, stack: SeriesStack | None = None) -> str:
@@ -120,19 +118,12 @@ def _scrub(text: str, stacks: list[SeriesStack]) -> str:
     return " ".join(text.replace(";", ",").split())
 
 
-def _load(stack: SeriesStack) -> Any:
-    """One stack -> DicomVolume (A2's loader; enhanced multi-frame via the frame subset)."""
-    from mmai.io.dicom_series import assemble, load_series
-
+def _load(stack: SeriesStack, policy: GeometryPolicy) -> DicomVolume:
+    """One stack -> DicomVolume (enhanced multi-frame via the scan's frame subset)."""
     if stack.frames is not None:
-        import pydicom
-
-        from mmai.io.dicom_multiframe import frames_from_multiframe
-
-        ds = pydicom.dcmread(str(stack.files[0]))
-        frames = frames_from_multiframe(ds, str(stack.files[0]))
-        return assemble([frames[i] for i in stack.frames], dtype="native")
-    return load_series([str(f) for f in stack.files], dtype="native")
+        frames: list[Frame] = read_frames(stack.files[0], fast=False)
+        return assemble([frames[i] for i in stack.frames], dtype="native", policy=policy)
+    return load_series([str(f) for f in stack.files], dtype="native", policy=policy)
 
 
 def _header_meta(stack: SeriesStack) -> dict[str, Any]:
@@ -148,8 +139,6 @@ def _header_meta(stack: SeriesStack) -> dict[str, Any]:
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     import nibabel as nib
 
-    from mmai.utils import atomic_path
-
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -158,7 +147,8 @@ def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
         nib.save(img, str(tmp))
 
 
-def convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, salt: str) -> dict[str, Any]:
+def convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, salt: str,
+                 policy: GeometryPolicy | None = None) -> dict[str, Any]:
     """Convert one stack, or the phases of one series. Never raises: failures come back as errors.
 
     pydicom's value-validation warnings are silenced here (they can quote header values);
@@ -169,19 +159,18 @@ def convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, s
     """
     with quiet_pydicom(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
-        return _convert_unit(stacks, out_dir, split_phases, salt)
+        return _convert_unit(stacks, out_dir, split_phases, salt, policy or GeometryPolicy())
 
 
-def _convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, salt: str) -> dict[str, Any]:
-    from mmai.utils import atomic_write_json
-
+def _convert_unit(stacks: list[SeriesStack], out_dir: Path, split_phases: bool, salt: str,
+                  policy: GeometryPolicy) -> dict[str, Any]:
     res: dict[str, Any] = {"written": [], "n_4d": 0, "errors": [], "status": {}}
     stage = "load"
     loaded = []
     for s in stacks:
         stage = "load"
         try:
-            vol = _load(s)
+            vol = _load(s, policy)
             stage = "header"
             loaded.append((s, vol, _header_meta(s)))
         except Exception as exc:  # noqa: BLE001 - one bad series never stops the others
@@ -239,7 +228,20 @@ def _sidecar(grp: list[tuple[SeriesStack, Any, dict[str, Any]]], shape: tuple[in
         "phase_key": r.get("phase_key") or None, "phase_index": r.get("phase_index") or None,
         "problems": [p for p in str(r.get("problems") or "").split(";") if p],
         "warnings": warnings, "dtype": str(v0.array.dtype), "converter": "mmai convert",
+        **_geometry_record(v0),
     }
+
+
+def _geometry_record(vol: DicomVolume) -> dict[str, Any]:
+    """What the loader did to the slice geometry: ``geometry`` (regular | resampled | irregular),
+    ``resampled``, the policy, the original steps and, when not uniform, every slice position."""
+    m = vol.meta
+    out = {"geometry": m.get("geometry"), "resampled": bool(m.get("resampled")),
+           "geometry_policy": m.get("policy"), "original_slices": m.get("slice_steps"),
+           "geometry_problems": m.get("problems", [])}
+    if "slice_positions_mm" in m:
+        out["slice_positions_mm"] = m["slice_positions_mm"]
+    return out
 
 
 def _units(stacks: list[SeriesStack]) -> list[list[SeriesStack]]:
@@ -259,7 +261,7 @@ def _units(stacks: list[SeriesStack]) -> list[list[SeriesStack]]:
 
 def convert_tree(root: Path, out: Path, *, config_path: Path | None = None, workers: int = 1,
                  split_phases: bool = False, progress: bool = False, include_phi: bool = False,
-                 salt: str = DEFAULT_SALT) -> ConvertReport:
+                 salt: str = DEFAULT_SALT, uneven: str | None = None, policy: Any = None) -> ConvertReport:
     """Convert every selected image stack under ``root`` into ``out``.
 
     Args:
@@ -272,16 +274,19 @@ def convert_tree(root: Path, out: Path, *, config_path: Path | None = None, work
         progress: tqdm bar on stderr.
         include_phi: keep the real PatientID in the scan rows (sidecars still use a pseudonym).
         salt: pseudonym salt (mmai.io.deid.pseudonym).
+        uneven: "resample" | "error" | "keep" for stacks that are not uniformly spaced
+            (`mmai convert --uneven`); overrides the policy's.
+        policy: geometry policy (GeometryPolicy, DicomConfig or mapping); default: the
+            pipeline YAML's ``image.dicom`` when ``config_path`` is given, else the defaults.
 
     Returns:
         ConvertReport (counts; ``str()`` is a one-line summary). ``out/errors.csv`` always exists.
     """
     from tqdm import tqdm
 
-    from mmai.utils import atomic_write_text
-
-    rule = read_select_rule(config_path)
-    res = scan(root, workers=workers, progress=progress, include_phi=include_phi, salt=salt)
+    rule, yaml_policy = read_pipeline_image(config_path)
+    pol = policy_from(policy if policy is not None else yaml_policy, uneven=uneven)
+    res = scan(root, workers=workers, progress=progress, include_phi=include_phi, salt=salt, policy=pol)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = ConvertReport(out_dir=out, n_stacks=len(res.stacks), n_non_dicom=res.n_non_dicom,
@@ -311,13 +316,13 @@ def convert_tree(root: Path, out: Path, *, config_path: Path | None = None, work
     if workers > 1 and len(units) > 1:
         with ProcessPoolExecutor(max_workers=workers) as ex:
             results = ex.map(convert_unit, units, [out] * len(units), [split_phases] * len(units),
-                             [salt] * len(units))
+                             [salt] * len(units), [pol] * len(units))
             for r in results:
                 _merge(report, r)
                 bar.update(1)
     else:
         for u in units:
-            _merge(report, convert_unit(u, out, split_phases, salt))
+            _merge(report, convert_unit(u, out, split_phases, salt, pol))
             bar.update(1)
     bar.close()
     buf = io.StringIO()

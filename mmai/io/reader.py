@@ -4,18 +4,21 @@
 DICOM folder (scanned with :func:`mmai.io.dicom_scan.scan_stacks`; exactly one image stack must
 match the selection rule, else SeriesSelectionError lists the candidates), one DICOM file, or a
 list of files of one series. The metadata carries the RAS ``affine`` and only non-identifying
-fields (see :class:`mmai.io.dicom_series.DicomVolume`).
+fields (see :class:`mmai.io.dicom_series.DicomVolume`). The geometry policy (pipeline YAML
+``image.dicom``, :class:`mmai.io.dicom_geometry.GeometryPolicy`) is used for the scan and the
+load alike, so the index's problems and the loader's warnings agree.
 
 Beware: MONAI's ``LoadImage(reader=X)`` catches any exception X raises and retries with its own
 readers (ITK, pydicom ...), which stack every series of a folder, and if all fail it raises a
 RuntimeError. A SeriesSelectionError would vanish or change type. ``mmai_load_image`` /
-``mmai_load_imaged`` build the MONAI transforms so that MmaiDicomReader is the only reader and its
-errors reach the caller unchanged.
+``mmai_load_imaged`` pass MmaiDicomReader as the runtime ``reader`` argument of MONAI's public
+``__call__``, which uses that reader alone and lets its errors reach the caller unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +32,9 @@ from monai.transforms import LoadImage, LoadImaged
 from monai.utils import MetaKeys, SpaceKeys
 
 from mmai.errors import DicomError
+from mmai.io.dicom_geometry import GeometryPolicy, orientation_label, policy_from
+from mmai.io.dicom_scan import scan_stacks
+from mmai.io.dicom_select import SelectionRule, select_one
 from mmai.io.dicom_series import DicomVolume, load_series
 
 logger = logging.getLogger(__name__)
@@ -38,8 +44,6 @@ _DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
 
 
 def _rule(select: Any, source: str) -> Any:
-    from mmai.io.dicom_select import SelectionRule
-
     if select is None or isinstance(select, Mapping):
         return SelectionRule.from_dict(select, source)
     if isinstance(select, SelectionRule):
@@ -47,31 +51,30 @@ def _rule(select: Any, source: str) -> Any:
     raise DicomError(f"{source}: select must be a SelectionRule, a mapping or None, got {type(select).__name__}")
 
 
-def load_dicom_folder(folder: PathLike, *, select: Any = None, dtype: str = "float32", uneven: str = "warn",
-                      tilt: str = "shear") -> DicomVolume:
+def load_dicom_folder(folder: PathLike, *, select: Any = None, dtype: str = "float32", uneven: str | None = None,
+                      tilt: str | None = None, policy: Any = None) -> DicomVolume:
     """Scan ``folder``, pick the one stack ``select`` matches, and load it.
 
     Args:
         folder: a DICOM folder (walked recursively).
         select: a :class:`mmai.io.dicom_select.SelectionRule`, its mapping form (pipeline YAML
             ``image.select``), or None: every image stack except localizers is a candidate.
-        dtype, uneven, tilt: as in :func:`mmai.io.dicom_series.load_series`.
+        dtype, uneven, tilt, policy: as in :func:`mmai.io.dicom_series.load_series`; the same
+            policy's tolerances split and check the stacks in the scan.
 
     Raises:
         SeriesSelectionError: no stack or several stacks match (the message lists them).
     """
-    from mmai.io.dicom_scan import scan_stacks
-    from mmai.io.dicom_select import select_one
-
     folder = Path(folder)
+    pol = policy_from(policy, uneven=uneven, tilt=tilt)
     rule = _rule(select, f"MmaiDicomReader(select=...) for {folder}")
-    stacks = [s for s in scan_stacks(folder) if s.row.get("kind") == "image"]
+    stacks = [s for s in scan_stacks(folder, policy=pol) if s.row.get("kind") == "image"]
     stack = select_one(stacks, rule, study_label=str(folder))
-    return load_series(stack.files, dtype=dtype, uneven=uneven, tilt=tilt, frames=stack.frames)
+    return load_series(stack.files, dtype=dtype, policy=pol, frames=stack.frames)
 
 
-def load_volume(path: PathLike, *, select: Any = None, dtype: str = "float32", uneven: str = "warn",
-                tilt: str = "shear") -> DicomVolume:
+def load_volume(path: PathLike, *, select: Any = None, dtype: str = "float32", uneven: str | None = None,
+                tilt: str | None = None, policy: Any = None) -> DicomVolume:
     """Load a NIfTI file, a DICOM folder or a single DICOM file as a DicomVolume.
 
     NIfTI comes back as stored: ``array`` (I, J, K) float32 (``dtype="native"``: the on-disk
@@ -80,22 +83,21 @@ def load_volume(path: PathLike, *, select: Any = None, dtype: str = "float32", u
 
     Args:
         path: ``*.nii`` / ``*.nii.gz``, a DICOM folder, or one DICOM file.
-        select, dtype, uneven, tilt: as in :func:`load_dicom_folder` (DICOM only).
+        select, dtype, uneven, tilt, policy: as in :func:`load_dicom_folder` (DICOM only).
     """
     p = Path(path)
     if not p.exists():
         raise DicomError(f"{p}: no such file or folder")
+    pol = policy_from(policy, uneven=uneven, tilt=tilt)
     if p.is_dir():
-        return load_dicom_folder(p, select=select, dtype=dtype, uneven=uneven, tilt=tilt)
+        return load_dicom_folder(p, select=select, dtype=dtype, policy=pol)
     if p.name.lower().endswith(_NIFTI_SUFFIXES):
         return _load_nifti(p, dtype)
-    return load_series([p], dtype=dtype, uneven=uneven, tilt=tilt)
+    return load_series([p], dtype=dtype, policy=pol)
 
 
 def _load_nifti(path: Path, dtype: str) -> DicomVolume:
     import nibabel as nib
-
-    from mmai.io.dicom_geometry import orientation_label
 
     img: Any = nib.load(str(path))
     if len(img.shape) != 3:
@@ -121,8 +123,10 @@ class MmaiDicomReader(ImageReader):
     Args:
         select: selection rule for folders holding several stacks (see :func:`load_dicom_folder`).
         dtype: "float32" or "native" (see :func:`mmai.io.dicom_series.load_series`).
-        uneven: "warn" | "resample" | "error" (missing slices / uneven spacing).
-        tilt: "shear" | "resample" (gantry tilt).
+        uneven: "resample" | "error" | "keep" (overrides ``policy.uneven``).
+        tilt: "shear" | "resample" (overrides ``policy.tilt``).
+        policy: geometry tolerances and policy: a GeometryPolicy, the pipeline's
+            ``mmai.config.DicomConfig`` (YAML ``image.dicom``), a mapping, or None (defaults).
 
     Example:
         >>> from monai.transforms import LoadImage
@@ -130,11 +134,12 @@ class MmaiDicomReader(ImageReader):
         >>> img.shape, img.affine  # (I, J, K), voxel -> RAS
     """
 
-    def __init__(self, select: Any = None, *, dtype: str = "float32", uneven: str = "warn",
-                 tilt: str = "shear") -> None:
+    def __init__(self, select: Any = None, *, dtype: str = "float32", uneven: str | None = None,
+                 tilt: str | None = None, policy: Any = None) -> None:
         super().__init__()
         self.select = select
-        self.kwargs = {"dtype": dtype, "uneven": uneven, "tilt": tilt}
+        self.dtype = dtype
+        self.policy: GeometryPolicy = policy_from(policy, uneven=uneven, tilt=tilt)
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """True for folders, DICOM-like names (no suffix, .dcm, .dicom, .ima) and one NIfTI file."""
@@ -155,22 +160,36 @@ class MmaiDicomReader(ImageReader):
 
         Args:
             data: a folder, a file, or a sequence of files (a one-item sequence may be a folder).
-            kwargs: overrides of dtype / uneven / tilt / select for this call.
+            kwargs: overrides of dtype / uneven / tilt / policy / select for this call.
         """
-        opts = {**self.kwargs, **{k: v for k, v in kwargs.items() if k in self.kwargs}}
+        dtype = kwargs.get("dtype", self.dtype)
+        policy = policy_from(kwargs.get("policy", self.policy), uneven=kwargs.get("uneven"),
+                             tilt=kwargs.get("tilt"))
         select = kwargs.get("select", self.select)
         items = [Path(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data)]
         if len(items) == 1:
-            return load_volume(items[0], select=select, **opts)
+            return load_volume(items[0], select=select, dtype=dtype, policy=policy)
         if any(i.is_dir() or i.name.lower().endswith(_NIFTI_SUFFIXES) for i in items):
             raise DicomError(f"MmaiDicomReader: got {len(items)} paths including folders or NIfTI files; "
                              f"allowed: one folder, one file, or the DICOM files of one series")
-        return load_series(items, **opts)
+        return load_series(items, dtype=dtype, policy=policy)
 
     def get_data(self, img: DicomVolume) -> tuple[np.ndarray, dict]:
         """(array (I, J, K), meta) with RAS ``affine``/``original_affine``, ``spatial_shape``,
-        ``space``, no channel dim, and the volume's non-identifying meta (+ ``dicom_warnings``)."""
-        meta: dict[str, Any] = {k: v for k, v in img.meta.items() if k != "shape"}
+        ``space``, no channel dim, and the volume's non-identifying meta (+ ``dicom_warnings``).
+
+        Nested meta (``slice_steps``, ``policy``, ``slice_positions_mm``) becomes a JSON string and
+        ``problems`` a ';'-joined string, so batches of volumes still collate.
+        """
+        meta: dict[str, Any] = {}
+        for k, v in img.meta.items():
+            if k == "shape":
+                continue
+            if k == "problems":
+                v = ";".join(v)
+            elif isinstance(v, (dict, list)) and k != "spacing":
+                v = json.dumps(v)
+            meta[k] = v
         meta[MetaKeys.AFFINE] = img.affine.copy()
         meta[MetaKeys.ORIGINAL_AFFINE] = img.affine.copy()
         meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(img.array.shape[:3])
@@ -181,18 +200,27 @@ class MmaiDicomReader(ImageReader):
         return img.array, meta
 
 
-
 class _MmaiLoadImage(LoadImage):
-    """LoadImage that always reads with its MmaiDicomReader, so mmai's errors propagate unchanged
-    (LoadImage(reader=X) would wrap them in RuntimeError or retry with MONAI's own readers)."""
+    """LoadImage that always reads with its MmaiDicomReader (MONAI's public runtime ``reader``
+    argument: that reader alone, its errors unchanged, no fallback to MONAI's own readers)."""
 
     def __init__(self, mmai_reader: MmaiDicomReader, **load_kwargs: Any) -> None:
         super().__init__(reader=mmai_reader, **load_kwargs)
         self.mmai_reader = mmai_reader
-        self.readers = [mmai_reader]
 
     def __call__(self, filename: Any, reader: ImageReader | None = None) -> Any:
         return super().__call__(filename, reader=reader or self.mmai_reader)
+
+
+class _MmaiLoadImaged(LoadImaged):
+    """LoadImaged that always reads with its MmaiDicomReader (as :class:`_MmaiLoadImage`)."""
+
+    def __init__(self, keys: Any, mmai_reader: MmaiDicomReader, **load_kwargs: Any) -> None:
+        super().__init__(keys, reader=mmai_reader, **load_kwargs)  # type: ignore[arg-type]
+        self.mmai_reader = mmai_reader
+
+    def __call__(self, data: Any, reader: ImageReader | None = None) -> Any:
+        return super().__call__(data, reader=reader or self.mmai_reader)
 
 
 @contextlib.contextmanager
@@ -209,29 +237,30 @@ def _quiet_optional_readers() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def mmai_load_image(*, select: Any = None, dtype: str = "float32", uneven: str = "warn", tilt: str = "shear",
-                    load_dtype: Any = np.float32, **load_kwargs: Any) -> LoadImage:
+def mmai_load_image(*, select: Any = None, dtype: str = "float32", uneven: str | None = None,
+                    tilt: str | None = None, policy: Any = None, dicom: Any = None, load_dtype: Any = np.float32,
+                    **load_kwargs: Any) -> LoadImage:
     """A ``monai.transforms.LoadImage`` that reads only with MmaiDicomReader; errors propagate.
 
     Args:
-        select, dtype, uneven, tilt: MmaiDicomReader's options.
+        select, dtype, uneven, tilt, policy: MmaiDicomReader's options.
+        dicom: the pipeline's ``image.dicom`` section (``mmai.config.DicomConfig``); same as
+            ``policy`` (give one of them).
         load_dtype: LoadImage's own output ``dtype`` (None keeps the reader's dtype).
         load_kwargs: other LoadImage keywords (image_only, ensure_channel_first ...).
     """
-    reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt)
+    reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt, policy=policy or dicom)
     with _quiet_optional_readers():
         return _MmaiLoadImage(reader, dtype=load_dtype, **load_kwargs)
 
 
-def mmai_load_imaged(keys: Any, *, select: Any = None, dtype: str = "float32", uneven: str = "warn",
-                     tilt: str = "shear", load_dtype: Any = np.float32, **load_kwargs: Any) -> LoadImaged:
-    """A ``monai.transforms.LoadImaged`` that reads only with MmaiDicomReader (see mmai_load_image)."""
-    reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt)
+def mmai_load_imaged(keys: Any, *, select: Any = None, dtype: str = "float32", uneven: str | None = None,
+                     tilt: str | None = None, policy: Any = None, dicom: Any = None, load_dtype: Any = np.float32,
+                     **load_kwargs: Any) -> LoadImaged:
+    """A ``monai.transforms.LoadImaged`` that reads only with MmaiDicomReader (see mmai_load_image).
+
+    ``dicom=cfg.dicom`` (the pipeline's ``image.dicom`` section) sets the geometry policy.
+    """
+    reader = MmaiDicomReader(select, dtype=dtype, uneven=uneven, tilt=tilt, policy=policy or dicom)
     with _quiet_optional_readers():
-        loader = LoadImaged(keys, reader=reader, dtype=load_dtype, **load_kwargs)  # type: ignore[arg-type]
-        inner = loader._loader
-        loader._loader = _MmaiLoadImage(reader, dtype=load_dtype, image_only=inner.image_only,
-                                        ensure_channel_first=inner.ensure_channel_first,
-                                        simple_keys=inner.simple_keys, prune_meta_pattern=inner.pattern,
-                                        prune_meta_sep=inner.sep, expanduser=inner.expanduser)
-    return loader
+        return _MmaiLoadImaged(keys, reader, dtype=load_dtype, **load_kwargs)
