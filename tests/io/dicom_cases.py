@@ -55,6 +55,15 @@ def phantom(shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> np.ndarray:
     return vol.astype(np.float32)
 
 
+def smooth_phantom(shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
+    """(I, J, K) float32 without noise: a steep slice gradient (150 per slice, so a slice placed
+    1 mm off shows as tens of HU) plus a smooth in-plane pattern, for the resampled cases (their
+    values are interpolated, which noise would blur)."""
+    i, j, k = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    vol = -1000 + 20 * i + 7 * j + 150 * k + 40 * np.sin(2 * np.pi * i / 16) * np.cos(2 * np.pi * j / 12)
+    return np.rint(vol).astype(np.float32)
+
+
 def expected_affine(spacing: tuple[float, float, float] = SPACING, origin: tuple[float, float, float] = ORIGIN,
                     orientation: tuple[float, ...] = AXIAL, step: np.ndarray | None = None) -> np.ndarray:
     """Voxel -> RAS affine of a write_series volume (``step``: LPS k displacement, default normal*dz)."""
@@ -68,9 +77,9 @@ def expected_affine(spacing: tuple[float, float, float] = SPACING, origin: tuple
 
 
 def series(folder: Path, *, orientation: tuple[float, ...] = AXIAL, shape: tuple[int, int, int] = SHAPE,
-           seed: int = 0, **kwargs: Any) -> Case:
-    """A plain single-frame CT series written by write_series."""
-    vol = phantom(shape, seed)
+           seed: int = 0, smooth: bool = False, **kwargs: Any) -> Case:
+    """A plain single-frame CT series written by write_series (``smooth``: :func:`smooth_phantom`)."""
+    vol = smooth_phantom(shape) if smooth else phantom(shape, seed)
     kwargs.setdefault("spacing", SPACING)
     kwargs.setdefault("origin", ORIGIN)
     files = write_series(vol, folder, orientation=orientation, **kwargs)
@@ -94,34 +103,35 @@ def set_positions(files: list[Path], positions: list[np.ndarray]) -> None:
     rewrite(files, edit)
 
 
-def missing_slice(folder: Path, drop: int = 7) -> Case:
+def missing_slice(folder: Path, drop: int = 7, **kwargs: Any) -> Case:
     """An axial series with slice ``drop`` deleted (the volume keeps the slice for reference).
 
     Stored as int16 (intercept 0): dcm2niix only makes equidistant slices from signed data.
     """
-    case = series(folder, rescale_intercept=0.0)
+    case = series(folder, rescale_intercept=0.0, **kwargs)
     case.files[drop].unlink()
     case.notes["dropped"] = drop
     case.files = case.files[:drop] + case.files[drop + 1:]
     return case
 
 
-def uneven_series(folder: Path, gaps: tuple[float, ...] = (2.5,) * 9 + (4.0,) + (2.5,) * 9) -> Case:
+def uneven_series(folder: Path, gaps: tuple[float, ...] = (2.5,) * 9 + (4.0,) + (2.5,) * 9, **kwargs: Any) -> Case:
     """An axial int16 series whose slice gaps vary (positions along z given by ``gaps``)."""
-    case = series(folder, rescale_intercept=0.0)
+    kwargs.setdefault("shape", SHAPE[:2] + (len(gaps) + 1,))
+    case = series(folder, rescale_intercept=0.0, **kwargs)
     z = ORIGIN[2] + np.concatenate([[0.0], np.cumsum(gaps)])
     set_positions(case.files, [np.array([ORIGIN[0], ORIGIN[1], zk]) for zk in z])
     case.notes["z"] = z
     return case
 
 
-def tilted_series(folder: Path, tilt_deg: float = 15.0) -> Case:
+def tilted_series(folder: Path, tilt_deg: float = 15.0, **kwargs: Any) -> Case:
     """Axial CT with gantry tilt: slice k's origin moves along +y (posterior) by k*dz*tan(tilt).
 
     Stored as int16 (intercept 0): dcm2niix corrects tilt only for signed 16-bit data. The
     GantryDetectorTilt tag gets dcm2niix's sign convention (-tilt for this geometry).
     """
-    case = series(folder, rescale_intercept=0.0)
+    case = series(folder, rescale_intercept=0.0, **kwargs)
     dz = SPACING[2]
     shift = dz * math.tan(math.radians(tilt_deg))
     set_positions(case.files, [np.array([ORIGIN[0], ORIGIN[1] + k * shift, ORIGIN[2] + k * dz])
@@ -129,6 +139,45 @@ def tilted_series(folder: Path, tilt_deg: float = 15.0) -> Case:
     rewrite(case.files, lambda ds, k: setattr(ds, "GantryDetectorTilt", -tilt_deg))
     case.affine = expected_affine(step=np.array([0.0, shift, dz]))
     case.notes["tilt_deg"] = tilt_deg
+    return case
+
+
+def two_step_series(folder: Path) -> Case:
+    """24 slices 2.5 mm apart, then 8 slices 5 mm apart (smooth phantom)."""
+    return uneven_series(folder, gaps=(2.5,) * 23 + (5.0,) * 8, smooth=True)
+
+
+def ge_jitter_series(folder: Path, *, tilt_deg: float = 0.022, jitter: bool = True, seed: int = 7) -> Case:
+    """A GE-like brain MR: 20 axial slices ~7 mm apart with steps of 6.96-7.07 mm (1.4% jitter;
+    median step ~6.97, end-to-end mean ~7.0, so a slice sits up to ~0.2 mm off the uniform grid)
+    and a 0.022 degree drift of the slice origins (rounding-size tilt).
+
+    ``jitter=False`` writes an exact 7 mm grid (with the same tiny tilt).
+    """
+    rng = np.random.default_rng(seed)  # median ~6.97 mm against an end-to-end mean ~7.0 mm, as in the real one
+    steps = np.array([6.97] * 6 + [7.07] * 6 + [6.965] * 7) + rng.uniform(-0.005, 0.005, 19)
+    steps[3], steps[11] = 6.96, 7.07
+    if not jitter:
+        steps[:] = 7.0
+    case = series(folder, shape=(32, 24, 20), smooth=True, modality="MR", spacing=(0.9, 0.9, 7.0),
+                  series_description="AX T2 FLAIR")
+    z = np.concatenate([[0.0], np.cumsum(steps)])
+    drift = math.tan(math.radians(tilt_deg))
+    set_positions(case.files, [np.array([ORIGIN[0], ORIGIN[1] + zk * drift, ORIGIN[2] + zk]) for zk in z])
+    case.notes.update(z=z, steps=steps)
+    case.affine = None  # not a single analytic affine: checked against the headers
+    return case
+
+
+def feet_first(folder: Path) -> Case:
+    """A feet-first axial series: row cosine -x, slices written with z decreasing, PatientPosition FFS."""
+    return series(folder, orientation=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), extra={"PatientPosition": "FFS"})
+
+
+def reversed_instances(folder: Path) -> Case:
+    """InstanceNumber counts down while the position goes up (slice order reversed in the files)."""
+    case = series(folder)
+    rewrite(case.files, lambda ds, k: setattr(ds, "InstanceNumber", len(case.files) - k))
     return case
 
 
