@@ -188,6 +188,41 @@ def _template(
     return ds
 
 
+def _write_slices(stored: np.ndarray, template: Dataset, out_dir: Path, *, sop_class: str,
+                  origin: tuple[float, float, float], step: np.ndarray, normal: np.ndarray,
+                  file_prefix: str) -> list[Path]:
+    """Write slice k of ``stored`` (I, J, K) at ``origin + k * step``: the template's constant
+    element runs between the per-slice elements are serialized once and joined per slice."""
+    segments: list[list[Any]] = [[] for _ in range(len(_PER_SLICE) + 1)]
+    for elem in sorted(template, key=lambda e: e.tag):
+        slot = sum(int(elem.tag) > t for t in _PER_SLICE)
+        segments[slot].append(elem)
+    chunks = [_serialize(seg) for seg in segments]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    origin_arr = np.asarray(origin, dtype=np.float64)
+    # (K, J, I) C-contiguous little-endian: slice k's rows x columns, as DICOM stores them.
+    frames = np.ascontiguousarray(stored.transpose(2, 1, 0)).astype(stored.dtype.newbyteorder("<"), copy=False)
+    width = max(5, len(str(stored.shape[2])))
+    paths: list[Path] = []
+    for k in range(stored.shape[2]):
+        sop_uid = generate_uid()
+        position = origin_arr + k * step
+        data = b"".join((
+            _file_meta(sop_class, sop_uid),
+            chunks[0], _element(_SOP_INSTANCE_UID, b"UI", _uid(sop_uid)),
+            chunks[1], _element(_INSTANCE_NUMBER, b"IS", _text(str(k + 1))),
+            chunks[2], _element(_IMAGE_POSITION, b"DS", _text(_ds(position))),
+            chunks[3], _element(_SLICE_LOCATION, b"DS", _text(format_number_as_ds(float(position @ normal)))),
+            chunks[4], _long_element(_PIXEL_DATA, b"OW", frames[k].tobytes()),
+            chunks[5],
+        ))
+        path = out / f"{file_prefix}{k + 1:0{width}d}.dcm"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
 def write_series(
     volume: np.ndarray,
     out_dir: Path,
@@ -255,38 +290,8 @@ def write_series(
         slope=float(rescale_slope), intercept=float(rescale_intercept),
         pixel_representation=pixel_representation, extra=extra,
     )
-    # Constant element runs between the per-slice elements, serialized once.
-    segments: list[list[Any]] = [[] for _ in range(len(_PER_SLICE) + 1)]
-    for elem in sorted(template, key=lambda e: e.tag):
-        slot = sum(int(elem.tag) > t for t in _PER_SLICE)
-        segments[slot].append(elem)
-    chunks = [_serialize(seg) for seg in segments]
-    sop_class = SOP_CLASSES[modality]
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    origin_arr = np.asarray(origin, dtype=np.float64)
-    step = float(spacing[2]) * normal
-    # (K, J, I) C-contiguous little-endian: slice k's rows x columns, as DICOM stores them.
-    frames = np.ascontiguousarray(stored.transpose(2, 1, 0)).astype(stored.dtype.newbyteorder("<"), copy=False)
-    width = max(5, len(str(vol.shape[2])))
-    paths: list[Path] = []
-    for k in range(vol.shape[2]):
-        sop_uid = generate_uid()
-        position = origin_arr + k * step
-        pixel = frames[k].tobytes()
-        data = b"".join((
-            _file_meta(sop_class, sop_uid),
-            chunks[0], _element(_SOP_INSTANCE_UID, b"UI", _uid(sop_uid)),
-            chunks[1], _element(_INSTANCE_NUMBER, b"IS", _text(str(k + 1))),
-            chunks[2], _element(_IMAGE_POSITION, b"DS", _text(_ds(position))),
-            chunks[3], _element(_SLICE_LOCATION, b"DS", _text(format_number_as_ds(float(position @ normal)))),
-            chunks[4], _long_element(_PIXEL_DATA, b"OW", pixel),
-            chunks[5],
-        ))
-        path = out / f"{file_prefix}{k + 1:0{width}d}.dcm"
-        path.write_bytes(data)
-        paths.append(path)
-    logger.debug("wrote %d slices of series %s to %s", len(paths), series_uid, out)
+    paths = _write_slices(stored, template, out_dir, sop_class=SOP_CLASSES[modality], origin=origin,
+                          step=float(spacing[2]) * normal, normal=normal, file_prefix=file_prefix)
+    logger.debug("wrote %d slices of series %s to %s", len(paths), series_uid, out_dir)
     return paths
 
