@@ -136,7 +136,7 @@ def same_orientation(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     return bool(np.abs(np.subtract(a, b, dtype=np.float64)).max() <= policy.orientation_tolerance)
 
 
-def same_pixel_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
+def same_pixel_spacing(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> bool:
     """True if two PixelSpacing values agree within PIXEL_SPACING_TOL_MM."""
     return bool(np.abs(np.subtract(a, b, dtype=np.float64)).max() <= PIXEL_SPACING_TOL_MM)
 
@@ -280,7 +280,8 @@ def check_stack(ipps: np.ndarray, iop: Sequence[float] | np.ndarray,
     step = float(pos[-1] - pos[0]) / (k - 1) if k > 1 else 0.0
     dev = float(np.abs(pos - (pos[0] + step * np.arange(k))).max()) if k > 1 else 0.0
     uniform = n_dup == 0 and dev <= max(policy.spacing_tolerance * step, NOISE_MM)
-    n_missing, gaps = 0, []
+    n_missing = 0
+    gaps: list[tuple[float, float, float]] = []
     if not uniform and not n_dup and median > 0:
         n_missing, gaps = _classify_steps(pos, median, max(policy.spacing_tolerance * median, NOISE_MM))
     drift, off_line, worst = _drift(ipps[order], normal)
