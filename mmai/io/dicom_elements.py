@@ -29,6 +29,7 @@ SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b
                        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 UNDEFINED = 0xFFFFFFFF
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float, Double Float
+_PIXEL_ELEMS = (0x0010, 0x0008, 0x0009)
 _SEQ_DELIM_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _SEQ_DELIM_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 #: The Sequence Delimitation Item with a zero length, little and big endian.
@@ -125,9 +126,9 @@ def walk(data: bytes, pos: int, explicit: bool, wanted: Mapping[int, Any]) -> tu
             group, elem, vr, length = _HDR(data, pos)
         else:
             group, elem, length = _TAG_LEN(data, pos)
-        tag = (group << 16) | elem
-        if tag in PIXEL_TAGS:
+        if group == 0x7FE0 and elem in _PIXEL_ELEMS:
             return vals, pos
+        tag = (group << 16) | elem
         if not explicit or vr in SHORT_VRS:
             start = pos + 8
         elif vr in LONG_VRS:
