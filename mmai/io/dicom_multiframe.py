@@ -3,9 +3,10 @@
 Geometry comes from the functional groups: for each frame the Per-Frame group is read first,
 then the Shared group: PlanePositionSequence (ImagePositionPatient), PlaneOrientationSequence
 (ImageOrientationPatient), PixelMeasuresSequence (PixelSpacing, SliceThickness),
-PixelValueTransformationSequence (RescaleSlope/Intercept). Frames are split into stacks by
-(StackID, TemporalPositionIndex, EffectiveEchoTime, orientation); each stack becomes one volume
-(:func:`mmai.io.dicom_series.load_multiframe`).
+PixelValueTransformationSequence (RescaleSlope/Intercept). Frames are split into stacks by the
+scan's splitter (:mod:`mmai.io.dicom_stacks`: orientation, StackID, then phases at the same
+positions by TemporalPositionIndex, EffectiveEchoTime, b-value, trigger delay, other dimension
+indices); each stack becomes one volume (:func:`mmai.io.dicom_series.load_multiframe`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 
 from mmai.errors import DicomError
 from mmai.io.dicom_frames import Frame, float_or, frames_from_dataset
+from mmai.io.dicom_geometry import DEFAULT_POLICY, GeometryPolicy
+from mmai.io.dicom_stacks import other_dimensions, split_slices
 
 
 @dataclass
@@ -84,7 +87,7 @@ def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
         return frames
     if per_seq is not None and len(per_seq) != n:
         raise DicomError(f"{source}: PerFrameFunctionalGroupsSequence has {len(per_seq)} items for {n} frames")
-    other_dims = _other_dimensions(ds)
+    other_dims = other_dimensions(ds)
     for f in range(n):
         per = per_seq[f] if per_seq is not None else None
         pos = _floats(_macro(per, shared, "PlanePositionSequence"), "ImagePositionPatient")
@@ -97,6 +100,8 @@ def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
         intercept = _floats(pvt, "RescaleIntercept")
         content = _macro(per, None, "FrameContentSequence")
         echo = _floats(_macro(per, shared, "MREchoSequence"), "EffectiveEchoTime")
+        bvalue = _floats(_macro(per, shared, "MRDiffusionSequence"), "DiffusionBValue")
+        trigger = _floats(_macro(per, shared, "CardiacSynchronizationSequence"), "NominalCardiacTriggerDelayTime")
         stack_id = str(content.get("StackID", "")) if content is not None else ""
         temporal = content.get("TemporalPositionIndex", None) if content is not None else None
         fr = Frame(
@@ -112,39 +117,43 @@ def frames_from_multiframe(ds: Any, source: str) -> list[Frame]:
         div = [div] if isinstance(div, int) else list(div or [])
         other = tuple(int(div[i]) for i in other_dims if i < len(div))
         fr.stack_key = (stack_id, int(temporal) if temporal is not None else 0, echo[0] if echo else 0.0,
-                        other, iop_key)
+                        other, iop_key, bvalue[0] if bvalue else None, trigger[0] if trigger else None)
         frames.append(fr)
     return frames
 
 
-# Dimension index pointers that are the position within a stack, or already part of the stack key.
-_KNOWN_DIMS = frozenset({0x00209057, 0x00200032, 0x00209056, 0x00209128})  # InStackPosition, IPP, StackID, Temporal
+def _record(f: Frame, index: int) -> dict[str, Any]:
+    """A frame as a slice record of :func:`mmai.io.dicom_stacks.split_slices` (as the scan builds it)."""
+    stack_id, temporal, echo, other, _, bvalue, trigger = f.stack_key or ("", 0, 0.0, (), (), None, None)
+    return {"file": "frames", "frame": index, "index": index, "rows": f.rows, "cols": f.cols,
+            "iop": tuple(f.iop) if f.iop is not None else None, "ipp": tuple(f.ipp) if f.ipp is not None else None,
+            "pixel_spacing": f.pixel_spacing, "stack_key": stack_id or None, "temporal": temporal or None,
+            "echo": echo or None, "dims": other or None, "bvalue": bvalue, "trigger": trigger, "acq": None,
+            "image_type": None, "instance": f.frame_index, "mf": True, "loc": False}
 
 
-def _other_dimensions(ds: Any) -> list[int]:
-    """Indices into DimensionIndexValues of the dimensions that separate stacks but are not
-    StackID / TemporalPositionIndex / the in-stack position (e.g. b-value, echo, contrast phase)."""
-    seq = ds.get("DimensionIndexSequence", None) or []
-    return [i for i, item in enumerate(seq) if int(item.get("DimensionIndexPointer", 0) or 0) not in _KNOWN_DIMS]
+def _label(key: tuple[Any, ...], all_keys: list[tuple[Any, ...]]) -> str:
+    if not key:
+        return "all frames"
+    stack_id, temporal, echo, other = key[:4]
+    parts = [f"stack {stack_id}" if stack_id else "", f"temporal {temporal}" if temporal else "",
+             f"echo {echo:g} ms" if echo else "",
+             f"dimension index {list(other)}" if other and len({k[3] for k in all_keys if k}) > 1 else ""]
+    return ", ".join(p for p in parts if p) or "all frames"
 
 
-def split_frames(frames: list[Frame]) -> list[FrameStack]:
-    """Group frames by their stack key: StackID, TemporalPositionIndex, echo time, the other
-    dimension indices (DimensionIndexSequence minus the in-stack position), orientation."""
-    groups: dict[tuple[Any, ...], list[Frame]] = {}
-    for fr in frames:
-        groups.setdefault(fr.stack_key, []).append(fr)
-    stacks = []
-    for key in sorted(groups):
-        parts = []
-        if key:
-            stack_id, temporal, echo, other, _ = key
-            parts = [f"stack {stack_id}" if stack_id else "", f"temporal {temporal}" if temporal else "",
-                     f"echo {echo:g} ms" if echo else "",
-                     f"dimension index {list(other)}" if other and len({g[3] for g in groups}) > 1 else ""]
-        label = ", ".join(p for p in parts if p) or "all frames"
-        stacks.append(FrameStack(key=key, label=label, frames=groups[key]))
-    if len(stacks) > 1 and len({s.label for s in stacks}) < len(stacks):  # only orientation differs
-        for i, s in enumerate(stacks):
-            s.label = f"{s.label} (orientation {i + 1})"
+def split_frames(frames: list[Frame], policy: GeometryPolicy = DEFAULT_POLICY) -> list[FrameStack]:
+    """Split the frames of one multi-frame file into stacks with the scan's splitter
+    (:func:`mmai.io.dicom_stacks.split_slices`: orientation, StackID, then phases at the same
+    positions by TemporalPositionIndex, echo time, b-value, trigger delay, the other dimension
+    indices), ordered by their functional-group keys; ``label`` names each stack."""
+    parts = split_slices([_record(f, i) for i, f in enumerate(frames)], policy)
+    stacks = [FrameStack(key=frames[sl[0]["index"]].stack_key, label="", frames=[frames[s["index"]] for s in sl])
+              for sl, _ in parts]
+    stacks.sort(key=lambda st: repr(st.key[:4]) if st.key else "")
+    for st in stacks:
+        st.label = _label(st.key, [x.key for x in stacks])
+    if len(stacks) > 1 and len({s.label for s in stacks}) < len(stacks):  # keys alike: number them
+        for i, st in enumerate(stacks):
+            st.label = f"{st.label} (part {i + 1})"
     return stacks

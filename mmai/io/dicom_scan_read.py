@@ -26,6 +26,7 @@ from typing import Any
 
 from mmai.io.dicom_elements import DICOMDIR_SOP, SEQUENCE_DELIMITERS, pixel_check
 from mmai.io.dicom_scan_fast import fast_header
+from mmai.io.dicom_stacks import other_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ def _floats(n: int) -> Any:
     return conv
 
 
+def _ints(v: Any) -> list[int]:
+    return [int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
 def _first_of(item: Any, shared: Any, seq_kw: str, kw: str, conv: Any) -> Any:
     for src in (item, shared):
         if src is None:
@@ -96,11 +101,15 @@ def _frames(ds: Any) -> list[dict[str, Any]] | None:
         return None
     sh_seq = ds.get("SharedFunctionalGroupsSequence")
     sh = sh_seq[0] if sh_seq else None
+    dims = other_dimensions(ds)
     out = []
     for item in pf:
         fc = item.get("FrameContentSequence")
         fc0 = fc[0] if fc else None
+        div = _val(fc0, "DimensionIndexValues", _ints) if fc0 is not None else None
+        other = tuple(div[i] for i in dims if i < len(div)) if div else ()
         out.append({
+            "dims": other or None,
             "ipp": _first_of(item, sh, "PlanePositionSequence", "ImagePositionPatient", _floats(3)),
             "iop": _first_of(item, sh, "PlaneOrientationSequence", "ImageOrientationPatient", _floats(6)),
             "pixel_spacing": _first_of(item, sh, "PixelMeasuresSequence", "PixelSpacing", _floats(2)),

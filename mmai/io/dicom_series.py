@@ -320,7 +320,7 @@ def load_series(
         keep = set(int(i) for i in frames)
         found = [f for f in found if f.frame_index in keep]
     if len(paths) == 1 and len(found) > 1:
-        stacks = split_frames(found)
+        stacks = split_frames(found, pol)
         if len(stacks) > 1:
             raise DicomError(
                 f"{paths[0]}: the multi-frame file holds {len(stacks)} stacks/phases "
@@ -344,7 +344,7 @@ def load_multiframe(file: str | Path, *, dtype: str = "float32", uneven: str | N
     _check_dtype(dtype)
     pol = policy_from(policy, uneven=uneven, tilt=tilt)
     volumes = []
-    for stack in split_frames(read_frames(file, fast=False)):
+    for stack in split_frames(read_frames(file, fast=False), pol):
         vol = assemble(stack.frames, dtype=dtype, policy=pol)
         vol.meta["stack"] = stack.label
         vol.meta["n_frames"] = len(stack.frames)

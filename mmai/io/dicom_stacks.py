@@ -19,7 +19,17 @@ from mmai.io.dicom_geometry import DEFAULT_POLICY, DUPLICATE_TOL_MM, GeometryPol
 # Fields tried, in order, to separate several volumes acquired at the same positions.
 PHASE_KEYS = (("echo", "EchoNumbers"), ("temporal", "TemporalPositionIdentifier"),
               ("trigger", "TriggerTime"), ("acq", "AcquisitionNumber"), ("bvalue", "DiffusionBValue"),
-              ("image_type", "ImageType"))
+              ("dims", "DimensionIndexValues"), ("image_type", "ImageType"))
+#: Enhanced multi-frame dimensions that are the position within a stack, or a key of their own
+#: (InStackPositionNumber, ImagePositionPatient, StackID, TemporalPositionIndex).
+KNOWN_DIMENSIONS = frozenset({0x00209057, 0x00200032, 0x00209056, 0x00209128})
+
+
+def other_dimensions(ds: Any) -> list[int]:
+    """Indices into DimensionIndexValues of an enhanced multi-frame dataset's dimensions that
+    separate stacks but are not KNOWN_DIMENSIONS (e.g. a b-value, an echo, a contrast phase)."""
+    seq = ds.get("DimensionIndexSequence", None) or []
+    return [i for i, item in enumerate(seq) if int(item.get("DimensionIndexPointer", 0) or 0) not in KNOWN_DIMENSIONS]
 
 
 def _cluster(values: list[tuple[float, ...] | None], tol: float) -> list[int]:
@@ -63,7 +73,7 @@ def _position_ids(d: np.ndarray) -> np.ndarray:
 def _slices_of(rec: dict[str, Any]) -> list[dict[str, Any]]:
     """Expand one file record into slice records (one per frame for enhanced multi-frame)."""
     base = {k: rec.get(k) for k in ("rows", "cols", "iop", "ipp", "echo", "temporal", "trigger", "acq",
-                                    "bvalue", "image_type", "instance", "pixel_spacing")}
+                                    "bvalue", "dims", "image_type", "instance", "pixel_spacing")}
     base["file"] = rec["path"]
     base["frame"] = None
     base["stack_key"] = None
@@ -146,6 +156,19 @@ def split_series(files: list[dict[str, Any]], policy: GeometryPolicy = DEFAULT_P
             s["mf"] = bool(rec.get("frames")) or (rec.get("n_frames") or 1) > 1
             s["loc"] = _is_localizer_type(rec.get("image_type"))
             slices.append(s)
+    return split_slices(slices, policy)
+
+
+def split_slices(slices: list[dict[str, Any]], policy: GeometryPolicy = DEFAULT_POLICY
+                 ) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """Split slice records (``rows, cols, iop, ipp, file, mf, loc, stack_key`` and the PHASE_KEYS
+    fields) into stacks: orientation, matrix, localizer, multi-frame file and StackID, then
+    phases at the same positions (:func:`split_phases`). Used for the slices of a series (scan)
+    and for the frames of one enhanced multi-frame file (the loader).
+
+    Returns:
+        list of (slices, info) as :func:`split_series`.
+    """
     orient_ids = _cluster([tuple(s["iop"]) if s["iop"] is not None else None for s in slices],
                           policy.orientation_tolerance)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)

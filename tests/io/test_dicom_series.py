@@ -372,3 +372,24 @@ def test_bad_options_list_the_choices(tmp_path: Path) -> None:
         load_series(case.files, policy={"spacing_tolerance": 0.7})
     with pytest.raises(DicomError, match="empty"):
         load_series([])
+
+
+@pytest.mark.parametrize("kind", ["temporal", "diffusion", "two_orientations", "two_stacks"])
+def test_multiframe_split_is_the_scans_split(tmp_path: Path, kind: str) -> None:
+    """One splitter: the frames the loader groups into each stack of an enhanced multi-frame
+    file are exactly the frames the scan assigns to each stack (what convert and the reader load)."""
+    from mmai.io.dicom_multiframe import split_frames
+    from mmai.io.dicom_scan import scan_stacks
+    from mmai.io.dicom_series import read_frames
+    from tests.io.test_dicom_scan import AXIAL, SAGITTAL, write_enhanced
+
+    path = tmp_path / "mf.dcm"
+    if kind == "temporal":
+        dc.enhanced(path, n_temporal=2)
+    elif kind == "diffusion":
+        dc.enhanced(path, modality="MR", n_temporal=3, phase_by="diffusion")
+    else:
+        write_enhanced(path, n_per_stack=3, orientations=[AXIAL, SAGITTAL if kind == "two_orientations" else AXIAL])
+    loader = sorted(sorted(f.frame_index for f in st.frames) for st in split_frames(read_frames(path, fast=False)))
+    scan = sorted(sorted(s.frames) for s in scan_stacks(tmp_path) if s.frames is not None)
+    assert loader == scan and len(loader) == {"temporal": 2, "diffusion": 3}.get(kind, 2)
