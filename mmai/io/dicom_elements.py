@@ -45,6 +45,15 @@ class NeedsPydicom(Exception):
     """The bytes are outside what the walker handles; read the file with pydicom."""
 
 
+def binary_value(raw: bytes, kind: str) -> int | float:
+    """A binary value: kind "US" (2 bytes) or "FD" (8 bytes); NeedsPydicom for "x" (a tag the
+    caller refuses to handle), another kind or a value of the wrong length (VM > 1 included)."""
+    size = {"US": 2, "FD": 8}.get(kind)
+    if size is None or len(raw) != size:
+        raise NeedsPydicom
+    return U16(raw, 0)[0] if kind == "US" else struct.unpack("<d", raw)[0]
+
+
 def skip_undefined(data: bytes, pos: int, explicit: bool) -> int:
     """Skip an undefined-length value (items up to the sequence delimiter); return the end."""
     while True:

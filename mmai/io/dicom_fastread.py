@@ -20,9 +20,9 @@ import numpy as np
 from mmai.io.dicom_elements import (
     EXPLICIT_LE,
     IMPLICIT_LE,
-    U16,
     UNDEFINED,
     NeedsPydicom,
+    binary_value,
     pixel_element,
     read_meta,
     walk,
@@ -30,7 +30,7 @@ from mmai.io.dicom_elements import (
 from mmai.io.dicom_frames import Frame
 
 _PIXEL_DATA = 0x7FE00010
-# tag -> (name, kind); kind: "s" text, "f" DS list, "u" US, "x" refuse (needs pydicom).
+# tag -> (name, kind); kind: "s" text, "f" DS list, "US", "x" refuse (needs pydicom).
 _WANTED: dict[int, tuple[str, str]] = {
     0x00080008: ("image_type", "s"),
     0x00080060: ("modality", "s"),
@@ -38,15 +38,15 @@ _WANTED: dict[int, tuple[str, str]] = {
     0x00180050: ("slice_thickness", "f"),
     0x00200032: ("ipp", "f"),
     0x00200037: ("iop", "f"),
-    0x00280002: ("samples", "u"),
+    0x00280002: ("samples", "US"),
     0x00280004: ("photometric", "s"),
     0x00280008: ("frames", "s"),
-    0x00280010: ("rows", "u"),
-    0x00280011: ("cols", "u"),
+    0x00280010: ("rows", "US"),
+    0x00280011: ("cols", "US"),
     0x00280030: ("pixel_spacing", "f"),
-    0x00280100: ("bits_allocated", "u"),
-    0x00280101: ("bits_stored", "u"),
-    0x00280103: ("pixel_representation", "u"),
+    0x00280100: ("bits_allocated", "US"),
+    0x00280101: ("bits_stored", "US"),
+    0x00280103: ("pixel_representation", "US"),
     0x00281052: ("intercept", "f"),
     0x00281053: ("slope", "f"),
     0x00283000: ("modality_lut", "x"),
@@ -54,12 +54,8 @@ _WANTED: dict[int, tuple[str, str]] = {
 
 
 def _value(raw: bytes, kind: str) -> Any:
-    if kind == "x":
-        raise NeedsPydicom
-    if kind == "u":
-        if len(raw) != 2:
-            raise NeedsPydicom
-        return U16(raw, 0)[0]
+    if kind in ("US", "x"):
+        return binary_value(raw, kind)
     text = raw.decode("latin-1").strip(" \x00")
     if kind == "f":
         return [float(v) for v in text.split("\\") if v.strip()] if text else None

@@ -14,37 +14,37 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from mmai.io.dicom_elements import DICOMDIR_SOP, IMPLICIT_LE, U16, NeedsPydicom, pixel_check, read_meta, walk
+from mmai.io.dicom_elements import (
+    DICOMDIR_SOP,
+    IMPLICIT_LE,
+    NeedsPydicom,
+    binary_value,
+    pixel_check,
+    read_meta,
+    walk,
+)
 
 _FAST_BYTES = (8192, 262144)  # first read, second (larger) read if Pixel Data was not reached
 _DEFLATE_OR_BE = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 _PLAIN_CHARSETS = {"", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 192"}
-# tag -> (record key, kind): s text, u UI, i IS, f DS, F<n> DS list, H US, d FD, t ImageType, x refuse
+# tag -> (record key, kind): s text, u UI, i IS, f DS, F<n> DS list, US, FD, t ImageType, x refuse
 _FAST_TAGS: dict[int, tuple[str, str]] = {
     0x00080005: ("charset", "s"), 0x00080008: ("image_type", "t"), 0x00080016: ("sop_class", "u"),
     0x00080018: ("sop_uid", "u"), 0x00080060: ("modality", "s"), 0x0008103E: ("series_description", "s"),
     0x00100020: ("patient_id", "s"), 0x00180050: ("thickness", "f"), 0x00180086: ("echo", "i"),
-    0x00181060: ("trigger", "f"), 0x00181120: ("tilt", "f"), 0x00189087: ("bvalue", "d"),
+    0x00181060: ("trigger", "f"), 0x00181120: ("tilt", "f"), 0x00189087: ("bvalue", "FD"),
     0x0020000D: ("study_uid", "u"), 0x0020000E: ("series_uid", "u"), 0x00200011: ("series_number", "i"),
     0x00200012: ("acq", "i"), 0x00200013: ("instance", "i"), 0x00200032: ("ipp", "F3"),
-    0x00200037: ("iop", "F6"), 0x00200100: ("temporal", "i"), 0x00280002: ("spp", "H"),
-    0x00280004: ("photometric", "s"), 0x00280008: ("n_frames", "i"), 0x00280010: ("rows", "H"),
-    0x00280011: ("cols", "H"), 0x00280030: ("pixel_spacing", "F2"), 0x00280100: ("bits", "H"),
+    0x00200037: ("iop", "F6"), 0x00200100: ("temporal", "i"), 0x00280002: ("spp", "US"),
+    0x00280004: ("photometric", "s"), 0x00280008: ("n_frames", "i"), 0x00280010: ("rows", "US"),
+    0x00280011: ("cols", "US"), 0x00280030: ("pixel_spacing", "F2"), 0x00280100: ("bits", "US"),
     0x52009229: ("functional_groups", "x"), 0x52009230: ("functional_groups", "x"),
 }
 
 
 def _fast_value(raw: bytes, kind: str) -> Any:
-    if kind == "x":
-        raise NeedsPydicom
-    if kind == "H":
-        if len(raw) != 2:
-            raise NeedsPydicom
-        return U16(raw, 0)[0]
-    if kind == "d":
-        if len(raw) != 8:
-            raise NeedsPydicom
-        return struct.unpack("<d", raw)[0]
+    if kind in ("US", "FD", "x"):
+        return binary_value(raw, kind)
     text = raw.decode("utf-8").strip(" \x00")
     if not text:
         return None
