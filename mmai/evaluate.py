@@ -398,8 +398,9 @@ def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | 
         report["plots"] = _write_plots(report, joined, out_dir)
         if report["kind"] == "survival" and plot_horizon_calibration(report["models"], out_dir / "calibration_t.png"):
             report["plots"]["calibration_t"] = "calibration_t.png"
+        report["html"] = "report.html"
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-        report["html"] = write_html(report, out_dir).name
+        write_html(report, out_dir)
         log.info("wrote %s, report.html and %d plot(s)", out_dir / "report.json", len(report["plots"]))
     return report
 
