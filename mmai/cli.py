@@ -44,23 +44,23 @@ def _workers(text: str) -> int:
     try:
         n = int(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--workers must be a whole number >= 1, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from exc
     if n < 1:
-        raise argparse.ArgumentTypeError(f"--workers must be >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
 
 
 def _out_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"--out {text} is an existing folder; give a file path")
+        raise argparse.ArgumentTypeError(f"{text} is an existing folder; give a file path")
     return path
 
 
 def _out_dir(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"--out {text} is an existing file; give a folder")
+        raise argparse.ArgumentTypeError(f"{text} is an existing file; give a folder")
     return path
 
 
