@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 300
 ERROR_COLUMNS = ["case_id", "stage", "series", "error"]
-_LIST = re.compile(r"\[(?:\s*(?:PosixPath\()?'[^']*'\)?\s*,?)+\]")  # a printed list of paths
+_LIST = re.compile(r"\[(?:\s*(?:PosixPath\()?'[^']*[/\\][^']*'\)?\s*,?)+\]")  # a printed list of paths
 
 
 def error_row(case_id: Any, stage: str, reason: Any, *, series: str = "", files: Any = None) -> dict[str, str]:

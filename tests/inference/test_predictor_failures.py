@@ -67,6 +67,8 @@ def test_error_row_caps_length_and_one_line():
     row = error_row("c1", "image", f"{files}: bad\nsecond line " + "x" * 1000, series="series 1.2.3", files=files)
     assert len(row["error"]) == MAX_ERROR_CHARS and "\n" not in row["error"]
     assert "Doe_Jane" not in row["error"] and row["error"].startswith("[200 files]: bad second line")
+    names = error_row("c1", "clinical", "column(s) ['age', 'crp'] are not in the table")
+    assert names["error"] == "column(s) ['age', 'crp'] are not in the table"  # not a file list
 
 
 def test_torn_last_row_is_redone_not_glued(world, tmp_path):  # noqa: F811
