@@ -168,7 +168,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         dicom_root=Path(a.dicom_root) if a.dicom_root else None,
         clinical_path=Path(a.clinical) if a.clinical else None,
         explain_dir=Path(a.explain) if a.explain else None,
-        device=a.device, shard=a.shard, progress=not a.quiet,
+        device=a.device, shard=a.shard, progress=not a.quiet, workers=a.workers,
     )
     if summary.all_failed:
         sys.stderr.write(f"mmai predict: error: every case failed: {summary}\n")
@@ -311,6 +311,7 @@ def _parser_predict(sub: Any) -> None:
     _add_out(s, "file", "predictions CSV")
     s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions)")
     _add_device(s)
+    _add_workers(s, "parallel DICOM header readers for --dicom-root")
     _add_shard(s)
     _add_salt(s)
     _add_common(s)

@@ -23,12 +23,13 @@ def _options(verb: str) -> dict[str, object]:
     return {opt: a for a in sub.choices[verb]._actions for opt in a.option_strings}
 
 
-@pytest.mark.parametrize("verb", ["scan", "convert", "preprocess", "synth"])
+@pytest.mark.parametrize("verb", ["scan", "convert", "preprocess", "predict", "synth"])
 @pytest.mark.parametrize("bad", ["0", "-1", "two"])
 def test_workers_below_one_is_a_one_line_error(verb, bad, tmp_path, capsys):
     argv = {"scan": ["scan", str(tmp_path), "--out", str(tmp_path / "i.csv")],
             "convert": ["convert", str(tmp_path), "--out", str(tmp_path / "o")],
             "preprocess": ["preprocess", "--config", "p.yaml", "--input", "m.csv", "--out", str(tmp_path / "o")],
+            "predict": ["predict", "--run", "r", "--dicom-root", str(tmp_path), "--out", str(tmp_path / "p.csv")],
             "synth": ["synth", "--out", str(tmp_path / "s")]}[verb]
     assert run_cli([*argv, "--workers", bad]) == 2
     err = capsys.readouterr().err.strip()
@@ -37,7 +38,7 @@ def test_workers_below_one_is_a_one_line_error(verb, bad, tmp_path, capsys):
 
 def test_shared_options_come_from_one_helper_each():
     # the same option on different verbs is the same definition (type and help wording)
-    for opt, verbs in {"--workers": ["scan", "convert", "preprocess", "synth"],
+    for opt, verbs in {"--workers": ["scan", "convert", "preprocess", "predict", "synth"],
                        "--shard": ["preprocess", "predict"], "--device": ["preprocess", "train", "predict"],
                        "--salt-file": ["scan", "convert", "preprocess", "predict"]}.items():
         actions = [_options(v)[opt] for v in verbs]

@@ -237,7 +237,10 @@ def predict_cases(root: Path, clinical_path: Path | None, config: PipelineConfig
         check_table(table, config, source)
     cases, errors = select_cases(root, config, workers=workers, progress=progress)
     cases, report = join_clinical(cases, table, config, source=source)
-    log.info("%s", report)
+    if table is None:
+        log.warning("%s (clinical_present = 0); pass --clinical TABLE to use clinical values", report)
+    else:
+        log.info("%s", report)
     if report.n_unmatched_studies and table is not None:
         log.warning("%d of %d studies have no row in %s (clinical values missing, clinical_present = 0); "
                     "first: %s", report.n_unmatched_studies, report.n_studies, source,

@@ -8,6 +8,9 @@ ONNX export needs the ``onnx`` package (``pip install mmai[onnx]``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +18,8 @@ import torch
 from mmai.errors import MmaiError
 from mmai.models.heads import outputs_to_predictions
 from mmai.utils import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 class _Exported(torch.nn.Module):
@@ -105,10 +110,14 @@ def _export_onnx(predictor, path: Path) -> None:  # noqa: ANN001 - a Predictor
     bakes the traced batch size into the fusion models' masked writes)."""
     module = _Exported(predictor.model, predictor.encoding.kind).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
+    chatter = io.StringIO()  # the exporter prints its progress to stdout; keep it for --verbose
     try:
-        torch.onnx.export(module, example_inputs(predictor), str(path), input_names=INPUT_NAMES,
-                          output_names=["prediction"], dynamo=True, verbose=False, external_data=False,
-                          dynamic_shapes=tuple({0: batch} for _ in INPUT_NAMES))
+        with contextlib.redirect_stdout(chatter):
+            torch.onnx.export(module, example_inputs(predictor), str(path), input_names=INPUT_NAMES,
+                              output_names=["prediction"], dynamo=True, verbose=False, external_data=False,
+                              dynamic_shapes=tuple({0: batch} for _ in INPUT_NAMES))
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one line for the CLI
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MmaiError(f"ONNX export of {predictor.run_dir} failed: {first[:300]}") from exc
+    finally:
+        log.debug("torch.onnx: %s", chatter.getvalue().strip())

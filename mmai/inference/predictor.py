@@ -3,8 +3,8 @@
 Output columns (DESIGN.md): ``case_id``, then ``prob_<class>`` per class and ``prediction``
 (classification), ``prediction`` (regression, in the target's units) or ``risk`` (survival,
 higher = earlier event) plus ``surv_<t>`` (P(no event by t), one per ``task.horizons`` entry),
-then ``model_id`` and ``clinical_present`` (1: at least one clinical value observed; 0: the model
-saw the clinical modality as missing, e.g. a study with no row in the clinical table). Rows are
+then ``clinical_present`` (1: at least one clinical value observed; 0: the model saw the clinical
+modality as missing, e.g. a study with no row in the clinical table) and ``model_id``. Rows are
 appended as each batch finishes, so a killed run resumes where it stopped (a torn last row is
 redone); a case that fails gets a row in ``<out>.errors.csv`` (case_id, stage, series, error) and
 the others go on. With ``--dicom-root`` the clinical join is reported in ``<out>.join.json``.
@@ -118,7 +118,7 @@ class Predictor:
             cols = ["prediction"]
         else:
             cols = ["risk", *[horizon_column(t) for t in self.horizons]]
-        return ["case_id", *cols, "model_id", "clinical_present"]
+        return ["case_id", *cols, "clinical_present", "model_id"]
 
     def _rows(self, case_ids: list[str], out: torch.Tensor, clinical_present: np.ndarray) -> list[dict[str, Any]]:
         kind = self.encoding.kind
@@ -251,7 +251,7 @@ def join_path_for(out_csv: Path) -> Path:
 
 
 def _cases(predictor: Predictor, out_csv: Path, manifest_path: Path | None, dicom_root: Path | None,
-           clinical_path: Path | None, shard: tuple[int, int] | None, progress: bool
+           clinical_path: Path | None, shard: tuple[int, int] | None, progress: bool, workers: int = 1
            ) -> tuple[pd.DataFrame, list[dict[str, str]], str | None]:
     """The cases of this shard, the series-selection errors of this shard, and the join report path."""
     if manifest_path is not None:
@@ -264,7 +264,8 @@ def _cases(predictor: Predictor, out_csv: Path, manifest_path: Path | None, dico
         raise MmaiError("predict needs --manifest or --dicom-root")
     from mmai.inference.dicom_cases import predict_cases
 
-    df, select_errors, report = predict_cases(dicom_root, clinical_path, predictor.config, progress=progress)
+    df, select_errors, report = predict_cases(dicom_root, clinical_path, predictor.config, progress=progress,
+                                              workers=workers)
     select_errors = [error_row(e["case_id"], e["stage"], e["error"], series=e.get("series", ""))
                      for e in select_errors]
     if shard is not None:
@@ -286,7 +287,8 @@ def _write_errors(errors: list[dict[str, str]], err_path: Path) -> None:
 def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | None = None,
                        dicom_root: Path | None = None, clinical_path: Path | None = None,
                        explain_dir: Path | None = None, device: str | None = None,
-                       shard: tuple[int, int] | None = None, progress: bool = True) -> PredictSummary:
+                       shard: tuple[int, int] | None = None, progress: bool = True,
+                       workers: int = 1) -> PredictSummary:
     """``mmai predict``: predict every case of a manifest (or DICOM root + optional clinical table).
 
     Raises:
@@ -297,7 +299,8 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     if out_csv.is_dir():
         raise MmaiError(f"--out {out_csv} is an existing folder; give a file path")
     predictor = Predictor(run_dir, device=device)
-    df, select_errors, join = _cases(predictor, out_csv, manifest_path, dicom_root, clinical_path, shard, progress)
+    df, select_errors, join = _cases(predictor, out_csv, manifest_path, dicom_root, clinical_path, shard, progress,
+                                     workers)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     columns = predictor.columns()
     done = resume_done(out_csv, columns, predictor.model_id)
