@@ -123,7 +123,8 @@ class Predictor:
     def _rows(self, case_ids: list[str], out: torch.Tensor, clinical_present: np.ndarray) -> list[dict[str, Any]]:
         kind = self.encoding.kind
         pred = outputs_to_predictions(kind, out).numpy()
-        surv = survival_probability(self.baseline, pred[:, 0], self.horizons) if self.horizons else None
+        surv = survival_probability(self.baseline, pred[:, 0], self.horizons) \
+            if self.horizons and self.baseline is not None else None
         rows = []
         for k, (cid, p) in enumerate(zip(case_ids, pred, strict=True)):
             row: dict[str, Any] = {"case_id": cid}
@@ -207,7 +208,7 @@ class Predictor:
             image = torch.from_numpy(np.stack([img for i in keep if (img := images[i]) is not None])).to(self.device)
         out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
                          torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device))
-        clinical_present = mask[keep].any(axis=1) if mask.shape[1] else np.zeros(len(keep), bool)
+        clinical_present = np.asarray(mask[keep].any(axis=1) if mask.shape[1] else np.zeros(len(keep), bool))
         return self._rows([str(df["case_id"].iloc[i]) for i in keep], out.float().cpu(), clinical_present)
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, str]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 
 import pandas as pd
@@ -76,3 +77,13 @@ def test_scan_with_salt_file_writes_keyed_pseudonyms_and_resets(tmp_path, caplog
     assert deid._state["key"] is None  # the CLI's key does not leak into later calls
     assert main(["scan", str(tmp_path / "in"), "--out", str(tmp_path / "j.csv"), "-q"]) == 0
     assert pd.read_csv(tmp_path / "j.csv")["patient_id"].iloc[0] == _hmac(DEFAULT_SALT, "PID-12345")
+
+
+def test_convert_with_salt_file_keys_the_sidecar_in_its_workers(tmp_path):
+    make_series(tmp_path / "in" / "a", k=3, patient_id="PID-12345")
+    make_series(tmp_path / "in" / "b", k=3, patient_id="PID-67890", prefix="B")
+    (tmp_path / "salt").write_text(SECRET)
+    assert main(["convert", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "2", "-q",
+                 "--salt-file", str(tmp_path / "salt")]) == 0
+    keys = sorted(json.loads(p.read_text())["PatientKey"] for p in (tmp_path / "out").rglob("*.json"))
+    assert keys == sorted([_hmac(SECRET, "PID-12345"), _hmac(SECRET, "PID-67890")])
