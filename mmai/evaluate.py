@@ -260,8 +260,8 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
         models[model] = entry
     if not joined_by_model:
         raise ManifestError(
-            f"{pred_source} and {man_source}: no case has both a valid prediction and a target "
-            f"(first predicted ids: {rows['case_id'].head(FIRST).tolist()}; "
+            f"{pred_source} and {man_source}: no case has both a valid prediction and a target in split "
+            f"{split_name!r}{' (--split all scores every row)' if split_name != 'all' else ''} (first predicted ids: {rows['case_id'].head(FIRST).tolist()}; "
             f"first manifest ids: {man['case_id'].head(FIRST).tolist()})")
     report["models"] = models
     return report, joined_by_model
