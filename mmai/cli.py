@@ -1,7 +1,9 @@
 """`mmai ...`: the command line. Thin: parse arguments, configure logging, call the library.
 
-Every verb exits 0 on success and 2 with a one-line reason on bad input (any MmaiError).
-Heavy imports happen inside the handlers so `mmai --help` is instant.
+Exit status: 0 success; 1 a batch where every case failed (`predict`); 2 bad input, with one line
+`mmai VERB: error: <reason>` (argument errors and any MmaiError); 130 interrupted. Options shared
+by several verbs (`--out`, `--device`, `--workers`, `--shard`, `--salt-file`) come from one
+helper each. Heavy imports happen inside the handlers so `mmai --help` is instant.
 """
 
 from __future__ import annotations
@@ -10,12 +12,20 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 from mmai.errors import MmaiError
 
 log = logging.getLogger("mmai")
 
 FUSIONS = ["cross_attention", "concat", "early", "late", "film", "image_only", "clinical_only"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``mmai VERB: error: <reason> (see mmai VERB --help)``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -30,18 +40,73 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from exc
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _out_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing folder; give a file path")
+    return path
+
+
+def _out_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file; give a folder")
+    return path
+
+
+# --------------------------------------------------------------------------- shared options
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="only log warnings and errors; no progress bars")
+
+
+def _add_out(p: argparse.ArgumentParser, kind: str, help: str, required: bool = True) -> None:
+    """``--out``: a file (``kind="file"``; an existing folder is an error) or a folder (``"dir"``)."""
+    p.add_argument("--out", required=required, type=_out_file if kind == "file" else _out_dir, help=help)
+
+
+def _add_device(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    auto = "cuda if available" if default is None else default
+    p.add_argument("--device", default=default, help=f"cpu, cuda or cuda:N (default: {auto})")
+
+
+def _add_workers(p: argparse.ArgumentParser, what: str = "parallel workers") -> None:
+    p.add_argument("--workers", type=_workers, default=1, help=f"{what} (>= 1, default 1)")
+
+
+def _add_shard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="handle only shard I of N (cases I, I+N, I+2N, ...; 0-based)")
+
+
+def _add_salt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--salt-file", default=None, metavar="FILE",
+                   help="file holding the secret key of the patient pseudonyms (default: $MMAI_PSEUDONYM_KEY, "
+                   "else a public salt, with a warning; docs/cli.md)")
 
 
 # --------------------------------------------------------------------------- handlers
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
+    from mmai.io.deid import DEFAULT_SALT
     from mmai.io.dicom_scan import scan_tree
 
-    df = scan_tree(Path(a.dicom_root), workers=a.workers, progress=not a.quiet, include_phi=a.include_phi)
+    salt = DEFAULT_SALT if a.include_phi else _salt()  # --include-phi makes no pseudonyms
+    df = scan_tree(Path(a.dicom_root), workers=a.workers, progress=not a.quiet, include_phi=a.include_phi,
+                   salt=salt)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
@@ -50,12 +115,20 @@ def _cmd_scan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _salt() -> str:
+    """The pseudonym key in force (set from --salt-file by main, else $MMAI_PSEUDONYM_KEY, else the default)."""
+    from mmai.io.deid import pseudonym_key
+
+    return pseudonym_key()
+
+
 def _cmd_convert(a: argparse.Namespace) -> int:
     from mmai.io.convert import convert_tree
 
     report = convert_tree(
         Path(a.dicom_root), Path(a.out), config_path=Path(a.config) if a.config else None,
         workers=a.workers, split_phases=a.split_phases, progress=not a.quiet, uneven=a.uneven,
+        salt=_salt(),
     )
     log.info("%s", report)
     return 0
@@ -95,9 +168,12 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         dicom_root=Path(a.dicom_root) if a.dicom_root else None,
         clinical_path=Path(a.clinical) if a.clinical else None,
         explain_dir=Path(a.explain) if a.explain else None,
-        device=a.device, shard=a.shard, progress=not a.quiet,
+        device=a.device, shard=a.shard, progress=not a.quiet, workers=a.workers,
     )
-    log.info("%s", summary)
+    if summary.all_failed:
+        sys.stderr.write(f"mmai predict: error: every case failed: {summary}\n")
+        return 1
+    log.log(logging.WARNING if summary.n_failed else logging.INFO, "%s", summary)
     return 0
 
 
@@ -107,7 +183,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     report = evaluate_files(
         predictions_path=Path(a.predictions), manifest_path=Path(a.manifest),
         out_dir=Path(a.out) if a.out else None, n_boot=a.n_boot, seed=a.seed,
-        target=a.target, time=a.time, event=a.event,
+        target=a.target, time=a.time, event=a.event, split=a.split,
     )
     from mmai.evaluate import format_report
 
@@ -161,89 +237,101 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mmai",
-        description="Multimodal medical AI: DICOM/NIfTI studies + a clinical table -> 3D fusion models.",
-    )
-    p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
+def _parser_scan(sub: Any) -> None:
     s = sub.add_parser("scan", help="index a DICOM tree: one row per series (header-only reads)",
                        description="Walk DICOM_ROOT, read headers only, and write one row per series "
                        "(stack) with its problems. Non-DICOM files are skipped and listed.")
     s.add_argument("dicom_root", help="folder to walk (recursively)")
-    s.add_argument("--out", required=True, help="index CSV to write")
-    s.add_argument("--workers", type=int, default=1, help="parallel header readers (default 1)")
+    _add_out(s, "file", "index CSV to write")
+    _add_workers(s, "parallel header readers")
     s.add_argument("--include-phi", action="store_true",
                    help="write the real PatientID (default: a pseudonym p-<hash>; see docs/dicom_scan.md)")
+    _add_salt(s)
     _add_common(s)
     s.set_defaults(func=_cmd_scan)
 
+
+def _parser_convert(sub: Any) -> None:
     s = sub.add_parser("convert", help="DICOM series -> NIfTI + JSON sidecar (like dcm2niix)",
                        description="Convert every image series (localizers excluded) under DICOM_ROOT "
                        "to NIfTI with a JSON sidecar; failures go to OUT/errors.csv with the reason.")
     s.add_argument("dicom_root", help="folder to walk (recursively)")
-    s.add_argument("--out", required=True, help="output folder")
+    _add_out(s, "dir", "output folder")
     s.add_argument("--config", help="pipeline YAML whose image.select rule narrows the series")
-    s.add_argument("--workers", type=int, default=1, help="parallel workers (default 1)")
+    _add_workers(s)
     s.add_argument("--split-phases", action="store_true",
                    help="write one file per phase/echo instead of one 4D file")
     s.add_argument("--uneven", choices=("resample", "error", "keep"), default=None,
                    help="series not uniformly spaced (missing slice, gaps, jitter): resample onto a uniform "
                    "grid (default), error, or keep the raw slices (sidecar: geometry irregular + positions); "
                    "overrides the --config's image.dicom.uneven")
+    _add_salt(s)
     _add_common(s)
     s.set_defaults(func=_cmd_convert)
 
+
+def _parser_preprocess(sub: Any) -> None:
     s = sub.add_parser("preprocess", help="DICOM root or manifest -> preprocessed volumes + manifest",
                        description="Load each case's image, run the pipeline's MONAI transforms, and "
                        "write OUT/images/<case_id>.nii.gz, OUT/manifest.csv and OUT/errors.csv. "
                        "Finished cases are skipped on re-run; one bad case never stops the others.")
     s.add_argument("--config", required=True, help="pipeline YAML")
     s.add_argument("--input", required=True, help="a DICOM root folder or a manifest CSV/Parquet/JSON")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the transforms (default cpu)")
-    s.add_argument("--workers", type=int, default=1, help="parallel case workers (default 1)")
-    s.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="process only shard I of N")
+    _add_out(s, "dir", "output folder")
+    _add_device(s, "cpu")
+    _add_workers(s, "parallel case workers")
+    _add_shard(s)
+    _add_salt(s)
     _add_common(s)
     s.set_defaults(func=_cmd_preprocess)
 
+
+def _parser_train(sub: Any) -> None:
     s = sub.add_parser("train", help="train a fusion model (or a baseline) on a manifest",
                        description="Train on the manifest's training rows and write RUN_DIR with "
                        "config.yaml, model.safetensors, state.json, metrics.json, log.jsonl, plots/.")
     s.add_argument("--config", required=True, help="pipeline YAML")
     s.add_argument("--manifest", required=True, help="manifest CSV (e.g. preprocess's OUT/manifest.csv)")
-    s.add_argument("--out", required=True, help="run folder to write")
+    _add_out(s, "dir", "run folder to write")
     s.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="fusion strategy (default: the YAML's model.fusion)")
     s.add_argument("--folds", type=int, default=None, help="K-fold cross-validation (default: YAML)")
     s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    _add_device(s)
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
     _add_common(s)
     s.set_defaults(func=_cmd_train)
 
+
+def _parser_predict(sub: Any) -> None:
     s = sub.add_parser("predict", help="batch inference with a trained run",
                        description="Predict every case of a manifest (or a DICOM root plus a clinical "
                        "table). Resumable; failures go to <out>.errors.csv.")
     s.add_argument("--run", required=True, help="run folder written by mmai train")
     s.add_argument("--manifest", help="manifest of cases to predict")
     s.add_argument("--dicom-root", help="DICOM root (series picked by the run's selection rule)")
-    s.add_argument("--clinical", help="clinical table for --dicom-root (case_id or patient_id column)")
-    s.add_argument("--out", required=True, help="predictions CSV")
+    s.add_argument("--clinical", help="clinical table for --dicom-root, joined by case_id or patient_id "
+                   "(see docs/cli.md); without it every case is predicted with clinical values missing")
+    _add_out(s, "file", "predictions CSV")
     s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions)")
-    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
-    s.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="predict only shard I of N")
+    _add_device(s)
+    _add_workers(s, "parallel DICOM header readers for --dicom-root")
+    _add_shard(s)
+    _add_salt(s)
     _add_common(s)
     s.set_defaults(func=_cmd_predict)
 
+
+def _parser_evaluate(sub: Any) -> None:
     s = sub.add_parser("evaluate", help="metrics with bootstrap CIs, calibration and plots",
                        description="Join predictions to the manifest's targets by case_id and report "
                        "metrics with 95% bootstrap confidence intervals.")
     s.add_argument("--predictions", required=True, help="predictions CSV from mmai predict")
     s.add_argument("--manifest", required=True, help="manifest with the true targets")
-    s.add_argument("--out", help="report folder (report.json + plots)")
+    _add_out(s, "dir", "report folder (report.json, report.html, plots)", required=False)
+    s.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
+                   help="manifest rows to score: train, val, test or all (default: test when the manifest has "
+                   "a split column, else all)")
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--target", default="label", help="manifest column with the true label/value (default label)")
@@ -252,43 +340,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=_cmd_evaluate)
 
+
+def _parser_clinical_schema(sub: Any) -> None:
     s = sub.add_parser("clinical-schema", help="propose the typed clinical: section from a table",
                        description="Read a clinical CSV and propose the clinical: section of a "
                        "pipeline YAML (types, ranges, vocabularies) for you to edit.")
     s.add_argument("table", help="clinical CSV")
-    s.add_argument("--out", help="YAML file to write (default: stdout)")
+    _add_out(s, "file", "YAML file to write (default: stdout)", required=False)
     s.add_argument("--exclude", nargs="*", default=None,
                    help="columns to leave out (default: case_id, patient_id, label, time, event, split, fold, image)")
     _add_common(s)
     s.set_defaults(func=_cmd_clinical_schema)
 
+
+def _parser_export(sub: Any) -> None:
     s = sub.add_parser("export", help="export a trained run to TorchScript or ONNX")
     s.add_argument("--run", required=True, help="run folder")
     s.add_argument("--format", choices=["torchscript", "onnx"], required=True, help="export format")
-    s.add_argument("--out", required=True, help="file to write")
+    _add_out(s, "file", "file to write")
     _add_common(s)
     s.set_defaults(func=_cmd_export)
 
+
+def _parser_synth(sub: Any) -> None:
     s = sub.add_parser("synth", help="write a synthetic cohort with known ground truth",
                        description="Write DIR/manifest.csv, clinical.csv, images/, truth.csv and truth.json "
                        "(the Bayes-optimal AUROC or C-index).")
-    s.add_argument("--out", required=True, help="output folder")
+    _add_out(s, "dir", "output folder")
     s.add_argument("--n", type=int, default=200, help="number of patients (default 200)")
     s.add_argument("--task", choices=["binary", "survival"], default="binary", help="outcome kind")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--format", choices=["dicom", "nifti"], default="dicom", help="image format")
-    s.add_argument("--workers", type=int, default=1, help="processes writing images (default 1; same cohort)")
+    _add_workers(s, "processes writing images (same cohort for any value)")
     _add_common(s)
     s.set_defaults(func=_cmd_synth)
 
+
+def _parser_demo(sub: Any) -> None:
     s = sub.add_parser("demo", help="synth -> preprocess -> train 3 models -> predict -> evaluate",
                        description="Run the whole pipeline on a synthetic cohort and print a table "
                        "comparing cross-attention fusion with image-only and clinical-only models.")
-    s.add_argument("--out", default="mmai_demo", help="output folder (default ./mmai_demo)")
+    s.add_argument("--out", default="mmai_demo", type=_out_dir, help="output folder (default ./mmai_demo)")
     s.add_argument("--quick", action="store_true", help="smaller cohort and fewer epochs (smoke test)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_common(s)
     s.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="mmai",
+        description="Multimodal medical AI: DICOM/NIfTI studies + a clinical table -> 3D fusion models.",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    _parser_scan(sub)
+    _parser_convert(sub)
+    _parser_preprocess(sub)
+    _parser_train(sub)
+    _parser_predict(sub)
+    _parser_evaluate(sub)
+    _parser_clinical_schema(sub)
+    _parser_export(sub)
+    _parser_synth(sub)
+    _parser_demo(sub)
     return p
 
 
@@ -312,7 +428,12 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    salted = bool(getattr(args, "salt_file", None))
     try:
+        if salted:
+            from mmai.io.deid import read_salt_file, set_pseudonym_key
+
+            set_pseudonym_key(read_salt_file(args.salt_file))
         return int(args.func(args))
     except MmaiError as exc:
         sys.stderr.write(f"mmai {args.verb}: error: {exc}\n")
@@ -323,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"mmai {args.verb}: interrupted\n")
         return 130
+    finally:
+        if salted:
+            from mmai.io.deid import set_pseudonym_key
+
+            set_pseudonym_key(None)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class TaskConfig:
     target: str = "label"
     time: str = "time"
     event: str = "event"
+    horizons: tuple[float, ...] = ()  # survival: write surv_<t> = P(no event by t) for each t (time units)
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: accept numeric text
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
         return float(value)

@@ -22,6 +22,8 @@ import pandas as pd
 from mmai.engine import metrics as M
 from mmai.engine.metrics_report import compute_metrics
 from mmai.errors import ManifestError
+from mmai.io.manifest import SPLITS
+from mmai.labels import class_sort_key, label_text
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +35,6 @@ _HEADLINE = {
     "regression": ("mae", "rmse", "r2"),
     "survival": ("c_index",),
 }
-
-
-def _label(v: Any) -> str:
-    """A label as text; 1, 1.0 and '1.0' all become '1' (CSV and Parquet manifests agree)."""
-    s = str(v).strip()
-    try:
-        x = float(s)
-    except ValueError:
-        return s
-    return str(int(x)) if np.isfinite(x) and x.is_integer() else s
-
-
-def _sort_classes(names: list[str]) -> list[str]:
-    """Numeric names in numeric order ('2' < '10'), otherwise text order."""
-    try:
-        return sorted(names, key=float)
-    except ValueError:
-        return sorted(names)
 
 
 def _blank(s: pd.Series) -> pd.Series:
@@ -73,7 +57,7 @@ def infer_task(columns: list[str], source: str = "predictions") -> tuple[str, li
         raise ManifestError(f"{source}: has both prob_* columns {probs} and a risk column; "
                             "a predictions file holds one task")
     if probs:
-        classes = _sort_classes([c[len("prob_"):] for c in probs])
+        classes = sorted((c[len("prob_"):] for c in probs), key=class_sort_key)
         if len(classes) < 2:
             raise ManifestError(f"{source}: classification needs one prob_<class> column per class "
                                 f"(binary: prob_<neg> and prob_<pos>); found only {probs}")
@@ -84,6 +68,18 @@ def infer_task(columns: list[str], source: str = "predictions") -> tuple[str, li
         return "regression", []
     raise ManifestError(f"{source}: no recognisable prediction columns: expected prob_<class> "
                         f"(classification), risk (survival) or prediction (regression); got {list(columns)}")
+
+
+def horizon_columns(columns: list[str], source: str) -> dict[str, float]:
+    """``surv_<t>`` columns -> their horizon t (survival probabilities written by ``mmai predict``)."""
+    out: dict[str, float] = {}
+    for c in columns:
+        if str(c).startswith("surv_"):
+            try:
+                out[c] = float(str(c)[len("surv_"):])
+            except ValueError:
+                raise ManifestError(f"{source}: column {c!r}: expected surv_<time>, e.g. surv_12") from None
+    return out
 
 
 def _ids(df: pd.DataFrame, source: str) -> pd.Series:
@@ -132,7 +128,7 @@ def _targets(man: pd.DataFrame, kind: str, classes: list[str], target: str, time
         out["has_target"] = out["y"].notna().to_numpy()
     else:
         blank = _blank(man[target]).to_numpy()
-        labels = [None if b else _label(v) for v, b in zip(man[target], blank, strict=True)]
+        labels = [None if b else label_text(v) for v, b in zip(man[target], blank, strict=True)]
         for cid, lab in zip(man["case_id"], labels, strict=True):
             if lab is not None and lab not in classes:
                 raise ManifestError(f"{source}: column {target!r}, case {cid!r}: label {lab!r} is not one of "
@@ -149,12 +145,13 @@ def _prediction_arrays(df: pd.DataFrame, kind: str, classes: list[str], source: 
         cols = [f"prob_{c}" for c in classes]
         for c in cols:
             out[c] = _numeric(df, c, source).to_numpy()
-        out["label_pred"] = df["prediction"].map(lambda v: None if pd.isna(v) else _label(v)).to_numpy() \
+        out["label_pred"] = df["prediction"].map(lambda v: None if pd.isna(v) else label_text(v)).to_numpy() \
             if "prediction" in df.columns else None
     else:
         col = "risk" if kind == "survival" else "prediction"
-        cols = [col]
-        out[col] = _numeric(df, col, source).to_numpy()
+        cols = [col, *(horizon_columns(list(df.columns), source) if kind == "survival" else {})]
+        for c in cols:
+            out[c] = _numeric(df, c, source).to_numpy()
     values = out[cols].to_numpy(dtype=float)
     out["valid"] = np.isfinite(values).all(1)
     if kind in ("binary", "multiclass"):
@@ -168,8 +165,30 @@ def _prediction_arrays(df: pd.DataFrame, kind: str, classes: list[str], source: 
     return out
 
 
+def select_split(man: pd.DataFrame, split: str | None, source: str) -> tuple[pd.DataFrame, str]:
+    """The manifest rows to score and the split's name (the split rule of docs/evaluate.md).
+
+    ``split`` None: the ``test`` rows when the manifest has a ``split`` column, else all rows;
+    ``"all"``: every row; ``train`` / ``val`` / ``test``: those rows (the column must exist).
+    """
+    has = "split" in man.columns and not _blank(man["split"]).all()
+    want = split if split is not None else ("test" if has else "all")
+    if want == "all":
+        return man, "all"
+    if want not in SPLITS:
+        raise ManifestError(f"--split {want!r} is not allowed; choose one of {[*SPLITS, 'all']}")
+    if not has:
+        raise ManifestError(f"{source}: --split {want} needs a split column; it has none (use --split all)")
+    rows = man[man["split"].astype(str).str.strip() == want]
+    if rows.empty:
+        found = sorted(set(man["split"].dropna().astype(str).str.strip()))
+        raise ManifestError(f"{source}: no rows with split = {want!r} (splits present: {found}); "
+                            f"choose one with --split, or --split all")
+    return rows, want
+
+
 def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: str, event: str, n_boot: int,
-              seed: int, pred_source: str = "predictions", man_source: str = "manifest"
+              seed: int, pred_source: str = "predictions", man_source: str = "manifest", split: str | None = None
               ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
     """The report and, per model, the joined rows (for plots)."""
     pred = pred.copy()
@@ -182,6 +201,10 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
     dup = man["case_id"][man["case_id"].duplicated()]
     if len(dup):
         raise ManifestError(f"{man_source}: case_id {dup.iloc[0]!r} appears more than once")
+    n_rows = len(man)
+    all_ids = set(man["case_id"])
+    man, split_name = select_split(man, split, man_source)
+    other_split = all_ids - set(man["case_id"])
     if "model_id" in pred.columns:
         pred["model_id"] = pred["model_id"].map(lambda v: DEFAULT_MODEL if pd.isna(v) or not str(v).strip()
                                                 else str(v).strip())
@@ -193,7 +216,8 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
                             f"by model {dup['model_id'].iloc[0]!r}")
     truth = _targets(man, kind, classes, target, time, event, man_source)
     rows = _prediction_arrays(pred, kind, classes, pred_source)
-    report: dict[str, Any] = {"kind": kind, "n_boot": int(n_boot), "seed": int(seed),
+    report: dict[str, Any] = {"kind": kind, "split": split_name, "n_manifest_rows": n_rows,
+                              "n_split_rows": len(man), "n_boot": int(n_boot), "seed": int(seed),
                               "ci": f"{100 * (1 - 0.05):g}% percentile bootstrap over cases"}
     if kind == "survival":
         report.update(time=time, event=event)
@@ -208,13 +232,16 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
     man_ids = set(truth.index)
     for model in sorted(rows["model_id"].unique(), key=str):
         r = rows[rows["model_id"] == model]
+        outside = r["case_id"].isin(other_split).to_numpy()
+        r = r[~outside]
         known = r["case_id"].isin(man_ids).to_numpy()
         j = r[known].join(truth, on="case_id")
         no_target = ~j["has_target"].to_numpy(dtype=bool)
         bad_pred = ~j["valid"].to_numpy(dtype=bool) & ~no_target
         use = j[~no_target & ~bad_pred]
         entry: dict[str, Any] = {
-            "n_predictions": int(len(r)), "n_evaluated": int(len(use)),
+            "n_predictions": int(len(r) + outside.sum()), "n_evaluated": int(len(use)),
+            "outside_split": int(outside.sum()),
             "not_in_manifest": _cases(r["case_id"][~known].tolist()),
             "missing_target": _cases(j["case_id"][no_target].tolist()),
             "invalid_prediction": _cases(j["case_id"][bad_pred].tolist()),
@@ -233,8 +260,8 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
         models[model] = entry
     if not joined_by_model:
         raise ManifestError(
-            f"{pred_source} and {man_source}: no case has both a valid prediction and a target "
-            f"(first predicted ids: {rows['case_id'].head(FIRST).tolist()}; "
+            f"{pred_source} and {man_source}: no case has both a valid prediction and a target in split "
+            f"{split_name!r}{' (--split all scores every row)' if split_name != 'all' else ''} (first predicted ids: {rows['case_id'].head(FIRST).tolist()}; "
             f"first manifest ids: {man['case_id'].head(FIRST).tolist()})")
     report["models"] = models
     return report, joined_by_model
@@ -242,8 +269,16 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
 
 def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
     if kind == "survival":
-        return compute_metrics(kind, time=use["time"].to_numpy(), event=use["event"].to_numpy(),
-                                 risk=use["risk"].to_numpy(), n_boot=n_boot, seed=seed)
+        out = compute_metrics(kind, time=use["time"].to_numpy(), event=use["event"].to_numpy(),
+                              risk=use["risk"].to_numpy(), n_boot=n_boot, seed=seed)
+        horizons = horizon_columns(list(use.columns), "predictions")
+        if horizons:
+            from mmai.engine.survival import horizon_metrics
+
+            out["horizons"] = horizon_metrics(use["time"].to_numpy(), use["event"].to_numpy(),
+                                              {t: use[c].to_numpy() for c, t in horizons.items()},
+                                              n_boot=n_boot, seed=seed)
+        return out
     if kind == "regression":
         return compute_metrics(kind, y=use["y"].to_numpy(), pred=use["prediction"].to_numpy(),
                                  n_boot=n_boot, seed=seed)
@@ -260,7 +295,8 @@ def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed
 
 
 def evaluate_frame(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str = "label", time: str = "time",
-                   event: str = "event", n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                   event: str = "event", n_boot: int = 1000, seed: int = 0, split: str | None = None
+                   ) -> dict[str, Any]:
     """Evaluate a predictions frame against a manifest frame (see the module docstring).
 
     Args:
@@ -269,13 +305,16 @@ def evaluate_frame(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str = 
         target, time, event: manifest column names of the targets.
         n_boot: bootstrap resamples per metric (0: no CIs).
         seed: bootstrap seed.
+        split: manifest rows to score: None (test rows when there is a split column, else all),
+            "all", "train", "val" or "test" (:func:`select_split`).
 
     Returns:
-        JSON-able report: {"kind", "classes", "positive_class", "n_boot", "seed", "models":
+        JSON-able report: {"kind", "split", "n_manifest_rows", "n_split_rows", "classes", "positive_class", "n_boot", "seed", "models":
         {model_id: {"n_predictions", "n_evaluated", "not_in_manifest", "missing_target",
         "invalid_prediction", "not_predicted" ({"count", "case_ids"}), "metrics"}}}.
     """
-    return _evaluate(pred, manifest, target=target, time=time, event=event, n_boot=n_boot, seed=seed)[0]
+    return _evaluate(pred, manifest, target=target, time=time, event=event, n_boot=n_boot, seed=seed,
+                     split=split)[0]
 
 
 def _safe_name(model: str) -> str:
@@ -324,12 +363,13 @@ def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_di
 
 
 def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | None = None, n_boot: int = 1000,
-                   seed: int = 0, target: str = "label", time: str = "time", event: str = "event") -> dict[str, Any]:
+                   seed: int = 0, target: str = "label", time: str = "time", event: str = "event",
+                   split: str | None = None) -> dict[str, Any]:
     """Evaluate a predictions CSV against a manifest (CSV, Parquet or Decathlon JSON).
 
-    With ``out_dir``: writes ``report.json`` and the plots (classification: roc.png, pr.png,
-    calibration.png; regression: pred_vs_true.png; survival: km_<model>.png), listed in the
-    report under "plots".
+    With ``out_dir``: writes ``report.json``, ``report.html`` (mmai.report) and the plots
+    (classification: roc.png, pr.png, calibration.png; regression: pred_vs_true.png; survival:
+    km_<model>.png, and calibration_t.png with ``surv_<t>`` columns), listed under "plots".
 
     Returns:
         The report of :func:`evaluate_frame` plus "predictions", "manifest" (paths) and "plots".
@@ -345,16 +385,23 @@ def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | 
         raise ManifestError(f"{predictions_path}: cannot be read as a CSV table: {exc}") from exc
     manifest = read_table(manifest_path)
     report, joined = _evaluate(pred, manifest, target=target, time=time, event=event, n_boot=n_boot,
-                               seed=seed, pred_source=str(predictions_path), man_source=str(manifest_path))
+                               seed=seed, pred_source=str(predictions_path), man_source=str(manifest_path),
+                               split=split)
     report = {"predictions": str(predictions_path), "manifest": str(manifest_path), **report}
     if out_dir is not None:
         from mmai.utils import atomic_write_text
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        from mmai.report import plot_horizon_calibration, write_html
+
         report["plots"] = _write_plots(report, joined, out_dir)
+        if report["kind"] == "survival" and plot_horizon_calibration(report["models"], out_dir / "calibration_t.png"):
+            report["plots"]["calibration_t"] = "calibration_t.png"
+        report["html"] = "report.html"
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-        log.info("wrote %s and %d plot(s)", out_dir / "report.json", len(report["plots"]))
+        write_html(report, out_dir)
+        log.info("wrote %s, report.html and %d plot(s)", out_dir / "report.json", len(report["plots"]))
     return report
 
 
@@ -377,7 +424,8 @@ def format_report(report: dict[str, Any]) -> str:
     elif kind == "multiclass":
         head += f" (classes {report['classes']}; AUROC = macro one-vs-rest)"
     ci = f"{report['ci']}, {report['n_boot']} resamples, seed {report['seed']}" if report["n_boot"] else "no CIs"
-    lines = [head, f"metric [95% CI]: {ci}"]
+    lines = [head, f"split: {report.get('split', 'all')} ({report.get('n_split_rows', '?')} of "
+                   f"{report.get('n_manifest_rows', '?')} manifest rows)", f"metric [95% CI]: {ci}"]
     table = [["model", "n", *[k.replace("balanced_accuracy", "bal_acc") for k in keys]]]
     notes: list[str] = []
     for model, e in report["models"].items():
@@ -394,6 +442,13 @@ def format_report(report: dict[str, Any]) -> str:
             notes.append(f"{model}: {name}: {k} of {report['n_boot']} resamples undefined, skipped")
         if e.get("error"):
             notes.append(f"{model}: {e['error']}")
+        if e.get("outside_split"):
+            notes.append(f"{model}: {e['outside_split']} predicted case(s) outside split {report.get('split')}, "
+                         "not scored")
+        for col, h in (m.get("horizons") or {}).items():
+            notes.append(f"{model}: {col}: time-dependent AUROC {_fmt(h, 'auroc')}, calibration error "
+                         f"{h['calibration']['error']:.3f} (predicted {h['calibration']['predicted_mean']:.3f} "
+                         f"vs observed {h['calibration']['observed_all']:.3f})")
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     notes += report.get("plot_notes", [])

@@ -122,9 +122,9 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     tag = f"{PREPROCESSED_TAG}{image_pipeline_id(config.image)}"
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    if shard is not None:
-        i, n = shard
-        df = df.iloc[[k for k in range(len(df)) if k % n == i]].reset_index(drop=True)
+    from mmai.utils import shard_rows
+
+    df = shard_rows(df, shard)
     out_rel: dict[str, str | None] = {}
     errors: list[dict[str, str]] = list(prior_errors or [])
     todo: list[tuple[str, Any, Path]] = []

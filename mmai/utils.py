@@ -80,3 +80,12 @@ def resolve_device(device: str | None) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise ConfigError(f"--device {device!r} is not allowed; choose cpu, cuda or cuda:N")
     return device
+
+
+def shard_rows(df: Any, shard: tuple[int, int] | None) -> Any:
+    """The rows of a frame that belong to shard ``(i, n)``: positions i, i + n, i + 2n, ... (all rows
+    when ``shard`` is None). The one shard rule of preprocess and predict; the index is reset."""
+    if shard is None:
+        return df
+    i, n = shard
+    return df.iloc[i::n].reset_index(drop=True)

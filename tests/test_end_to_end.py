@@ -68,7 +68,11 @@ def test_run_directory_contract(world):
         assert (run / name).exists(), name
     state = json.loads((run / "state.json").read_text())
     assert state["fusion"] == "cross_attention"
-    assert state["clinical"]["version"] if "version" in state["clinical"] else state["clinical"]
+    from mmai.clinical.preprocess import STATE_VERSION, ClinicalPreprocessor
+
+    assert state["clinical"]["version"] == STATE_VERSION
+    pre = ClinicalPreprocessor.from_state(state["clinical"])  # the fitted preprocessor, reloadable as saved
+    assert set(pre.feature_names) == {"age", "crp", "bmi", "sex", "smoking", "diabetes"}
     assert state["target"]["classes"] == ["0", "1"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_test"] == 6 and "test" in metrics and "auroc" in metrics["test"]
@@ -83,7 +87,8 @@ def test_predict_evaluate_and_resume(world, capsys):
             "--out", str(pred), "-q"]
     assert main(args) == 0
     df = pd.read_csv(pred)
-    assert list(df.columns) == ["case_id", "prob_0", "prob_1", "prediction", "model_id"]
+    assert list(df.columns) == ["case_id", "prob_0", "prob_1", "prediction", "clinical_present", "model_id"]
+    assert (df["clinical_present"] == 1).all()  # every manifest row has clinical values
     assert len(df) == 24 and np.allclose(df["prob_0"] + df["prob_1"], 1.0)
     # resumable: drop half of the rows, re-run, get the same predictions back
     df.iloc[:10].to_csv(pred, index=False)
@@ -139,8 +144,18 @@ def test_explain_and_export(world):
     import torch
 
     mod = torch.jit.load(str(ts))
-    y = mod(torch.zeros(1, 1, 24, 24, 16), torch.ones(1), torch.zeros(1, 6), torch.ones(1, 6))
+    from mmai.inference.predictor import Predictor
+
+    p = Predictor(tmp / "run", device="cpu")
+    m = pd.read_csv(tmp / "pre" / "manifest.csv")
+    image = torch.from_numpy(p.loader(str(tmp / "pre" / m["image"][0])))[None]  # a real case (1, 1, 24, 24, 16)
+    values, mask = p.pre.transform(m.iloc[:1], source="manifest")
+    inputs = (image, torch.ones(1), torch.from_numpy(values), torch.from_numpy(mask))
+    with torch.no_grad():
+        want = torch.sigmoid(p.model(*inputs)[:, 0])
+    y = mod(*inputs)
     assert y.shape == (1, 2)
+    torch.testing.assert_close(y[:, 1], want, atol=1e-4, rtol=0)  # the export computes what the model does
 
 
 def test_resume_training_continues_from_checkpoint(world, tmp_path):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import html as _html
 import json
+import os
+import re
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -169,3 +173,145 @@ def test_cli_evaluate_exits_2_on_unrecognisable_predictions(tmp_path, capsys):
     assert rc == 2
     assert len(err.splitlines()) == 1 and "no recognisable prediction columns" in err
     assert not (tmp_path / "rep" / "report.json").exists()
+
+
+# ----------------------------------------------------------------------------- the split rule
+
+
+def _with_split(n: int = 60):
+    man, pred, y, p = _binary(n)
+    man["split"] = ["train"] * (n // 2) + ["val"] * (n // 6) + ["test"] * (n - n // 2 - n // 6)
+    return man, pred, y, p
+
+
+def test_default_split_is_test_and_the_report_says_so():
+    """The tour's failing case: training and test rows scored together with nothing saying so."""
+    man, pred, y, p = _with_split()
+    test = (man["split"] == "test").to_numpy()
+    rep = evaluate_frame(pred, man, n_boot=0)
+    assert rep["split"] == "test" and rep["n_split_rows"] == int(test.sum()) and rep["n_manifest_rows"] == 60
+    e = rep["models"]["fusion"]
+    assert e["n_evaluated"] == int(test.sum()) and e["outside_split"] == 60 - int(test.sum())
+    assert e["missing_target"]["count"] == 0 and e["not_in_manifest"]["count"] == 0
+    assert e["metrics"]["auroc"] == pytest.approx(skm.roc_auc_score(y[test], p[test]))
+    assert "split: test (20 of 60 manifest rows)" in format_report(rep)
+
+
+def test_split_all_and_named_splits():
+    man, pred, y, p = _with_split()
+    rep = evaluate_frame(pred, man, n_boot=0, split="all")
+    assert rep["split"] == "all" and rep["models"]["fusion"]["n_evaluated"] == 60
+    assert rep["models"]["fusion"]["metrics"]["auroc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert evaluate_frame(pred, man, n_boot=0, split="train")["models"]["fusion"]["n_evaluated"] == 30
+
+
+def test_no_split_column_scores_all_rows_but_a_named_split_needs_one():
+    man, pred, y, p = _binary()
+    rep = evaluate_frame(pred, man, n_boot=0)
+    assert rep["split"] == "all" and rep["models"]["fusion"]["n_evaluated"] == 60
+    with pytest.raises(ManifestError, match="needs a split column"):
+        evaluate_frame(pred, man, n_boot=0, split="test")
+    man["split"] = "train"
+    with pytest.raises(ManifestError, match=r"no rows with split = 'test' \(splits present: \['train'\]\)"):
+        evaluate_frame(pred, man, n_boot=0)
+
+
+def test_cli_split_flag(tmp_path, capsys):
+    man, pred, _, _ = _with_split()
+    man.to_csv(tmp_path / "m.csv", index=False)
+    pred.to_csv(tmp_path / "p.csv", index=False)
+    base = ["evaluate", "--predictions", str(tmp_path / "p.csv"), "--manifest", str(tmp_path / "m.csv"),
+            "--n-boot", "0", "-q"]
+    assert main([*base, "--split", "all", "--out", str(tmp_path / "r")]) == 0
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["split"] == "all" and rep["n_split_rows"] == 60
+    assert "split: all (60 of 60 manifest rows)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- survival horizons
+
+
+def _survival(n: int = 200, censor: bool = True, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    risk = rng.normal(0, 1, n)
+    t_event = rng.exponential(10 * np.exp(-risk))
+    t_cens = rng.exponential(20, n) if censor else np.full(n, np.inf)
+    time = np.minimum(t_event, t_cens)
+    event = (t_event <= t_cens).astype(int)
+    ids = [f"s{i}" for i in range(n)]
+    man = pd.DataFrame({"case_id": ids, "time": time, "event": event})
+    s5 = np.exp(-5 / 10 * np.exp(risk))  # the true S(5 | risk) of this model
+    pred = pd.DataFrame({"case_id": ids, "risk": risk, "surv_5": s5, "model_id": "cox"})
+    return man, pred, time, event, risk
+
+
+def test_time_dependent_auroc_without_censoring_is_the_auroc_of_event_by_t():
+    man, pred, time, event, risk = _survival(censor=False)
+    rep = evaluate_frame(pred, man, n_boot=50)
+    h = rep["models"]["cox"]["metrics"]["horizons"]["surv_5"]
+    assert h["auroc"] == pytest.approx(skm.roc_auc_score((time <= 5).astype(int), risk))
+    assert h["auroc_ci"][0] <= h["auroc"] <= h["auroc_ci"][1]
+    # true probabilities are calibrated: predicted and observed P(event by 5) agree per group
+    cal = h["calibration"]
+    assert cal["error"] < 0.08 and abs(cal["predicted_mean"] - cal["observed_all"]) < 0.05
+
+
+def test_miscalibrated_survival_probabilities_show_in_the_calibration():
+    man, pred, *_ = _survival(n=400)
+    pred["surv_5"] = pred["surv_5"] ** 3  # three times the hazard
+    h = evaluate_frame(pred, man, n_boot=0)["models"]["cox"]["metrics"]["horizons"]["surv_5"]
+    assert h["calibration"]["error"] > 0.15 and h["calibration"]["predicted_mean"] > h["calibration"]["observed_all"]
+
+
+# ----------------------------------------------------------------------------- HTML report
+
+CHROMIUM = "/usr/bin/chromium"
+_CHECK = """<!DOCTYPE html><html><body><iframe id="f" src="report.html" width="1200" height="900"></iframe>
+<script>
+document.getElementById('f').onload = function () {
+  var d = this.contentDocument, imgs = Array.prototype.slice.call(d.images);
+  var pre = document.createElement('pre'); pre.id = 'result';
+  pre.textContent = JSON.stringify({images: imgs.map(function (i) {
+      return [i.getAttribute('src'), i.complete && i.naturalWidth > 0]; }),
+    tables: d.querySelectorAll('table').length, text: d.body.innerText});
+  document.body.appendChild(pre);
+};
+</script></body></html>
+"""
+
+
+def _render(folder) -> tuple[dict, str]:
+    """Open folder/report.html in headless Chromium; what loaded, and the browser's console lines."""
+    (folder / "check.html").write_text(_CHECK)
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={folder.parent / 'chromium-profile'}", "--allow-file-access-from-files",
+                        "--virtual-time-budget=5000", "--enable-logging=stderr", "--v=0", "--dump-dom",
+                        (folder / "check.html").as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="result">(.*?)</pre>', r.stdout, re.S)
+    assert m, f"the page did not render: {r.stdout[-500:]} {r.stderr[-500:]}"
+    console = "\n".join(line for line in r.stderr.splitlines() if "CONSOLE" in line)
+    return json.loads(_html.unescape(m.group(1))), console
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+def test_html_report_renders_in_chromium_with_its_images(tmp_path):
+    man, pred, *_ = _survival()
+    man["split"] = "test"
+    man.to_csv(tmp_path / "m.csv", index=False)
+    pred.to_csv(tmp_path / "p.csv", index=False)
+    rep = evaluate_files(tmp_path / "p.csv", tmp_path / "m.csv", out_dir=tmp_path / "r", n_boot=50)
+    assert rep["html"] == "report.html" and set(rep["plots"]) == {"km_cox", "calibration_t"}
+    got, console = _render(tmp_path / "r")
+    assert console == ""  # no console errors or messages
+    assert sorted(src for src, _ in got["images"]) == ["calibration_t.png", "km_cox.png"]
+    assert all(ok for _, ok in got["images"]), got["images"]
+    assert got["tables"] >= 3
+    text = got["text"]
+    assert "split\ttest" in text and "rows in the split\t200" in text and "time-dependent AUROC" in text
+    c = rep["models"]["cox"]["metrics"]
+    assert f"{c['c_index']:.3f} [{c['c_index_ci'][0]:.3f}, {c['c_index_ci'][1]:.3f}]" in text
+    # the check itself can fail: a missing plot is reported as not loaded
+    (tmp_path / "r" / "km_cox.png").unlink()
+    got, _ = _render(tmp_path / "r")
+    assert dict(got["images"]) == {"calibration_t.png": True, "km_cox.png": False}

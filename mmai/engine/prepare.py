@@ -16,6 +16,7 @@ from mmai.clinical.preprocess import ClinicalPreprocessor, FeatureSpec
 from mmai.config import PipelineConfig
 from mmai.data.dataset import ImageLoader, MultimodalDataset
 from mmai.errors import ManifestError
+from mmai.labels import sort_classes
 
 
 @dataclass
@@ -31,7 +32,7 @@ class TargetEncoding:
     def fit(cls, config: PipelineConfig, train: pd.DataFrame) -> TargetEncoding:
         t = config.task
         if t.kind in ("binary", "multiclass"):
-            classes = sorted({str(v) for v in train[t.target]}, key=_class_sort_key)
+            classes = sort_classes(train[t.target])
             if t.kind == "binary" and len(classes) != 2:
                 raise ManifestError(f"task.kind is binary but the training rows of '{t.target}' hold "
                                     f"{len(classes)} class(es): {classes}; binary needs exactly 2")
@@ -68,13 +69,6 @@ class TargetEncoding:
     def from_state(cls, state: dict[str, Any]) -> TargetEncoding:
         return cls(kind=state["kind"], classes=list(state["classes"]), mean=float(state["mean"]),
                    std=float(state["std"]))
-
-
-def _class_sort_key(c: str) -> tuple[int, Any]:
-    try:
-        return (0, float(c))
-    except ValueError:
-        return (1, c)
 
 
 def fit_clinical(config: PipelineConfig, train: pd.DataFrame) -> ClinicalPreprocessor | None:

@@ -356,6 +356,13 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
                                            n_boot=1000, seed=seed)
     if rank == 0:
         _write_run(out_dir, config, raw, model_kwargs, enc, pre, metrics, result)
+    if rank == 0 and kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows
+        from mmai.engine.survival import write_baseline_hazard
+
+        fit_ds = build_dataset(config, train_df, pre=pre, uses_image=uses_image,
+                               targets=enc.encode(config, train_df), loader=train_ds.loader)
+        write_baseline_hazard(out_dir / "state.json", *predict_outputs(raw, _loader(fit_ds, bs, False, 1, seed, nw),
+                                                                       device))
     return metrics
 
 

@@ -2,9 +2,12 @@
 
 Output columns (DESIGN.md): ``case_id``, then ``prob_<class>`` per class and ``prediction``
 (classification), ``prediction`` (regression, in the target's units) or ``risk`` (survival,
-higher = earlier event), then ``model_id``. Rows are appended as each batch finishes, so a
-killed run resumes where it stopped; a case that fails (unreadable image, invalid clinical
-value) gets a row in ``<out>.errors.csv`` (case_id, stage, error) and the others go on.
+higher = earlier event) plus ``surv_<t>`` (P(no event by t), one per ``task.horizons`` entry),
+then ``clinical_present`` (1: at least one clinical value observed; 0: the model saw the clinical
+modality as missing, e.g. a study with no row in the clinical table) and ``model_id``. Rows are
+appended as each batch finishes, so a killed run resumes where it stopped (a torn last row is
+redone); a case that fails gets a row in ``<out>.errors.csv`` (case_id, stage, series, error) and
+the others go on. With ``--dicom-root`` the clinical join is reported in ``<out>.join.json``.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from mmai.config import PipelineConfig, load_config
 from mmai.data.dataset import ImageLoader
 from mmai.engine.checkpoint import load_weights, read_json
 from mmai.engine.prepare import TargetEncoding
+from mmai.engine.survival import STATE_KEY, horizon_column, survival_probability
 from mmai.errors import CheckpointError, MmaiError
+from mmai.inference.rows import ERROR_COLUMNS, error_row, resume_done
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import outputs_to_predictions
 from mmai.models.registry import create_model
 from mmai.transforms.pipelines import image_pipeline_id
-from mmai.utils import resolve_device
+from mmai.utils import atomic_write_json, resolve_device, shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +48,18 @@ class PredictSummary:
     n_failed: int
     out: str
     errors: str | None
+    join: str | None = None
+
+    @property
+    def all_failed(self) -> bool:
+        """Every case of this batch failed (nothing predicted now or before): exit status 1."""
+        return self.n_failed > 0 and self.n_predicted == 0 and self.n_skipped == 0
 
     def __str__(self) -> str:
-        msg = (f"predicted {self.n_predicted} case(s) ({self.n_skipped} already done) -> {self.out}")
+        msg = (f"{self.n_predicted} predicted, {self.n_failed} failed, {self.n_skipped} skipped (already done) "
+               f"of {self.n_cases} case(s) -> {self.out}")
         if self.n_failed:
-            msg += f"; {self.n_failed} failed, see {self.errors}"
+            msg += f"; failures in {self.errors}"
         return msg
 
 
@@ -67,12 +79,10 @@ class Predictor:
         self.encoding = TargetEncoding.from_state(self.state["target"])
         specs = list(self.pre.feature_specs) if self.pre is not None else []
         self.model = create_model(self.state["fusion"], feature_specs=specs, **self.state["model_kwargs"])
-        try:
-            self.model.load_state_dict(load_weights(run_dir / "model.safetensors"))
-        except RuntimeError as exc:
-            raise CheckpointError(f"{run_dir}/model.safetensors does not match state.json: {exc}") from exc
-        self.model.to(self.device).eval()
         self.model_id = self.state["model_id"]
+        _load_matching_weights(self.model, run_dir / "model.safetensors", self.model_id, self.state["fusion"])
+        self.model.to(self.device).eval()
+        self.horizons, self.baseline = self._survival_setup()
         self.uses_image = bool(self.state.get("uses_image", True))
         img = self.state.get("image")
         if self.uses_image and self.config.image is not None and img is not None \
@@ -83,6 +93,21 @@ class Predictor:
             raise CheckpointError(f"{run_dir}: the model reads images but config.yaml has image: null")
         self.loader = ImageLoader(self.config.image, device=self.device) if self.config.image is not None else None
 
+    def _survival_setup(self) -> tuple[tuple[float, ...], dict[str, Any] | None]:
+        """Horizons of ``surv_<t>`` columns and the Breslow baseline (survival runs with task.horizons)."""
+        horizons = tuple(self.config.task.horizons) if self.encoding.kind == "survival" else ()
+        if not horizons:
+            return (), None
+        bad = [h for h in horizons if not h > 0]
+        if bad:
+            raise CheckpointError(f"{self.run_dir}/config.yaml: task.horizons {bad} must be positive times")
+        base = (self.state.get(STATE_KEY) or {}).get("baseline")
+        if base is None:
+            raise CheckpointError(f"{self.run_dir}/state.json has no Breslow baseline hazard, so surv_<t> cannot "
+                                  "be computed; retrain with this mmai, or remove task.horizons from config.yaml")
+        survival_probability(base, [0.0], horizons)  # a horizon past the training follow-up fails here
+        return horizons, base
+
     # ------------------------------------------------------------------ columns
 
     def columns(self) -> list[str]:
@@ -92,14 +117,16 @@ class Predictor:
         elif kind == "regression":
             cols = ["prediction"]
         else:
-            cols = ["risk"]
-        return ["case_id", *cols, "model_id"]
+            cols = ["risk", *[horizon_column(t) for t in self.horizons]]
+        return ["case_id", *cols, "clinical_present", "model_id"]
 
-    def _rows(self, case_ids: list[str], out: torch.Tensor) -> list[dict[str, Any]]:
+    def _rows(self, case_ids: list[str], out: torch.Tensor, clinical_present: np.ndarray) -> list[dict[str, Any]]:
         kind = self.encoding.kind
         pred = outputs_to_predictions(kind, out).numpy()
+        surv = survival_probability(self.baseline, pred[:, 0], self.horizons) \
+            if self.horizons and self.baseline is not None else None
         rows = []
-        for cid, p in zip(case_ids, pred, strict=True):
+        for k, (cid, p) in enumerate(zip(case_ids, pred, strict=True)):
             row: dict[str, Any] = {"case_id": cid}
             if kind in ("binary", "multiclass"):
                 for c, v in zip(self.encoding.classes, p, strict=True):
@@ -109,7 +136,10 @@ class Predictor:
                 row["prediction"] = float(p[0] * self.encoding.std + self.encoding.mean)
             else:
                 row["risk"] = float(p[0])
+                for t, v in zip(self.horizons, surv[k] if surv is not None else (), strict=True):
+                    row[horizon_column(t)] = float(v)
             row["model_id"] = self.model_id
+            row["clinical_present"] = int(clinical_present[k])
             rows.append(row)
         return rows
 
@@ -132,20 +162,20 @@ class Predictor:
                     values[i : i + 1], mask[i : i + 1] = self.pre.transform(df.iloc[i : i + 1], source="manifest")
                     ok.append(True)
                 except MmaiError as exc:
-                    errors.append({"case_id": df["case_id"].iloc[i], "stage": "clinical", "error": str(exc)})
+                    series = str(df["_series"].iloc[i]) if "_series" in df.columns else ""
+                    errors.append(error_row(df["case_id"].iloc[i], "clinical", exc, series=series))
                     ok.append(False)
             return values, mask, ok
 
-    @torch.no_grad()
-    def predict_batch(self, df: pd.DataFrame, errors: list[dict[str, str]]) -> list[dict[str, Any]]:
-        """Predict the rows of a validated manifest chunk; failures are appended to ``errors``."""
-        values, mask, ok = self._clinical(df, errors)
+    def _images(self, df: pd.DataFrame, ok: list[bool], errors: list[dict[str, str]]
+                ) -> tuple[list[np.ndarray | None], list[float]]:
+        """Per row: the model-ready volume (1, D, H, W) or None, and image_present (0 or 1)."""
         images: list[np.ndarray | None] = []
         present: list[float] = []
         loader, cfg = self.loader, self.config.image
         size = tuple(cfg.size) if cfg is not None else ()
-        for i, row in enumerate(df.itertuples(index=False)):
-            path = getattr(row, cfg.column) if self.uses_image and cfg is not None else None
+        for i, row in enumerate(df.to_dict("records")):
+            path = row.get(cfg.column) if self.uses_image and cfg is not None else None
             if not ok[i] or not self.uses_image or loader is None:
                 images.append(None)
                 present.append(0.0)
@@ -158,10 +188,18 @@ class Predictor:
                 images.append(loader(path if isinstance(path, list) else str(path)))
                 present.append(1.0)
             except MmaiError as exc:
-                errors.append({"case_id": row.case_id, "stage": "image", "error": str(exc)})
+                errors.append(error_row(row["case_id"], "image", exc, series=str(row.get("_series") or ""),
+                                        files=path if isinstance(path, list) else [str(path)]))
                 ok[i] = False
                 images.append(None)
                 present.append(0.0)
+        return images, present
+
+    @torch.no_grad()
+    def predict_batch(self, df: pd.DataFrame, errors: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """Predict the rows of a validated manifest chunk; failures are appended to ``errors``."""
+        values, mask, ok = self._clinical(df, errors)
+        images, present = self._images(df, ok, errors)
         keep = [i for i in range(len(df)) if ok[i]]
         if not keep:
             return []
@@ -170,7 +208,8 @@ class Predictor:
             image = torch.from_numpy(np.stack([img for i in keep if (img := images[i]) is not None])).to(self.device)
         out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
                          torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device))
-        return self._rows([str(df["case_id"].iloc[i]) for i in keep], out.float().cpu())
+        clinical_present = np.asarray(mask[keep].any(axis=1) if mask.shape[1] else np.zeros(len(keep), bool))
+        return self._rows([str(df["case_id"].iloc[i]) for i in keep], out.float().cpu(), clinical_present)
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, str]]]:
         """Predict a whole validated manifest in memory: (predictions, errors)."""
@@ -182,47 +221,90 @@ class Predictor:
         return pd.DataFrame(rows, columns=self.columns()), errors
 
 
-def _done_case_ids(out_csv: Path, columns: list[str]) -> set[str]:
-    if not out_csv.exists() or out_csv.stat().st_size == 0:
-        return set()
-    prev = pd.read_csv(out_csv, dtype={"case_id": str})
-    if list(prev.columns) != columns:
-        raise MmaiError(f"{out_csv} exists with columns {list(prev.columns)}, not this run's {columns}; "
-                        "choose another --out or delete it")
-    complete = prev.dropna()
-    if len(complete) != len(prev):  # a partial last line from a killed run: rewrite without it
-        complete.to_csv(out_csv, index=False)
-    return set(complete["case_id"].astype(str))
+def _load_matching_weights(model: torch.nn.Module, path: Path, model_id: str, fusion: str) -> None:
+    """Load ``path`` into ``model``; a file of another model (other id, keys or shapes) is a one-line error."""
+    from safetensors import safe_open
+
+    state = load_weights(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("model_id") and meta["model_id"] != model_id:
+        raise CheckpointError(f"{path} holds model {meta['model_id']!r} but state.json is model {model_id!r}: "
+                              "the weights file comes from another run")
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    shape = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
+    if missing or extra or shape:
+        first = (missing or extra or shape)[0]
+        raise CheckpointError(f"{path} does not fit state.json's {fusion} model: {len(missing)} missing, "
+                              f"{len(extra)} unexpected, {len(shape)} differently shaped tensor(s) (first: "
+                              f"{first!r}); the weights file comes from another model")
+    model.load_state_dict(state)
 
 
 def errors_path_for(out_csv: Path) -> Path:
     return out_csv.with_name(out_csv.name.removesuffix(".csv") + ".errors.csv")
 
 
+def join_path_for(out_csv: Path) -> Path:
+    return out_csv.with_name(out_csv.name.removesuffix(".csv") + ".join.json")
+
+
+def _cases(predictor: Predictor, out_csv: Path, manifest_path: Path | None, dicom_root: Path | None,
+           clinical_path: Path | None, shard: tuple[int, int] | None, progress: bool, workers: int = 1
+           ) -> tuple[pd.DataFrame, list[dict[str, str]], str | None]:
+    """The cases of this shard, the series-selection errors of this shard, and the join report path."""
+    if manifest_path is not None:
+        if clinical_path is not None:
+            raise MmaiError("--clinical goes with --dicom-root; a manifest carries its clinical columns itself")
+        df = load_manifest(manifest_path, predictor.config, require_targets=False, check_files=False,
+                           check_clinical=False)
+        return shard_rows(df, shard), [], None
+    if dicom_root is None:
+        raise MmaiError("predict needs --manifest or --dicom-root")
+    from mmai.inference.dicom_cases import predict_cases
+
+    df, select_errors, report = predict_cases(dicom_root, clinical_path, predictor.config, progress=progress,
+                                              workers=workers)
+    select_errors = [error_row(e["case_id"], e["stage"], e["error"], series=e.get("series", ""))
+                     for e in select_errors]
+    if shard is not None:
+        select_errors = select_errors[shard[0]::shard[1]]
+    join = join_path_for(out_csv)
+    atomic_write_json(join, {"clinical": str(clinical_path) if clinical_path else None, **report.to_json()})
+    return shard_rows(df, shard), select_errors, str(join)
+
+
+def _write_errors(errors: list[dict[str, str]], err_path: Path) -> None:
+    if errors:
+        pd.DataFrame(errors, columns=ERROR_COLUMNS).to_csv(err_path, index=False)
+        for e in errors[:5]:
+            log.warning("case %s (%s) failed at %s: %s", e["case_id"], e["series"] or "-", e["stage"], e["error"])
+    elif err_path.exists():
+        err_path.unlink()
+
+
 def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | None = None,
                        dicom_root: Path | None = None, clinical_path: Path | None = None,
                        explain_dir: Path | None = None, device: str | None = None,
-                       shard: tuple[int, int] | None = None, progress: bool = True) -> PredictSummary:
-    """``mmai predict``: predict every case of a manifest (or DICOM root + clinical table)."""
-    predictor = Predictor(run_dir, device=device)
-    select_errors: list[dict[str, str]] = []
-    if manifest_path is not None:
-        df = load_manifest(manifest_path, predictor.config, require_targets=False, check_files=False,
-                           check_clinical=False)
-    elif dicom_root is not None:
-        from mmai.inference.dicom_cases import cases_from_dicom_root
+                       shard: tuple[int, int] | None = None, progress: bool = True,
+                       workers: int = 1) -> PredictSummary:
+    """``mmai predict``: predict every case of a manifest (or DICOM root + optional clinical table).
 
-        df, select_errors = cases_from_dicom_root(dicom_root, clinical_path, predictor.config,
-                                                  progress=progress)
-    else:
-        raise MmaiError("predict needs --manifest or --dicom-root")
-    if shard is not None:
-        i, n = shard
-        df = df.iloc[[k for k in range(len(df)) if k % n == i]].reset_index(drop=True)
+    Raises:
+        MmaiError: bad input found before any prediction (table-level problems, a bad ``out_csv``,
+            a run that does not load); per-case failures go to the errors file instead.
+    """
     out_csv = Path(out_csv)
+    if out_csv.is_dir():
+        raise MmaiError(f"--out {out_csv} is an existing folder; give a file path")
+    predictor = Predictor(run_dir, device=device)
+    df, select_errors, join = _cases(predictor, out_csv, manifest_path, dicom_root, clinical_path, shard, progress,
+                                     workers)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     columns = predictor.columns()
-    done = _done_case_ids(out_csv, columns)
+    done = resume_done(out_csv, columns, predictor.model_id)
     todo = df[~df["case_id"].isin(done)].reset_index(drop=True)
     errors: list[dict[str, str]] = list(select_errors)
     n_pred = 0
@@ -230,7 +312,7 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     bs = predictor.config.infer.batch_size
     with out_csv.open("a", newline="") as fh, tqdm(total=len(todo), desc="predict", unit="case",
                                                    disable=not progress) as bar:
-        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         if new_file:
             writer.writeheader()
         for start in range(0, len(todo), bs):
@@ -241,15 +323,10 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
             n_pred += len(rows)
             bar.update(len(chunk))
     err_path = errors_path_for(out_csv)
-    if errors:
-        pd.DataFrame(errors, columns=["case_id", "stage", "error"]).to_csv(err_path, index=False)
-        for e in errors[:5]:
-            log.warning("case %s failed at %s: %s", e["case_id"], e["stage"], e["error"])
-    elif err_path.exists():
-        err_path.unlink()
+    _write_errors(errors, err_path)
     if explain_dir is not None:
         from mmai.inference.explain import explain_cases
 
         explain_cases(predictor, todo, Path(explain_dir), progress=progress)
-    return PredictSummary(n_cases=len(df), n_predicted=n_pred, n_skipped=len(df) - len(todo), n_failed=len(errors),
-                          out=str(out_csv), errors=str(err_path) if errors else None)
+    return PredictSummary(n_cases=len(df) + len(select_errors), n_predicted=n_pred, n_skipped=len(df) - len(todo),
+                          n_failed=len(errors), out=str(out_csv), errors=str(err_path) if errors else None, join=join)

@@ -8,19 +8,32 @@ manifests unless the caller passes ``include_phi=True`` explicitly. What may lea
 encoding and acquisition parameters.
 
 Patient keys are replaced by :func:`pseudonym`, a keyed hash (HMAC-SHA256) of the ID, so rows
-of one patient still group together without exposing the ID. The default salt makes keys
-stable across runs and machines (needed to join an index with a later run); pass your own
-secret salt when the index leaves your institution, because short IDs can be brute-forced
-against a public salt.
+of one patient still group together without exposing the ID. The key is a secret of the site:
+the CLI's ``--salt-file FILE`` (read by :func:`read_salt_file`, set with
+:func:`set_pseudonym_key`), else the environment variable ``MMAI_PSEUDONYM_KEY`` holding the
+secret itself, else the public default :data:`DEFAULT_SALT`, with a warning (once per process):
+anyone can recompute public-default pseudonyms from a PatientID, so they are not de-identified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
+from mmai.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
 DEFAULT_SALT = "mmai-deid-v1"
+#: Environment variable holding the pseudonym secret itself (not a path).
+KEY_ENV = "MMAI_PSEUDONYM_KEY"
+MIN_KEY_CHARS = 16
+
+_state: dict[str, Any] = {"key": None, "warned": False}
 
 #: Header keywords that may leave the loader (index rows, sidecars, DicomVolume.meta, logs).
 SAFE_KEYWORDS: tuple[str, ...] = (
@@ -70,12 +83,56 @@ PHI_KEYWORDS: tuple[str, ...] = (
 _SAFE = frozenset(SAFE_KEYWORDS)
 
 
-def pseudonym(value: str, salt: str = DEFAULT_SALT) -> str:
+def _check_key(key: str, source: str) -> str:
+    key = key.strip()
+    if len(key) < MIN_KEY_CHARS:
+        raise ConfigError(f"{source}: the pseudonym secret has {len(key)} character(s); use at least "
+                          f"{MIN_KEY_CHARS} (e.g. the output of `openssl rand -hex 32`)")
+    return key
+
+
+def read_salt_file(path: str | Path) -> str:
+    """The pseudonym secret stored in ``path`` (its text, stripped; at least 16 characters).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, a folder, or holds a too short secret.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--salt-file {path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--salt-file {path}: cannot read it: {exc}") from exc
+    return _check_key(text, f"--salt-file {path}")
+
+
+def set_pseudonym_key(key: str | None) -> None:
+    """Use ``key`` for every pseudonym made in this process (None: back to env var / default)."""
+    _state["key"] = None if key is None else _check_key(key, "pseudonym key")
+
+
+def pseudonym_key() -> str:
+    """The secret in force: :func:`set_pseudonym_key`, else ``$MMAI_PSEUDONYM_KEY``, else the public
+    default (logging a warning once per process)."""
+    if _state["key"] is not None:
+        return str(_state["key"])
+    env = os.environ.get(KEY_ENV)
+    if env is not None and env.strip():
+        return _check_key(env, f"${KEY_ENV}")
+    if not _state["warned"]:
+        _state["warned"] = True
+        log.warning("pseudonyms use mmai's public default salt: anyone can recompute them from a PatientID; "
+                    "pass --salt-file FILE or set %s to a secret (docs/cli.md)", KEY_ENV)
+    return DEFAULT_SALT
+
+
+def pseudonym(value: str, salt: str | None = None) -> str:
     """Return a stable, non-reversible key for an identifier (e.g. PatientID).
 
     Args:
         value: the identifier; an empty value maps to "" (unknown stays unknown).
-        salt: HMAC key; use a secret one when the output leaves your institution.
+        salt: HMAC key; None or :data:`DEFAULT_SALT` mean "the key in force" (:func:`pseudonym_key`).
 
     Returns:
         ``"p-"`` followed by 16 hex digits of HMAC-SHA256(salt, value).
@@ -83,7 +140,8 @@ def pseudonym(value: str, salt: str = DEFAULT_SALT) -> str:
     text = str(value).strip()
     if not text:
         return ""
-    digest = hmac.new(salt.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).hexdigest()
+    key = pseudonym_key() if salt is None or salt == DEFAULT_SALT else salt
+    digest = hmac.new(key.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).hexdigest()
     return "p-" + digest[:16]
 
 

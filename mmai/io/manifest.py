@@ -21,6 +21,7 @@ import pandas as pd
 
 from mmai.config import PipelineConfig
 from mmai.errors import ManifestError
+from mmai.labels import label_text
 
 log = logging.getLogger(__name__)
 
@@ -217,16 +218,8 @@ def _check_targets(out: pd.DataFrame, config: PipelineConfig, problems: _Problem
                 problems.add(i, cid, task.target, f"not a number: {v!r}")
             values.append(num)
         else:
-            values.append(_label_text(v))
+            values.append(label_text(v))
     out[task.target] = values
-
-
-def _label_text(v: Any) -> str:
-    """Class labels as strings; '1.0' and 1 both become '1' so CSV and Parquet agree."""
-    num = _number(v)
-    if num is not None and float(num).is_integer():
-        return str(int(num))
-    return str(v).strip()
 
 
 def _number(v: Any) -> float | None:

@@ -1,0 +1,44 @@
+"""A tiny trained run over a synthetic DICOM cohort, shared by the predict tests (module-scoped
+fixture ``world``): 24 patients, one CT study each, a cross-attention model trained 2 epochs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mmai.cli import main
+from tests.test_end_to_end import tiny_pipeline
+
+
+@dataclass
+class World:
+    tmp: Path
+    pipe: Path
+    cohort: Path
+    pre: Path
+    run: Path
+
+    def predict(self, out: Path, *args: str) -> int:
+        return main(["predict", "--run", str(self.run), "--out", str(out), "-q", *args])
+
+    def reference(self) -> pd.DataFrame:
+        """Predictions from the cohort manifest (raw DICOM folders + clinical columns), by case_id."""
+        out = self.tmp / "reference.csv"
+        if not out.exists():
+            assert self.predict(out, "--manifest", str(self.cohort / "manifest.csv")) == 0
+        return pd.read_csv(out).set_index("case_id").sort_index()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    tmp = tmp_path_factory.mktemp("predict_world")
+    assert main(["synth", "--out", str(tmp / "cohort"), "--n", "24", "--seed", "1", "-q"]) == 0
+    pipe = tiny_pipeline(tmp)
+    assert main(["preprocess", "--config", str(pipe), "--input", str(tmp / "cohort" / "manifest.csv"),
+                 "--out", str(tmp / "pre"), "--workers", "2", "-q"]) == 0
+    assert main(["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"),
+                 "--out", str(tmp / "run"), "-q"]) == 0
+    return World(tmp=tmp, pipe=pipe, cohort=tmp / "cohort", pre=tmp / "pre", run=tmp / "run")
