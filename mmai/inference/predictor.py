@@ -142,6 +142,7 @@ class Predictor:
         values, mask, ok = self._clinical(df, errors)
         images: list[np.ndarray | None] = []
         present: list[float] = []
+        affines: dict[int, np.ndarray] = {}  # RAS affines of the loaded images (windowed models place tokens in mm)
         loader, cfg = self.loader, self.config.image
         size = tuple(cfg.size) if cfg is not None else ()
         for i, row in enumerate(df.itertuples(index=False)):
@@ -155,7 +156,8 @@ class Predictor:
                 present.append(0.0)
                 continue
             try:
-                images.append(loader(path if isinstance(path, list) else str(path)))
+                arr, affines[i] = loader.load(path if isinstance(path, list) else str(path))  # (1, D, H, W), (4, 4)
+                images.append(arr)
                 present.append(1.0)
             except MmaiError as exc:
                 errors.append({"case_id": row.case_id, "stage": "image", "error": str(exc)})
@@ -168,8 +170,11 @@ class Predictor:
         image = None
         if self.uses_image:
             image = torch.from_numpy(np.stack([img for i in keep if (img := images[i]) is not None])).to(self.device)
+        extra = ({"affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in keep]), dtype=torch.float32,
+                                         device=self.device)} if getattr(self.model, "accepts_affine", False) else {})
         out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
-                         torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device))
+                         torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device),
+                         **extra)
         return self._rows([str(df["case_id"].iloc[i]) for i in keep], out.float().cpu())
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, str]]]:
@@ -250,6 +255,6 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     if explain_dir is not None:
         from mmai.inference.explain import explain_cases
 
-        explain_cases(predictor, todo, Path(explain_dir), progress=progress)
+        explain_cases(predictor, df, Path(explain_dir), progress=progress)  # makes only the missing file sets
     return PredictSummary(n_cases=len(df), n_predicted=n_pred, n_skipped=len(df) - len(todo), n_failed=len(errors),
                           out=str(out_csv), errors=str(err_path) if errors else None)
