@@ -85,8 +85,16 @@ class AntiAlias:
 
 def ct_chest_chain(spacing):  # noqa: ANN001, ANN201
     """MONAI chain equivalent to pipelines/ct_chest.yaml (see the module docstring)."""
-    from monai.transforms import (Compose, CropForeground, DivisiblePad, EnsureType, Lambda, Orientation,
-                                  ScaleIntensityRange, Spacing)
+    from monai.transforms import (
+        Compose,
+        CropForeground,
+        DivisiblePad,
+        EnsureType,
+        Lambda,
+        Orientation,
+        ScaleIntensityRange,
+        Spacing,
+    )
 
     def two_windows(x):  # noqa: ANN001, ANN202
         return torch.cat([ScaleIntensityRange(-1000, 400, 0.0, 1.0, clip=True)(x),

@@ -256,8 +256,11 @@ def _case_inputs(predictor: Any, case: pd.DataFrame) -> dict[str, Any]:
         arr, affine = predictor.loader.load(path)  # (1, D, H, W), (4, 4)
         out.update(image=torch.from_numpy(arr[None]).to(dev), present=torch.ones(1, device=dev), affine=affine,
                    path=path)
-    else:
-        out["image"] = torch.zeros((1, 1, *predictor.config.image.size), device=dev)
+    else:  # a missing image: masked out by the model, any shape with the encoder's channels will do
+        size = getattr(predictor.config.image, "size", None) or (16, 16, 16)
+        enc = getattr(predictor.model, "encoder", None)
+        chans = next((int(p.shape[1]) for p in enc.parameters() if p.dim() == 5), 1) if enc is not None else 1
+        out["image"] = torch.zeros((1, chans, *size), device=dev)
     return out
 
 
@@ -312,8 +315,8 @@ def overview_png(image: np.ndarray, sal: np.ndarray, affine: np.ndarray, path: P
     plane = {"L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal", "S": "axial", "I": "axial"}
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     for axis, ax in enumerate(axes):
-        take = [slice(None)] * 3
-        take[axis] = peak[axis]
+        take: list[Any] = [slice(None)] * 3
+        take[axis] = int(peak[axis])
         img, s = image[tuple(take)], sal[tuple(take)]
         ax.imshow(img.T, cmap="gray", origin="lower")
         ax.imshow(np.ma.masked_less(s.T, 0.1), cmap="inferno", alpha=0.6, origin="lower", vmin=0, vmax=1)

@@ -60,7 +60,7 @@ def to_native(arr: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
     """
     src = MetaTensor(torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32)[None],
                      affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64))
-    out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float64)(
+    out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=np.float64)(
         src, dst_affine=torch.as_tensor(np.asarray(dst_affine), dtype=torch.float64),
         spatial_size=tuple(int(s) for s in dst_shape))
     res = np.asarray(out[0].detach().cpu(), dtype=np.float32)

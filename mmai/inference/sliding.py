@@ -9,8 +9,16 @@ inference-side name for them.
 from __future__ import annotations
 
 from mmai.models.image_tokens import MillimetrePosition, WindowTokenizer
-from mmai.models.windows import (WindowLayout, cell_centres_voxel, default_affine, pad_volume, stitch,
-                                 upsample_cells, voxel_to_mm, window_slices)
+from mmai.models.windows import (
+                                 WindowLayout,
+                                 cell_centres_voxel,
+                                 default_affine,
+                                 pad_volume,
+                                 stitch,
+                                 upsample_cells,
+                                 voxel_to_mm,
+                                 window_slices,
+)
 
 __all__ = ["MillimetrePosition", "WindowLayout", "WindowTokenizer", "cell_centres_voxel", "default_affine",
            "pad_volume", "stitch", "upsample_cells", "voxel_to_mm", "window_slices"]

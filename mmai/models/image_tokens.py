@@ -28,8 +28,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmai.models.windows import (WindowLayout, cell_centres_voxel, default_affine, pad_volume, voxel_to_mm,
-                                 window_slices)
+from mmai.models.windows import (
+    WindowLayout,
+    cell_centres_voxel,
+    default_affine,
+    pad_volume,
+    voxel_to_mm,
+    window_slices,
+)
 
 
 class MillimetrePosition(nn.Module):
@@ -117,8 +123,8 @@ class WindowTokenizer(nn.Module):
         pairs = [(w, i) for w in range(len(slices)) for i in range(b)]  # window-major token order
         chunks: list[torch.Tensor] = []
         fmap_shape: tuple[int, int, int] = (1, 1, 1)
-        for start in range(0, len(pairs), self.batch):
-            part = pairs[start : start + self.batch]
+        for start, stop in _chunks(len(pairs), self.batch):
+            part = pairs[start:stop]
             x = torch.stack([padded[(i, slice(None), *slices[w])] for w, i in part])  # (n, C, r0, r1, r2)
             x = x.contiguous(memory_format=torch.channels_last_3d)
             if self.capture is not None:
@@ -132,10 +138,21 @@ class WindowTokenizer(nn.Module):
         ijk = cell_centres_voxel(slices, self.roi_size, fmap_shape, pad, device=image.device)  # (N, 3)
         aff = affine if affine is not None else default_affine(b, image.device)
         mm = voxel_to_mm(aff, ijk)  # (B, N, 3) float64
-        layout = WindowLayout(image_shape=tuple(image.shape[2:]), pad=pad, padded_shape=tuple(padded.shape[2:]),
+        d, h, w = image.shape[2:]
+        pd_, ph, pw = padded.shape[2:]
+        layout = WindowLayout(image_shape=(d, h, w), pad=pad, padded_shape=(pd_, ph, pw),
                               roi_size=self.roi_size, slices=tuple(slices), fmap_shape=fmap_shape,
                               centres_mm=mm.detach())
         return tok + self.pos(mm), layout  # (B, N, dim)
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive chunks of ``size`` items; a last chunk of one item joins the one
+    before it (BatchNorm in training cannot normalise a single window with a 1x1x1 feature map)."""
+    bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 class ImageToClinical(nn.Module):
@@ -153,7 +170,8 @@ class ImageToClinical(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
-        for lin in (self.attn.out_proj, self.ff[-1]):
+        last: Any = self.ff[-1]
+        for lin in (self.attn.out_proj, last):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 

@@ -150,3 +150,13 @@ def test_case_ids_that_are_not_file_names_stay_inside_the_folder(tmp_path):
     assert all(p.parent == tmp_path for p in files.values())
     assert E.case_files(tmp_path, "../p 1/x.y") != E.case_files(tmp_path, "..-p-1-x-y")
     assert E.case_files(tmp_path, "abc_1")["saliency"].name == "abc_1_saliency.nii.gz"
+
+
+def test_a_case_without_image_gets_attributions_only(tmp_path):
+    df = cohort(tmp_path, n=1)
+    df.loc[0, "image"] = np.nan
+    out = tmp_path / "x"
+    E.explain_cases(StubPredictor(True), df, out, progress=False)
+    info = __import__("json").loads((out / "c0_explain.json").read_text())
+    assert info["files"] == [] and [a["feature"] for a in info["attributions"]] == ["age", "crp"]
+    assert not (out / "c0_saliency.nii.gz").exists() and E.is_done(out, "c0", "m1")

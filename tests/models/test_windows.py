@@ -192,3 +192,12 @@ def test_windowed_model_trains(bidirectional):
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     if bidirectional:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.back.parameters())
+
+
+def test_no_window_batch_of_one_in_training():
+    """9 windows in batches of 4 -> 4, 5 (a lone window cannot be batch-normalised in training)."""
+    from mmai.models.image_tokens import _chunks
+
+    assert _chunks(9, 4) == [(0, 4), (4, 9)] and _chunks(8, 4) == [(0, 4), (4, 8)] and _chunks(1, 4) == [(0, 1)]
+    m = model({"roi_size": [16, 16, 16], "batch": 4, "train_windows": 3}).train()
+    m.image_tokens(torch.randn(3, 1, 32, 32, 32), None)  # 9 (window, case) pairs, 1x1x1 feature maps
