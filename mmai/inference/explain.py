@@ -92,7 +92,22 @@ def _normalise(arr: np.ndarray) -> np.ndarray:
 
 def clinical_attributions(model: torch.nn.Module, kind: str, image: torch.Tensor | None, present: torch.Tensor,
                           values: torch.Tensor, mask: torch.Tensor, **model_kw: Any) -> torch.Tensor:
-    """(B, F) score(all) - score(feature f missing), for observed features (0 where missing)."""
+    """(B, F) score(all) - score(feature f missing), for observed features (0 where missing).
+
+    A sliding-window model encodes the image once for all F + 1 passes (its tokens do not depend
+    on the clinical values)."""
+    tokenizer = getattr(model, "windows", None)
+    if tokenizer is not None:
+        tokenizer.reuse = {}
+    try:
+        return _attributions(model, kind, image, present, values, mask, **model_kw)
+    finally:
+        if tokenizer is not None:
+            tokenizer.reuse = None
+
+
+def _attributions(model: torch.nn.Module, kind: str, image: torch.Tensor | None, present: torch.Tensor,
+                  values: torch.Tensor, mask: torch.Tensor, **model_kw: Any) -> torch.Tensor:
     with torch.no_grad():
         base = _score(model(image, present, values, mask, **model_kw), kind)  # (B,)
         out = torch.zeros_like(values)

@@ -93,6 +93,8 @@ class WindowTokenizer(nn.Module):
         self.pos = MillimetrePosition(dim)
         # explanations: when a list, each encoded window batch is appended as (leaf input, [(window, case)])
         self.capture: list[tuple[torch.Tensor, list[tuple[int, int]]]] | None = None
+        # explanations: when a dict, no-grad results are reused for the same (image, affine) objects
+        self.reuse: dict[tuple[int, int], tuple[torch.Tensor, WindowLayout]] | None = None
 
     def extra_repr(self) -> str:
         return (f"roi_size={self.roi_size}, overlap={self.overlap}, batch={self.batch}, "
@@ -114,6 +116,16 @@ class WindowTokenizer(nn.Module):
     def forward(self, encoder: nn.Module, proj: nn.Module, image: torch.Tensor, affine: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, WindowLayout]:
         """(B, C, D, H, W) [+ affine (B, 4, 4)] -> tokens (B, W * d*h*w, dim) and their :class:`WindowLayout`."""
+        key = (id(image), id(affine))
+        if self.reuse is not None and not torch.is_grad_enabled() and key in self.reuse:
+            return self.reuse[key]
+        out = self._tokens(encoder, proj, image, affine)
+        if self.reuse is not None and not torch.is_grad_enabled():
+            self.reuse[key] = out
+        return out
+
+    def _tokens(self, encoder: nn.Module, proj: nn.Module, image: torch.Tensor, affine: torch.Tensor | None
+                ) -> tuple[torch.Tensor, WindowLayout]:
         b = image.shape[0]
         padded, pad = pad_volume(image, self.roi_size, self.pad_value)  # (B, C, D', H', W')
         slices = window_slices(image.shape[2:], self.roi_size, self.overlap)

@@ -160,3 +160,19 @@ def test_a_case_without_image_gets_attributions_only(tmp_path):
     info = __import__("json").loads((out / "c0_explain.json").read_text())
     assert info["files"] == [] and [a["feature"] for a in info["attributions"]] == ["age", "crp"]
     assert not (out / "c0_saliency.nii.gz").exists() and E.is_done(out, "c0", "m1")
+
+
+def test_windowed_attributions_encode_the_image_once(monkeypatch):
+    p = StubPredictor(True)
+    calls = []
+    real = p.model.windows._tokens
+    monkeypatch.setattr(p.model.windows, "_tokens", lambda *a: calls.append(1) or real(*a))
+    image, present = torch.rand(1, 1, 24, 24, 16), torch.ones(1)
+    values, mask = torch.tensor([[1.0, 2.0]]), torch.ones(1, 2)
+    fast = E.clinical_attributions(p.model, "binary", image, present, values, mask)
+    assert len(calls) == 1 and p.model.windows.reuse is None
+    with torch.no_grad():  # the reference, one full pass per feature
+        base = p.model(image, present, values, mask)[:, 0]
+        ref = torch.stack([base - p.model(image, present, values, mask * torch.tensor([[0.0, 1.0]]))[:, 0],
+                           base - p.model(image, present, values, mask * torch.tensor([[1.0, 0.0]]))[:, 0]], 1)
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)
