@@ -105,9 +105,9 @@ class WindowTokenizer(nn.Module):
 
         3D convolutions run about a fifth faster on CPU with channels-last weights and inputs, so
         the encoder's 5-D weights are put in that layout on first use (values unchanged)."""
-        first = next((p for p in encoder.parameters() if p.dim() == 5), None)
-        if first is not None and not first.is_contiguous(memory_format=torch.channels_last_3d):
-            encoder.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # once; as the trainer does
+        cl = torch.channels_last_3d
+        if any(p.dim() == 5 and p.shape[1] > 1 and not p.is_contiguous(memory_format=cl) for p in encoder.parameters()):
+            encoder.to(memory_format=cl)  # type: ignore[call-overload]  # once; as the trainer does
         fn: Any = encoder.forward_features
         if (self.checkpoint or self.capture is not None) and torch.is_grad_enabled():
             return checkpoint(fn, x, use_reentrant=False)
