@@ -132,6 +132,31 @@ class ModelConfig:
     dropout: float = 0.1
     image_dropout: float = 0.0
     aux_weight: float = 0.5
+    windows: WindowsConfig | None = None
+    bidirectional: bool = False
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    """``model.windows``: sliding-window image tokens (cross_attention; docs/models.md "Full resolution").
+
+    ``roi_size`` voxels per window, ``overlap`` in [0, 1), ``batch`` windows per encoder call,
+    ``train_windows`` ``all`` or K windows sampled per volume per training step, ``checkpoint``
+    activation checkpointing of the window encoder in training.
+    """
+
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    overlap: float = 0.25
+    batch: int = 4
+    train_windows: Literal["all"] | int = "all"
+    checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.roi_size) < 1 or not 0.0 <= self.overlap < 1.0 or self.batch < 1:
+            raise ConfigError(f"model.windows: roi_size must be > 0, overlap in [0, 1), batch >= 1; got "
+                              f"{self.roi_size}, {self.overlap}, {self.batch}")
+        if self.train_windows != "all" and self.train_windows < 1:
+            raise ConfigError(f"model.windows.train_windows must be 'all' or >= 1, got {self.train_windows!r}")
 
 
 @dataclass(frozen=True)

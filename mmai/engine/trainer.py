@@ -80,7 +80,7 @@ def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
 def _forward(model: torch.nn.Module, batch: dict[str, Any], *, return_aux: bool = False) -> Any:
     """The model's outputs (B, n_outputs); with ``return_aux``, ``(outputs, aux dict)``."""
     return model(batch.get("image"), batch["image_present"], batch["clinical"], batch["clinical_mask"],
-                 return_aux=return_aux)
+                 return_aux=return_aux, **({"affine": batch.get("affine")} if getattr(_unwrap(model), "accepts_affine", False) else {}))
 
 
 @torch.no_grad()
@@ -313,6 +313,7 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
     model_kwargs: dict[str, Any] = dict(n_outputs=n_outputs_for(kind, len(enc.classes)), in_channels=1, encoder=mc.encoder,
                         widths=list(mc.widths), dim=mc.dim, heads=mc.heads, layers=mc.layers, dropout=mc.dropout,
                         clinical_encoder=mc.clinical_encoder)
+    model_kwargs.update(windows=dataclasses.asdict(mc.windows) if mc.windows else None, bidirectional=mc.bidirectional)
     try:
         model = create_model(fusion, feature_specs=specs, **model_kwargs)
     except ValueError as exc:

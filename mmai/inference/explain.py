@@ -1,22 +1,43 @@
-"""Explanations: 3D saliency and attention maps (NIfTI, in the model input's geometry) and
-clinical attributions.
+"""Explanations in the scan's own geometry: 3D saliency and attention maps (NIfTI with the input
+file's shape and affine), an overlay PNG on the native slices, and clinical attributions.
 
-Per case, in ``OUT``:
+One file set per case in ``OUT`` (``<stem>`` is the case id, or a safe form of it plus a short
+hash when the id holds characters other than letters, digits, ``_`` and ``-``):
 
-- ``<case>_saliency.nii.gz``: |gradient x input| of the model's score (positive-class logit,
+- ``<stem>_saliency.nii.gz``: |gradient x input| of the model's score (positive-class logit,
   log-risk or regression value) with respect to the image, normalised to [0, 1];
-- ``<case>_attention.nii.gz`` (cross-attention models): the [CLS] query's attention over image
-  tokens, upsampled to the input grid;
-- ``<case>_overview.png`` (first :data:`MAX_PNG` cases): three orthogonal slices through the
-  saliency peak, the map over the image;
-- ``clinical_attributions.csv``: case_id, feature, observed, attribution, where attribution is
-  score(all values) - score(this feature set to missing): what the value added relative to not
-  knowing it (the model's learned missing token is the reference).
+- ``<stem>_attention.nii.gz`` (cross-attention models): the [CLS] query's attention over the
+  image tokens, normalised to [0, 1];
+- ``<stem>_overview.png``: three native slices through the saliency peak, the map over the image;
+- ``<stem>_explain.json``, written LAST: case id, model id, the files of the set, the clinical
+  attributions (score(all values) - score(this feature set to missing); the model's learned
+  missing token is the reference) and the geometry. A case is done when this file exists, names
+  this model, and every file it lists exists.
+
+``clinical_attributions.csv`` (case_id, feature, observed, attribution) is assembled from every
+``*_explain.json`` in the folder after each run, under an exclusive lock on the folder, so a
+rerun makes exactly the missing file sets and shards writing into one folder do not clobber
+each other (the last shard to finish writes the complete table). Every file is written
+atomically; temporary files a killed run left for a case are removed when that case is redone.
+
+Geometry: the maps are computed on the model's grid (after reorientation, resampling and
+crop/pad), sliding-window models stitch them from the windows with MONAI's gaussian importance
+map (:func:`mmai.models.windows.stitch`), and they are resampled onto the input file's own grid
+with MONAI's ``SpatialResample`` (model-grid affine -> input affine, trilinear, zero outside the
+model's field of view): the equivalent of inverting the preprocessing chain, which also works
+for volumes that were preprocessed earlier by ``mmai preprocess``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +49,15 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mmai.errors import MmaiError
-from mmai.utils import atomic_path
+from mmai.inference.explain_geometry import native_image, to_native
+from mmai.models.windows import stitch, upsample_cells
+from mmai.utils import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-MAX_PNG = 20
+TABLE = "clinical_attributions.csv"
+COLUMNS = ["case_id", "feature", "observed", "attribution"]
+_KINDS = {"saliency": ".nii.gz", "attention": ".nii.gz", "overview": ".png", "explain": ".json"}
 
 
 def _score(out: torch.Tensor, kind: str) -> torch.Tensor:
@@ -42,114 +67,280 @@ def _score(out: torch.Tensor, kind: str) -> torch.Tensor:
     return out[:, 0]
 
 
+def case_stem(case_id: str) -> str:
+    """File-name stem of a case: the id itself when it is file-safe, else a safe form + hash."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,100}", case_id):
+        return case_id
+    safe = re.sub(r"[^A-Za-z0-9_-]", "-", case_id)[:60]
+    return f"{safe}-{hashlib.sha1(case_id.encode()).hexdigest()[:10]}"
+
+
+def case_files(out_dir: Path, case_id: str) -> dict[str, Path]:
+    """The file set of one case: kind -> path."""
+    stem = case_stem(case_id)
+    return {k: Path(out_dir) / f"{stem}_{k}{suffix}" for k, suffix in _KINDS.items()}
+
+
 def _save_map(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(tmp))
 
 
+def _normalise(arr: np.ndarray) -> np.ndarray:
+    return arr / max(float(arr.max()), 1e-12)
+
+
 def clinical_attributions(model: torch.nn.Module, kind: str, image: torch.Tensor | None, present: torch.Tensor,
-                          values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, F) score(all) - score(feature f missing), for observed features (0 where missing)."""
+                          values: torch.Tensor, mask: torch.Tensor, **model_kw: Any) -> torch.Tensor:
+    """(B, F) score(all) - score(feature f missing), for observed features (0 where missing).
+
+    A sliding-window model encodes the image once for all F + 1 passes (its tokens do not depend
+    on the clinical values)."""
+    tokenizer = getattr(model, "windows", None)
+    if tokenizer is not None:
+        tokenizer.reuse = {}
+    try:
+        return _attributions(model, kind, image, present, values, mask, **model_kw)
+    finally:
+        if tokenizer is not None:
+            tokenizer.reuse = None
+
+
+def _attributions(model: torch.nn.Module, kind: str, image: torch.Tensor | None, present: torch.Tensor,
+                  values: torch.Tensor, mask: torch.Tensor, **model_kw: Any) -> torch.Tensor:
     with torch.no_grad():
-        base = _score(model(image, present, values, mask), kind)  # (B,)
+        base = _score(model(image, present, values, mask, **model_kw), kind)  # (B,)
         out = torch.zeros_like(values)
         for f in range(values.shape[1]):
             m = mask.clone()
             m[:, f] = 0
-            out[:, f] = (base - _score(model(image, present, values, m), kind)) * mask[:, f]
+            out[:, f] = (base - _score(model(image, present, values, m, **model_kw), kind)) * mask[:, f]
     return out
 
 
 def saliency(model: torch.nn.Module, kind: str, image: torch.Tensor, present: torch.Tensor, values: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-    """|d score / d image * image| per case, normalised to [0, 1]: (B, D, H, W)."""
+             mask: torch.Tensor, **model_kw: Any) -> torch.Tensor:
+    """|d score / d image * image| per case, normalised to [0, 1]: (B, D, H, W).
+
+    A sliding-window model (``model.windows``) is differentiated window batch by window batch
+    (activation checkpointing bounds the memory) and the per-window maps are stitched with
+    MONAI's gaussian blending; its attention from the same pass is kept for :func:`attention_map`.
+    """
+    tokenizer = getattr(model, "windows", None)
+    if tokenizer is not None:
+        return _window_saliency(model, tokenizer, kind, image, present, values, mask, **model_kw)
     x = image.clone().requires_grad_(True)
-    score = _score(model(x, present, values, mask), kind).sum()
+    score = _score(model(x, present, values, mask, **model_kw), kind).sum()
     (grad,) = torch.autograd.grad(score, x)
     sal = (grad * x).abs().sum(dim=1).detach()  # (B, D, H, W)
     peak = sal.flatten(1).max(dim=1).values.clamp_min(1e-12)
     return sal / peak[:, None, None, None]
 
 
+def _window_saliency(model: Any, tokenizer: Any, kind: str, image: torch.Tensor, present: torch.Tensor,
+                     values: torch.Tensor, mask: torch.Tensor, **model_kw: Any) -> torch.Tensor:
+    tokenizer.capture = []
+    try:
+        score = _score(model(image, present, values, mask, **model_kw), kind).sum()
+        crops = [x for x, _ in tokenizer.capture]
+        grads = torch.autograd.grad(score, crops)
+        layout = model.last_grid
+        b, n_win = image.shape[0], len(layout.slices)
+        maps = torch.zeros((b, n_win, *layout.roi_size), device=image.device)  # (B, W, r0, r1, r2)
+        for (x, pairs), g in zip(tokenizer.capture, grads, strict=True):
+            per = (g * x).abs().sum(dim=1).detach()  # (n, r0, r1, r2)
+            for k, (w, i) in enumerate(pairs):
+                maps[i, w] = per[k]
+    finally:
+        tokenizer.capture = None
+    sal = stitch(maps, layout)  # (B, D, H, W)
+    peak = sal.flatten(1).max(dim=1).values.clamp_min(1e-12)
+    return sal / peak[:, None, None, None]
+
+
 def attention_map(model: Any, shape: tuple[int, int, int]) -> torch.Tensor | None:
-    """The [CLS] attention over image tokens from the last forward pass, upsampled: (B, *shape)."""
+    """The [CLS] attention over image tokens from the last forward pass on the model grid: (B, *shape).
+
+    One pass: the token grid upsampled (trilinear). Sliding windows: each window's cells upsampled
+    to the window, then stitched with MONAI's gaussian blending.
+    """
     att = getattr(model, "last_attention", None)
     grid = getattr(model, "last_grid", None)
     if att is None or grid is None:
         return None
-    cls_to_img = att[:, 0, 1:]  # (B, N) - key 0 is the missing-image token
+    cls_to_img = att[:, 0, 1:].float()  # (B, N) - key 0 is the missing-image token
+    if not isinstance(grid, tuple):  # a WindowLayout
+        return stitch(upsample_cells(cls_to_img, grid), grid)
     vol = cls_to_img.reshape(-1, 1, *grid)
     return F.interpolate(vol, size=shape, mode="trilinear", align_corners=False)[:, 0]
 
 
+# ----------------------------------------------------------------------------- the file sets
+
+
+def is_done(out_dir: Path, case_id: str, model_id: str) -> bool:
+    """True when the case's ``_explain.json`` names ``model_id`` and every file it lists exists."""
+    marker = case_files(out_dir, case_id)["explain"]
+    try:
+        info = json.loads(marker.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if info.get("case_id") != case_id or info.get("model_id") != model_id:
+        return False
+    return all((Path(out_dir) / name).exists() for name in info.get("files", []))
+
+
+def _remove_stale_temps(out_dir: Path, case_id: str) -> None:
+    """Temporary files ``atomic_path`` left for this case's files when a run was killed."""
+    for path in case_files(out_dir, case_id).values():
+        stem, suffix = path.name.split(".")[0], "".join(path.suffixes)
+        for tmp in Path(out_dir).glob(f".{stem}.*.tmp{suffix}"):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the folder itself (no lock file is left behind)."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def assemble_attributions(out_dir: Path) -> Path:
+    """Rebuild ``clinical_attributions.csv`` from every case's ``_explain.json`` (locked, atomic)."""
+    out_dir = Path(out_dir)
+    with _folder_lock(out_dir):
+        rows: list[dict[str, Any]] = []
+        for marker in sorted(out_dir.glob("*_explain.json")):
+            try:
+                info = json.loads(marker.read_text())
+            except json.JSONDecodeError as exc:
+                raise MmaiError(f"{marker}: not valid JSON ({exc}); delete it and rerun to remake that case") from exc
+            rows += [{"case_id": info["case_id"], **r} for r in info.get("attributions", [])]
+        table = pd.DataFrame(rows, columns=COLUMNS).sort_values(["case_id"], kind="stable")
+        with atomic_path(out_dir / TABLE) as tmp:
+            table.to_csv(tmp, index=False)
+    return out_dir / TABLE
+
+
 def explain_cases(predictor: Any, df: pd.DataFrame, out_dir: Path, *, progress: bool = True) -> Path:
-    """Write maps and clinical attributions for every case of ``df``; returns the CSV path."""
+    """Write the file set of every case of ``df`` that is not done yet; returns the table's path.
+
+    Cases whose clinical values or image cannot be read are logged and skipped (no file set, so a
+    rerun tries them again).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, kind = predictor.model, predictor.encoding.kind
-    rows: list[dict[str, Any]] = []
-    names = predictor.pre.feature_names if predictor.pre is not None else []
-    n_png = 0
+    made = skipped = failed = 0
     for i in tqdm(range(len(df)), desc="explain", unit="case", disable=not progress):
         case = df.iloc[i : i + 1]
         cid = str(case["case_id"].iloc[0])
-        errors: list[dict[str, str]] = []
-        values, mask, ok = predictor._clinical(case, errors)
-        if not ok[0]:
+        if is_done(out_dir, cid, predictor.model_id):
+            skipped += 1
             continue
-        v = torch.from_numpy(values).to(predictor.device)
-        m = torch.from_numpy(mask).to(predictor.device)
-        image, present, affine = None, torch.zeros(1, device=predictor.device), None
-        path = case[predictor.config.image.column].iloc[0] if predictor.uses_image else None
-        if predictor.uses_image and isinstance(path, str | list):
-            try:
-                arr, affine = predictor.loader.load(path)
-            except MmaiError as exc:
-                log.warning("explain: case %s skipped: %s", cid, exc)
-                continue
-            image = torch.from_numpy(arr[None]).to(predictor.device)
-            present = torch.ones(1, device=predictor.device)
-        elif predictor.uses_image:
-            image = torch.zeros((1, 1, *predictor.config.image.size), device=predictor.device)
-        if image is not None and affine is not None:
-            sal = saliency(model, kind, image, present, v, m)[0].cpu().numpy()
-            _save_map(sal, affine, out_dir / f"{cid}_saliency.nii.gz")
-            att = attention_map(model, tuple(predictor.config.image.size))
-            if att is not None:
-                att_np = att[0].cpu().numpy()
-                _save_map(att_np / max(float(att_np.max()), 1e-12), affine, out_dir / f"{cid}_attention.nii.gz")
-            if n_png < MAX_PNG:
-                _overview_png(arr[0], sal, out_dir / f"{cid}_overview.png", cid)
-                n_png += 1
-        if names:
-            attr = clinical_attributions(model, kind, image, present, v, m)[0].cpu().numpy()
-            for f, name in enumerate(names):
-                rows.append({"case_id": cid, "feature": name, "observed": int(mask[0, f]),
-                             "attribution": float(attr[f])})
-    csv_path = out_dir / "clinical_attributions.csv"
-    with atomic_path(csv_path) as tmp:
-        pd.DataFrame(rows, columns=["case_id", "feature", "observed", "attribution"]).to_csv(tmp, index=False)
+        _remove_stale_temps(out_dir, cid)
+        try:
+            explain_case(predictor, case, out_dir)
+            made += 1
+        except MmaiError as exc:
+            log.warning("explain: case %s skipped: %s", cid, exc)
+            failed += 1
+    csv_path = assemble_attributions(out_dir)
+    log.info("explain: %d made, %d already done, %d failed -> %s", made, skipped, failed, out_dir)
     return csv_path
 
 
-def _overview_png(image: np.ndarray, sal: np.ndarray, path: Path, title: str) -> None:
+def _case_inputs(predictor: Any, case: pd.DataFrame) -> dict[str, Any]:
+    """Tensors of one case: clinical values/mask, image (model grid), its affine, the input path."""
+    dev = predictor.device
+    errors: list[dict[str, str]] = []
+    values, mask, ok = predictor._clinical(case, errors)
+    if not ok[0]:
+        raise MmaiError(errors[0]["error"] if errors else "invalid clinical values")
+    out: dict[str, Any] = {"values": torch.from_numpy(values).to(dev), "mask": torch.from_numpy(mask).to(dev),
+                           "observed": mask[0], "image": None, "present": torch.zeros(1, device=dev),
+                           "affine": None, "path": None}
+    if not predictor.uses_image:
+        return out
+    path = case[predictor.config.image.column].iloc[0]
+    if isinstance(path, str | list):
+        arr, affine = predictor.loader.load(path)  # (1, D, H, W), (4, 4)
+        out.update(image=torch.from_numpy(arr[None]).to(dev), present=torch.ones(1, device=dev), affine=affine,
+                   path=path)
+    else:  # a missing image: masked out by the model, any shape with the encoder's channels will do
+        size = getattr(predictor.config.image, "size", None) or (16, 16, 16)
+        enc = getattr(predictor.model, "encoder", None)
+        chans = next((int(p.shape[1]) for p in enc.parameters() if p.dim() == 5), 1) if enc is not None else 1
+        out["image"] = torch.zeros((1, chans, *size), device=dev)
+    return out
+
+
+def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str, Any]:
+    """Maps, overview and attributions of one case (a one-row frame); returns its ``_explain.json``."""
+    model, kind = predictor.model, predictor.encoding.kind
+    cid = str(case["case_id"].iloc[0])
+    paths = case_files(out_dir, cid)
+    x = _case_inputs(predictor, case)
+    kw: dict[str, Any] = {}
+    if getattr(model, "accepts_affine", False) and x["affine"] is not None:
+        kw["affine"] = torch.tensor(x["affine"][None], dtype=torch.float32, device=predictor.device)
+    files: list[str] = []
+    geometry: dict[str, Any] = {}
+    if x["affine"] is not None:
+        sal = saliency(model, kind, x["image"], x["present"], x["values"], x["mask"], **kw)[0].cpu().numpy()
+        att = attention_map(model, tuple(x["image"].shape[2:]))
+        native, native_affine = native_image(x["path"], predictor.config.image)  # (X, Y, Z), (4, 4)
+        sal_n = _normalise(to_native(sal, x["affine"], native_affine, native.shape))
+        _save_map(sal_n, native_affine, paths["saliency"])
+        files.append(paths["saliency"].name)
+        if att is not None:
+            att_n = _normalise(to_native(att[0].cpu().numpy(), x["affine"], native_affine, native.shape))
+            _save_map(att_n, native_affine, paths["attention"])
+            files.append(paths["attention"].name)
+        overview_png(native, sal_n, native_affine, paths["overview"], cid)
+        files.append(paths["overview"].name)
+        geometry = {"shape": list(native.shape), "affine": np.asarray(native_affine).tolist(),
+                    "model_grid_shape": list(x["image"].shape[2:])}
+    attributions = []
+    names = predictor.pre.feature_names if predictor.pre is not None else []
+    if names:
+        attr = clinical_attributions(model, kind, x["image"], x["present"], x["values"], x["mask"], **kw)
+        attr_np = attr[0].cpu().numpy()
+        attributions = [{"feature": n, "observed": int(x["observed"][f]), "attribution": float(attr_np[f])}
+                        for f, n in enumerate(names)]
+    info = {"case_id": cid, "model_id": predictor.model_id, "files": files, "attributions": attributions,
+            "geometry": geometry}
+    atomic_write_json(paths["explain"], info)  # last: marks the case done
+    return info
+
+
+def overview_png(image: np.ndarray, sal: np.ndarray, affine: np.ndarray, path: Path, title: str) -> None:
+    """Three native slices (voxel axes of the input file) through the saliency peak, map over image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     peak = np.unravel_index(int(np.argmax(sal)), sal.shape)
+    codes = nib.aff2axcodes(affine)
+    plane = {"L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal", "S": "axial", "I": "axial"}
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    views = [(image[peak[0], :, :], sal[peak[0], :, :], "sagittal"),
-             (image[:, peak[1], :], sal[:, peak[1], :], "coronal"),
-             (image[:, :, peak[2]], sal[:, :, peak[2]], "axial")]
-    for ax, (img, s, name) in zip(axes, views, strict=True):
+    for axis, ax in enumerate(axes):
+        take: list[Any] = [slice(None)] * 3
+        take[axis] = int(peak[axis])
+        img, s = image[tuple(take)], sal[tuple(take)]
         ax.imshow(img.T, cmap="gray", origin="lower")
         ax.imshow(np.ma.masked_less(s.T, 0.1), cmap="inferno", alpha=0.6, origin="lower", vmin=0, vmax=1)
-        ax.set_title(name)
+        ax.set_title(f"{plane.get(codes[axis], '?')} (axis {axis} = {peak[axis]})")
         ax.axis("off")
-    fig.suptitle(f"{title}: saliency (|grad x input|) through its peak")
+    fig.suptitle(f"{title}: saliency (|grad x input|) on the native slices through its peak")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
+    finally:
+        plt.close(fig)

@@ -168,10 +168,12 @@ class Predictor:
             return values, mask, ok
 
     def _images(self, df: pd.DataFrame, ok: list[bool], errors: list[dict[str, str]]
-                ) -> tuple[list[np.ndarray | None], list[float]]:
-        """Per row: the model-ready volume (1, D, H, W) or None, and image_present (0 or 1)."""
+                ) -> tuple[list[np.ndarray | None], list[float], dict[int, np.ndarray]]:
+        """Per row: the model-ready volume (1, D, H, W) or None, and image_present (0 or 1); and the
+        RAS affines (4, 4) of the loaded volumes by row index."""
         images: list[np.ndarray | None] = []
         present: list[float] = []
+        affines: dict[int, np.ndarray] = {}  # RAS affines of the loaded images (windowed models place tokens in mm)
         loader, cfg = self.loader, self.config.image
         size = tuple(cfg.size) if cfg is not None else ()
         for i, row in enumerate(df.to_dict("records")):
@@ -185,7 +187,8 @@ class Predictor:
                 present.append(0.0)
                 continue
             try:
-                images.append(loader(path if isinstance(path, list) else str(path)))
+                arr, affines[i] = loader.load(path if isinstance(path, list) else str(path))  # (1, D, H, W), (4, 4)
+                images.append(arr)
                 present.append(1.0)
             except MmaiError as exc:
                 errors.append(error_row(row["case_id"], "image", exc, series=str(row.get("_series") or ""),
@@ -193,21 +196,24 @@ class Predictor:
                 ok[i] = False
                 images.append(None)
                 present.append(0.0)
-        return images, present
+        return images, present, affines
 
     @torch.no_grad()
     def predict_batch(self, df: pd.DataFrame, errors: list[dict[str, str]]) -> list[dict[str, Any]]:
         """Predict the rows of a validated manifest chunk; failures are appended to ``errors``."""
         values, mask, ok = self._clinical(df, errors)
-        images, present = self._images(df, ok, errors)
+        images, present, affines = self._images(df, ok, errors)
         keep = [i for i in range(len(df)) if ok[i]]
         if not keep:
             return []
         image = None
         if self.uses_image:
             image = torch.from_numpy(np.stack([img for i in keep if (img := images[i]) is not None])).to(self.device)
+        extra = ({"affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in keep]), dtype=torch.float32,
+                                         device=self.device)} if getattr(self.model, "accepts_affine", False) else {})
         out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
-                         torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device))
+                         torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device),
+                         **extra)
         clinical_present = np.asarray(mask[keep].any(axis=1) if mask.shape[1] else np.zeros(len(keep), bool))
         return self._rows([str(df["case_id"].iloc[i]) for i in keep], out.float().cpu(), clinical_present)
 
@@ -327,6 +333,6 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     if explain_dir is not None:
         from mmai.inference.explain import explain_cases
 
-        explain_cases(predictor, todo, Path(explain_dir), progress=progress)
+        explain_cases(predictor, df, Path(explain_dir), progress=progress)  # makes only the missing file sets
     return PredictSummary(n_cases=len(df) + len(select_errors), n_predicted=n_pred, n_skipped=len(df) - len(todo),
                           n_failed=len(errors), out=str(out_csv), errors=str(err_path) if errors else None, join=join)

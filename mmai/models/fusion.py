@@ -23,12 +23,14 @@ an image is learned, not an artefact of blank voxels.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmai.models.heads import Head
 from mmai.models.image_encoders import ImageEncoder
+from mmai.models.image_tokens import ImageToClinical, WindowTokenizer
 from mmai.models.tabular import ClinicalMLP, FeatureTokenizer
 
 
@@ -164,12 +166,18 @@ class CrossAttentionFusion(MultimodalModel):
        image) keeps learning while the easier one already explains part of the outcome.
     """
 
+    accepts_affine = True  # forward(..., affine=(B, 4, 4)) places window tokens in millimetres
+
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4,
-                 layers: int = 1, dropout: float = 0.1, **_: object):
+                 layers: int = 1, dropout: float = 0.1, windows: dict[str, Any] | None = None,
+                 bidirectional: bool = False, **_: object):
         super().__init__()
         self.encoder = encoder
         self.img_proj = nn.Linear(encoder.num_features, dim)
         self.pos = FourierPosition(dim)
+        self.windows = WindowTokenizer(dim, **windows) if windows else None  # sliding windows, mm positions
+        self.back = (nn.ModuleList([ImageToClinical(dim, heads, dropout) for _ in range(max(1, layers))])
+                     if bidirectional else None)  # image tokens also attend to the clinical tokens
         self.no_image = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.tokenizer = FeatureTokenizer(feature_specs, dim)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -183,15 +191,18 @@ class CrossAttentionFusion(MultimodalModel):
         self.last_attention: torch.Tensor | None = None  # for explanations
         self.last_grid: tuple[int, int, int] | None = None
 
-    def image_tokens(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """(B, C_in, D, H, W) -> tokens (B, N, D) and the feature grid shape (d, h, w)."""
+    def image_tokens(self, image: torch.Tensor, affine: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """(B, C_in, D, H, W) -> tokens (B, N, D) and the feature grid shape (d, h, w) or, with
+        ``windows``, the :class:`~mmai.models.windows.WindowLayout` (positions in mm from ``affine``)."""
+        if self.windows is not None:
+            return self.windows(self.encoder, self.img_proj, image, affine)
         fmap = self.encoder.forward_features(image)  # (B, C, d, h, w)
         d, h, w = fmap.shape[2:]
         tok = self.img_proj(fmap.flatten(2).transpose(1, 2))  # (B, N, D)
         return tok + self.pos(grid_coords((d, h, w), image.device))[None], (d, h, w)
 
-    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
-        img_tok, self.last_grid = self.image_tokens(image)  # (B, N, D), (d, h, w)
+    def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False, affine=None):
+        img_tok, self.last_grid = self.image_tokens(image, affine)  # (B, N, D), (d, h, w) or WindowLayout
         b, n, _ = img_tok.shape
         kv = torch.cat([self.no_image.expand(b, -1, -1), img_tok], dim=1)  # (B, 1+N, D)
         absent = image_present <= 0  # (B,)
@@ -200,7 +211,10 @@ class CrossAttentionFusion(MultimodalModel):
         clin_tok = self.tokenizer(clinical, clinical_mask)  # (B, F, D)
         q = torch.cat([self.cls.expand(b, -1, -1), clin_tok], dim=1)  # (B, 1+F, D)
         weights = None
-        for block in self.cross:
+        for i, block in enumerate(self.cross):
+            if self.back is not None:  # bidirectional: image tokens attend to [CLS; clinical] first
+                img_tok = self.back[i](img_tok, q)  # (B, N, D)
+                kv = torch.cat([kv[:, :1], img_tok], dim=1)  # (B, 1+N, D)
             q, weights = block(q, kv, pad)
         self.last_attention = weights.detach() if weights is not None else None  # (B, 1+F, 1+N)
         present = (~absent).to(img_tok.dtype)[:, None, None]

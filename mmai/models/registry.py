@@ -28,7 +28,8 @@ def list_models() -> list[str]:
 def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = (), in_channels: int = 1,
                  encoder: str = "resnet", widths: Sequence[int] = (16, 32, 64, 128), dim: int = 64,
                  heads: int = 4, layers: int = 1, dropout: float = 0.1,
-                 clinical_encoder: str = "tokens") -> F.MultimodalModel:
+                 clinical_encoder: str = "tokens", windows: dict[str, Any] | None = None,
+                 bidirectional: bool = False) -> F.MultimodalModel:
     """Build a fusion model.
 
     Args:
@@ -40,6 +41,9 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
         encoder, widths: image encoder name and stage widths.
         dim, heads, layers, dropout: token width, attention heads, fusion depth, dropout.
         clinical_encoder: ``tokens`` (feature tokenizer + transformer) or ``mlp`` (clinical_only).
+        windows: cross_attention only: sliding-window image tokens with millimetre positions
+            (``roi_size``, ``overlap``, ``batch``, ``train_windows``, ``checkpoint``); None = one pass.
+        bidirectional: cross_attention only: image tokens also attend to the clinical tokens.
     """
     cls = look_up_option(name, MODELS)
     feature_specs = list(feature_specs)
@@ -51,6 +55,8 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
         kwargs["feature_specs"] = feature_specs
     if cls is F.ClinicalOnly:
         kwargs["clinical_encoder"] = clinical_encoder
+    if cls is F.CrossAttentionFusion:
+        kwargs.update(windows=windows, bidirectional=bidirectional)
     if cls.uses_image:
         extra = 2 * len(feature_specs) if cls is F.EarlyFusion else 0
         kwargs["encoder"] = create_encoder(encoder, in_channels=in_channels + extra, widths=widths)
