@@ -35,7 +35,8 @@ from mmai.errors import CheckpointError, ConfigError
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import n_outputs_for, outputs_to_predictions, task_loss
 from mmai.models.registry import create_model
-from mmai.transforms.pipelines import augment_transforms, image_pipeline_id
+from mmai.data.provenance import run_image_state
+from mmai.transforms.pipelines import augment_transforms, image_channels
 from mmai.utils import atomic_write_json, atomic_write_text, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
     pre = fit_clinical(config, train_df)
     specs = feature_specs(pre)
     mc = config.model
-    model_kwargs: dict[str, Any] = dict(n_outputs=n_outputs_for(kind, len(enc.classes)), in_channels=1, encoder=mc.encoder,
+    model_kwargs: dict[str, Any] = dict(n_outputs=n_outputs_for(kind, len(enc.classes)), in_channels=image_channels(config.image) if config.image else 1, encoder=mc.encoder,
                         widths=list(mc.widths), dim=mc.dim, heads=mc.heads, layers=mc.layers, dropout=mc.dropout,
                         clinical_encoder=mc.clinical_encoder)
     try:
@@ -355,12 +356,12 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
         metrics["test"] = evaluate_outputs(kind, *predict_outputs(raw, test_loader, device), enc.classes,
                                            n_boot=1000, seed=seed)
     if rank == 0:
-        _write_run(out_dir, config, raw, model_kwargs, enc, pre, metrics, result)
+        _write_run(out_dir, config, raw, model_kwargs, enc, pre, metrics, result, train_ds.loader)
     return metrics
 
 
 def _write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, model_kwargs: dict[str, Any],
-               enc: TargetEncoding, pre: Any, metrics: dict[str, Any], result: FitResult) -> None:
+               enc: TargetEncoding, pre: Any, metrics: dict[str, Any], result: FitResult, loader: Any = None) -> None:
     import monai
 
     import mmai
@@ -378,7 +379,7 @@ def _write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, mo
         "uses_image": bool(getattr(model, "uses_image", True)),
         "target": enc.to_state(), "task": dataclasses.asdict(config.task),
         "clinical": pre.to_state() if pre is not None else None,
-        "image": None if config.image is None else {"pipeline_id": image_pipeline_id(config.image)},
+        "image": None if config.image is None else run_image_state(config.image, loader),
         "best_epoch": result.best_epoch,
         "versions": {"mmai": mmai.__version__, "torch": torch.__version__, "monai": monai.__version__},
     }

@@ -43,7 +43,7 @@ def window_channels(x: torch.Tensor, windows: Sequence[Sequence[float]], b_min: 
     if hasattr(x, "affine"):  # keep the MetaTensor (geometry) of the input
         from monai.data import MetaTensor
 
-        out = MetaTensor(out, affine=x.affine, meta=dict(x.meta))
+        out = MetaTensor(out, meta=dict(x.meta))
     return out
 
 

@@ -121,7 +121,7 @@ class AppendMaskd(MapTransform):
         for k in self.key_iterator(d):
             x = d[k]
             extra = torch.as_tensor(m, dtype=x.dtype) * (self.hi - self.lo) + self.lo
-            d[k] = MetaTensor(torch.cat([torch.as_tensor(x), extra], 0), affine=x.affine, meta=dict(x.meta))
+            d[k] = MetaTensor(torch.cat([torch.as_tensor(x), extra], 0), meta=dict(x.meta))
         return d
 
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import DivisiblePad, GaussianSmooth, MapTransform, ResizeWithPadOrCrop
+from monai.networks.layers.simplelayers import gaussian_1d, separable_filtering
+from monai.transforms import DivisiblePad, MapTransform, ResizeWithPadOrCrop
 
 from mmai.errors import PreprocessError
 
@@ -40,11 +41,22 @@ def antialias_sigma(current: Sequence[float], target: Sequence[float]) -> list[f
 
 
 def antialias(x: torch.Tensor, current: Sequence[float], target: Sequence[float]) -> torch.Tensor:
-    """Smooth a (C, I, J, K) volume before resampling from ``current`` to ``target`` spacing (mm)."""
+    """Smooth a (C, I, J, K) volume before resampling from ``current`` to ``target`` spacing (mm).
+
+    Separable Gaussian (MONAI ``separable_filtering``) with replicated borders, so the edge of the
+    scan is not blended with zeros; the sum of the volume (a structure's integral) is kept.
+    """
     sigma = antialias_sigma(current, target)
     if not any(sigma):
         return x
-    return GaussianSmooth(sigma=sigma)(x)
+    kernels = [gaussian_1d(torch.tensor(float(s)), truncated=4.0, normalize=True).to(x.device, torch.float32)
+               if s > 0 else torch.ones(1, device=x.device) for s in sigma]
+    out = separable_filtering(torch.as_tensor(x)[None].float(), kernels, mode="replicate")[0]
+    if hasattr(x, "meta"):
+        from monai.data import MetaTensor
+
+        return MetaTensor(out, meta=dict(x.meta))
+    return out
 
 
 class AntiAliasd(MapTransform):
