@@ -57,9 +57,18 @@ _NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality")
 def image_pipeline_id(cfg: ImageConfig) -> str:
     """Short hash of everything that changes a preprocessed volume (not augmentation, caching,
     the input column or series selection; the modality is checked separately)."""
-    fields = {k: v for k, v in _to_plain(cfg).items() if k not in _NOT_IN_ID}
+    fields = {k: _numbers_as_float(v) for k, v in _to_plain(cfg).items() if k not in _NOT_IN_ID}
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def _numbers_as_float(v: Any) -> Any:
+    """-1000 and -1000.0 are the same setting (YAML vs Python): hash them alike."""
+    if isinstance(v, dict):
+        return {k: _numbers_as_float(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_numbers_as_float(x) for x in v]
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 def image_channels(cfg: ImageConfig) -> int:
