@@ -40,7 +40,7 @@ def content_hash(source: str | Path | Sequence[str]) -> str:
             h.update(os.path.basename(str(p)).encode())
             _hash_file(h, Path(p))
         return h.hexdigest()
-    path = Path(source)
+    path = Path(str(source))
     if path.is_dir():
         for p in sorted(q for q in path.rglob("*") if q.is_file()):
             h.update(str(p.relative_to(path)).encode())

@@ -140,7 +140,7 @@ class ImageLoader:
         img: Any = nib.load(path) if isinstance(path, str) and is_nifti(path) else None
         info = provenance_of(img) if img is not None else None
         if info is not None:  # preprocessed: one header read, no chain
-            check_provenance(info, self.expected, path)
+            check_provenance(info, self.expected, str(path))
             self._note(info)
             arr = np.asarray(img.dataobj, dtype=np.float32)
             arr = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)

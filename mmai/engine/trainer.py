@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmai.config import PipelineConfig, dump_config, load_config
+from mmai.data.provenance import run_image_state
 from mmai.data.splits import Split, make_splits
 from mmai.engine.checkpoint import load_training_checkpoint, save_training_checkpoint, save_weights
 from mmai.engine.prepare import TargetEncoding, build_dataset, feature_specs, fit_clinical
@@ -35,7 +36,6 @@ from mmai.errors import CheckpointError, ConfigError
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import n_outputs_for, outputs_to_predictions, task_loss
 from mmai.models.registry import create_model
-from mmai.data.provenance import run_image_state
 from mmai.transforms.pipelines import augment_transforms, image_channels
 from mmai.utils import atomic_write_json, atomic_write_text, resolve_device, seed_everything
 

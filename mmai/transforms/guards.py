@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from monai.transforms import MapTransform
@@ -22,8 +23,8 @@ class ModalityGuardd(MapTransform):
         super().__init__(keys)
         self.expected = expected
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
         for k in self.key_iterator(d):
             meta = getattr(d[k], "meta", {}) or {}
             found = str(meta.get("modality", "") or "").upper()

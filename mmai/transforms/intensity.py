@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ def window_channels(x: torch.Tensor, windows: Sequence[Sequence[float]], b_min: 
     if hasattr(x, "affine"):  # keep the MetaTensor (geometry) of the input
         from monai.data import MetaTensor
 
-        out = MetaTensor(out, meta=dict(x.meta))
+        out = MetaTensor(out, meta=dict(x.meta))  # type: ignore[attr-defined]
     return out
 
 
@@ -55,8 +55,8 @@ class WindowChannelsd(MapTransform):
         self.windows = [tuple(map(float, w)) for w in windows]
         self.b_min, self.b_max = float(b_min), float(b_max)
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
         for k in self.key_iterator(d):
             d[k] = window_channels(d[k], self.windows, self.b_min, self.b_max)
         return d
@@ -81,11 +81,11 @@ class PercentileNormalized(MapTransform):
         super().__init__(keys)
         self.stats, self.fg_key = stats, fg_key
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         if self.stats is None:
             raise PreprocessError("image.intensity.kind = percentile needs statistics fitted on the training "
                                   "cases: run `mmai preprocess` (fits them) or pass the run's intensity_stats")
-        d = dict(data)
+        d: dict[Hashable, Any] = dict(data)
         for k in self.key_iterator(d):
             d[k] = percentile_normalize(d[k], d[self.fg_key], self.stats)
         return d

@@ -190,11 +190,12 @@ def augment_transforms(cfg: ImageConfig, *, seed: int = 0) -> Compose | None:
     a = cfg.augment
     chain: list[Any] = []
     if a.translate > 0:  # pad by t voxels, crop back to the original size at a random offset
-        if output_shape(cfg) is None:
+        shape = output_shape(cfg)
+        if shape is None:
             raise ConfigError("image.augment.translate needs a fixed grid (image.size or image.roi); "
                               "with image.size: null the volumes differ in size")
         chain += [BorderPadd(KEY, spatial_border=a.translate, mode="constant", value=background_value(cfg)),
-                  RandSpatialCropd(KEY, roi_size=output_shape(cfg), random_size=False)]
+                  RandSpatialCropd(KEY, roi_size=shape, random_size=False)]
     if a.flip:
         chain += [RandFlipd(KEY, prob=0.5, spatial_axis=axis) for axis in (0, 1, 2)]
     if a.rotate90:

@@ -10,7 +10,7 @@ after intensity normalisation (:class:`AppendMaskd`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
@@ -57,9 +57,9 @@ def resample_to_box(x: MetaTensor, affine: np.ndarray, shape: Sequence[int], *, 
     """Resample a (C, I, J, K) MetaTensor onto the box grid; outside the scan -> ``fill`` (default: its minimum)."""
     fill = float(x.min()) if fill is None else fill
     shifted = x - fill  # SpatialResample pads with 0: shift so that 0 means "fill"
-    out = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
+    out = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float32)(
         shifted, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=tuple(int(s) for s in shape))
-    return out + fill
+    return MetaTensor(out + fill, meta=dict(out.meta))  # type: ignore[attr-defined]
 
 
 def _load_mask(path: str) -> MetaTensor:
@@ -84,18 +84,18 @@ class RoiBoxd(MapTransform):
         self.shape = roi_shape(size_mm, spacing)
         self.spacing = [float(s) for s in spacing]
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
         mask = None
         if d.get(MASK_KEY) is not None:
             mask = _load_mask(str(d[MASK_KEY]))
             center = mask_center_ras(mask[0].numpy(), mask.affine.numpy(), name=str(d[MASK_KEY]))
         elif d.get(CENTER_KEY) is not None:
-            center = np.asarray(d[CENTER_KEY], float)
+            center = np.asarray(d[CENTER_KEY], dtype=float)
         else:
             raise PreprocessError("image.roi: this case has neither a lesion mask nor a centre; allowed: a mask "
                                   "NIfTI path in the mask column or three numbers in the centre columns")
-        affine = roi_affine(center, self.shape, self.spacing)
+        affine = roi_affine(center.tolist(), self.shape, self.spacing)
         for k in self.key_iterator(d):
             d[k] = resample_to_box(d[k], affine, self.shape)
         if mask is not None:
@@ -113,8 +113,8 @@ class AppendMaskd(MapTransform):
         super().__init__(keys)
         self.lo, self.hi = lo, hi
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
         m = d.pop(MASK_KEY, None)
         if m is None:
             return d

@@ -16,7 +16,7 @@ volume to the model's grid without silently losing anatomy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,10 +66,10 @@ class AntiAliasd(MapTransform):
         super().__init__(keys)
         self.pixdim = [float(p) for p in pixdim]
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
         for k in self.key_iterator(d):
-            d[k] = antialias(d[k], voxel_spacing(d[k].affine), self.pixdim)
+            d[k] = antialias(d[k], voxel_spacing(d[k].affine).tolist(), self.pixdim)
         return d
 
 
@@ -102,8 +102,8 @@ class ForegroundMaskd(MapTransform):
         super().__init__(keys)
         self.threshold, self.kind, self.windows, self.fg_key = threshold, kind, list(windows), fg_key
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
         for k in self.key_iterator(d):
             x = d[k]
             t = self.threshold if self.threshold is not None else auto_threshold(self.kind, self.windows, x)
@@ -148,8 +148,8 @@ class FitToGridd(MapTransform):
         self.size_multiple, self.mode, self.tolerance = size_multiple, mode, tolerance
         self.background, self.fg_key = background, fg_key
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
         lost = 0.0
         if self.size is not None and self.fg_key in d:
             lost = lost_fraction(d[self.fg_key], self.size)
@@ -173,7 +173,7 @@ class FitToGridd(MapTransform):
         return d
 
 
-def _source_name(d: dict[str, Any]) -> str:
+def _source_name(d: Mapping[Hashable, Any]) -> str:
     x = next((v for v in d.values() if hasattr(v, "meta")), None)
     name = x.meta.get("filename_or_obj", "") if x is not None else ""
     return str(name) or "image"

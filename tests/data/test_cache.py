@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from mmai.config import ImageConfig
-from mmai.data.cache import DiskCache, cache_key, content_hash
+from mmai.data.cache import cache_key, content_hash
 from mmai.data.dataset import ImageLoader, MultimodalDataset
 from tests.data.real_pixels import ct_hu_slice
 

@@ -92,10 +92,11 @@ def test_dataset_items_carry_the_affine(tmp_path):
     ds = MultimodalDataset(["a", "b"], image_paths=[path, None], image_cfg=cfg)
     item, missing = ds[0], ds[1]
     aff = item["affine"]
-    assert aff.shape == (4, 4) and aff.dtype.name == "float32" if hasattr(aff.dtype, "name") else True
+    assert aff.shape == (4, 4) and str(aff.dtype) == "torch.float32"
     assert np.allclose(np.abs(np.diag(aff.numpy())[:3]), [3.0, 3.0, 5.0])
-    from mmai.data.provenance import read_provenance as rp
     import nibabel as nib
+
+    from mmai.data.provenance import read_provenance as rp
 
     assert np.allclose(aff.numpy(), nib.load(path).affine, atol=1e-4) and rp(path) is not None
     assert missing["image"].shape == item["image"].shape and missing["image_present"] == 0
