@@ -8,7 +8,7 @@ intensity as a plain nodule, so it is visible only at full resolution.
 Models (all cross-attention fusion unless named, same clinical section as pipelines/demo.yaml):
 - ``fullres_roi``: pipelines/ct_chest.yaml (1.5 mm, lung + mediastinal windows) with
   ``image.roi: {mask: lesion_mask, size_mm: [36, 36, 36]}``: a 24^3 box around the lesion, the mask
-  as a third channel; a small ResNet (widths 16-32-64-128), flips as augmentation.
+  as a third channel; a small ResNet (widths 8-16-32-64), flips and 90-degree turns as augmentation.
 - ``fullres_windows``: the whole scan through sliding windows: not in this branch (the windowed
   model is built on another branch), reported as null with a note.
 - ``coarse``: the demo's grid and recipe (pipelines/demo.yaml: 9 mm, 32 x 32 x 24 voxels).
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from mmai.config import PipelineConfig, config_from_dict  # noqa: E402
 
-ROI_SIZE_MM = [36.0, 36.0, 36.0]
+ROI_SIZE_MM = [24.0, 24.0, 24.0]
 
 
 def _yaml(name: str) -> dict[str, Any]:
@@ -57,10 +57,11 @@ def configs(epochs: int | None, quick: bool) -> dict[str, PipelineConfig]:
     demo, chest = _yaml("demo.yaml"), _yaml("ct_chest.yaml")
     roi = copy.deepcopy(demo)
     roi["image"] = {**chest["image"], "select": None, "cache": "memory", "cache_dir": None,
-                    "roi": {"mask": "lesion_mask", "size_mm": ROI_SIZE_MM}, "augment": {"flip": True}}
-    roi["model"] = {"encoder": "resnet", "widths": [16, 32, 64, 128], "fusion": "cross_attention", "dim": 64,
+                    "roi": {"mask": "lesion_mask", "size_mm": ROI_SIZE_MM},
+                    "augment": {"flip": True, "rotate90": True}}
+    roi["model"] = {"encoder": "resnet", "widths": [8, 16, 32, 64], "fusion": "cross_attention", "dim": 64,
                     "heads": 4, "layers": 1, "dropout": 0.0}
-    roi["train"] = {"epochs": epochs or (12 if quick else 40), "batch_size": 16, "lr": 1e-3, "weight_decay": 0.05,
+    roi["train"] = {"epochs": epochs or (12 if quick else 30), "batch_size": 16, "lr": 1e-3, "weight_decay": 0.05,
                     "val_fraction": 0.15, "patience": 100, "ema": 0.99, "seed": 0}
     coarse = copy.deepcopy(demo)
     coarse["image"]["select"] = None
