@@ -41,15 +41,22 @@ class IntensityConfig:
     """Intensity normalisation applied at preprocessing.
 
     ``window``: clip to [a_min, a_max] (e.g. CT HU) and scale to [b_min, b_max].
+    ``windows``: one channel per ``[a_min, a_max]`` pair of ``windows`` (e.g. lung + mediastinum),
+    each clipped and scaled to [b_min, b_max].
     ``zscore``: per-volume mean/std over non-zero voxels (MR); no statistic is learned.
+    ``percentile``: clip to the ``percentiles`` of the foreground and z-score with the foreground
+    mean/std, all four numbers fitted on the training cases only (``mmai preprocess``), saved
+    with the preprocessed volumes and the run, reloaded at inference; background -> 0.
     ``none``: keep the values.
     """
 
-    kind: Literal["window", "zscore", "none"] = "window"
+    kind: Literal["window", "windows", "zscore", "percentile", "none"] = "window"
     a_min: float = -1000.0
     a_max: float = 1000.0
     b_min: float = 0.0
     b_max: float = 1.0
+    windows: tuple[tuple[float, float], ...] = ()
+    percentiles: tuple[float, float] = (0.5, 99.5)
 
 
 @dataclass(frozen=True)
@@ -94,26 +101,75 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
+class FovConfig:
+    """What happens when the output box would cut body (foreground) voxels.
+
+    ``mode: error``: a lost foreground fraction above ``tolerance`` fails the case, naming it and
+    the fraction; ``mode: crop``: crop anyway, log the fraction and record it (manifest column
+    ``fov_lost_fraction``, NIfTI provenance).
+    """
+
+    mode: Literal["error", "crop"] = "error"
+    tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoiConfig:
+    """A lesion box instead of the whole scan (docs/pipelines.md, "Lesion-aware inputs").
+
+    Attributes:
+        mask: manifest column with a per-case NIfTI mask in the image's patient space: the box is
+            centred on the mask's centre of mass and the mask (nearest neighbour) is an extra channel.
+        center: three manifest columns with a point in millimetres (instead of ``mask``).
+        space: ``RAS`` (NIfTI convention) or ``LPS`` (DICOM convention) for ``center``.
+        size_mm: box size (x, y, z) in mm, cut at the pipeline's ``spacing``.
+    """
+
+    mask: str | None = None
+    center: tuple[str, str, str] | None = None
+    space: Literal["RAS", "LPS"] = "RAS"
+    size_mm: tuple[float, float, float] = (40.0, 40.0, 40.0)
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """How a case's image is found, loaded and prepared.
 
     Attributes:
         column: manifest column holding the NIfTI file or DICOM folder.
         select: series selection rule for DICOM study folders (see docs/dicom_scan.md).
+        modality: the modality the pipeline is for (``any``, ``CT``, ``MR``); a DICOM series or a
+            preprocessed volume of another modality is refused.
         spacing: target voxel spacing in mm (i, j, k), or None to keep the native spacing.
-        size: spatial size (i, j, k) the model sees: centre pad/crop after resampling.
+        size: spatial size (i, j, k) the model sees (centre pad/crop after resampling), or None
+            (default) to keep the whole (body-cropped) volume, padded to a multiple of ``size_multiple``.
+        size_multiple: with ``size: null``, pad each axis up to a multiple of this many voxels.
         orientation: axis codes after reorientation (MONAI Orientationd), e.g. RAS.
-        crop_foreground: crop to the body (values above the window minimum) before padding.
+        crop_foreground: crop to the body (the ``foreground`` mask) before padding.
         dicom: DICOM geometry policy and tolerances (:class:`DicomConfig`).
+        foreground: raw intensity above which a voxel is body (e.g. -500 HU); None = automatic.
+        antialias: Gaussian smoothing before downsampling (sigma = half the zoom factor).
+        fov: what a box that cuts foreground does (:class:`FovConfig`).
+        roi: a lesion box instead of the whole scan (:class:`RoiConfig`), or None.
+        cache: ``memory`` (small grids), ``disk`` (full resolution: ``cache_dir``) or ``none``.
+        cache_dir: folder of the disk cache (keyed by file content + pipeline id).
     """
 
     column: str = "image"
     select: dict[str, Any] | None = None
+    modality: Literal["any", "CT", "MR"] = "any"
     spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
-    size: tuple[int, int, int] = (64, 64, 64)
+    size: tuple[int, int, int] | None = None
+    size_multiple: int = 16
     orientation: str = "RAS"
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     crop_foreground: bool = False
+    foreground: float | None = None
+    antialias: bool = True
+    fov: FovConfig = field(default_factory=FovConfig)
+    roi: RoiConfig | None = None
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dir: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
 
@@ -355,14 +411,45 @@ def _check_values(task: TaskConfig, image: ImageConfig | None, model: ModelConfi
     if not 0.0 <= train.val_fraction < 1.0:
         raise ConfigError(f"{source}: train.val_fraction must be in [0, 1), got {train.val_fraction}")
     if image is not None:
-        for i, n in enumerate(image.size):
+        for i, n in enumerate(image.size or ()):
             positive(f"image.size[{i}]", n)
+        _check_image(image, source)
         if image.spacing is not None:
             for i, mm in enumerate(image.spacing):
                 positive(f"image.spacing[{i}]", mm)
         for name in ("translate", "noise_std", "intensity_shift"):
             if getattr(image.augment, name) < 0:
                 raise ConfigError(f"{source}: image.augment.{name} must be >= 0, got {getattr(image.augment, name)!r}")
+
+
+def _check_image(image: ImageConfig, source: str) -> None:
+    """Cross-field checks of the image section (intensity windows, roi, cache)."""
+    it = image.intensity
+    if it.kind == "windows" and not it.windows:
+        raise ConfigError(f"{source}: image.intensity.kind = windows needs image.intensity.windows, e.g. "
+                          "[[-1000, 400], [-160, 240]]")
+    for i, (lo, hi) in enumerate(it.windows):
+        if not lo < hi:
+            raise ConfigError(f"{source}: image.intensity.windows[{i}] = [{lo}, {hi}] must have min < max")
+    lo_p, hi_p = it.percentiles
+    if not 0.0 <= lo_p < hi_p <= 100.0:
+        raise ConfigError(f"{source}: image.intensity.percentiles = {list(it.percentiles)} must be 0 <= low < high <= 100")
+    if image.size_multiple < 1:
+        raise ConfigError(f"{source}: image.size_multiple must be >= 1, got {image.size_multiple}")
+    if not 0.0 <= image.fov.tolerance < 1.0:
+        raise ConfigError(f"{source}: image.fov.tolerance must be in [0, 1), got {image.fov.tolerance}")
+    if image.cache == "disk" and not image.cache_dir:
+        raise ConfigError(f"{source}: image.cache = disk needs image.cache_dir (a folder)")
+    roi = image.roi
+    if roi is not None:
+        if (roi.mask is None) == (roi.center is None):
+            raise ConfigError(f"{source}: image.roi needs exactly one of 'mask' (a mask column) or 'center' "
+                              "(three coordinate columns)")
+        if image.spacing is None:
+            raise ConfigError(f"{source}: image.roi needs image.spacing (the box is cut at that spacing)")
+        for i, mm in enumerate(roi.size_mm):
+            if mm <= 0:
+                raise ConfigError(f"{source}: image.roi.size_mm[{i}] must be > 0, got {mm}")
 
 
 def load_config(path: str | Path) -> PipelineConfig:

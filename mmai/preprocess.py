@@ -11,6 +11,7 @@ cases then skip) writes the merged manifest.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from mmai.config import ImageConfig, PipelineConfig, load_config
 from mmai.errors import ConfigError, MmaiError
 from mmai.io.manifest import load_manifest
-from mmai.transforms.pipelines import PREPROCESSED_TAG, image_pipeline_id
+from mmai.transforms.pipelines import image_pipeline_id
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,32 @@ def safe_name(case_id: str) -> str:
     return f"{clean[:60]}-{hashlib.sha1(case_id.encode()).hexdigest()[:8]}"
 
 
-def _is_done(path: Path, tag: str) -> bool:
+def _is_done(path: Path, pipeline_id: str, stats: dict[str, float] | None) -> bool:
     if not path.exists():
         return False
-    from mmai.data.dataset import read_descrip
+    from mmai.data.provenance import read_provenance
+    from mmai.transforms.intensity import stats_digest
 
     try:
-        return read_descrip(path) == tag
+        info = read_provenance(path)
     except Exception:  # noqa: BLE001 - an unreadable old output is simply redone
         return False
+    return (info is not None and info.get("pipeline_id") == pipeline_id
+            and stats_digest(info.get("intensity_stats")) == stats_digest(stats))
 
 
-def _process_one(image_cfg: ImageConfig, source: Any, out_path: str, device: str) -> tuple[str, list[int]]:
-    """Load + transform one case and write it. Runs in a worker process. Returns (path, shape)."""
+def _process_one(image_cfg: ImageConfig, source: Any, out_path: str, device: str,
+                 roi: dict[str, Any] | None = None, stats: dict[str, float] | None = None) -> tuple[str, float]:
+    """Load + transform one case and write it. Runs in a worker process. Returns (path, fov lost fraction)."""
     from mmai.data.dataset import save_preprocessed
     from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
 
-    chain = preprocess_transforms(image_cfg, device=device)
-    out = apply_chain(chain, {KEY: source})[KEY]
-    save_preprocessed(out, Path(out_path), image_cfg)
-    return out_path, list(out.shape[1:])
+    chain = preprocess_transforms(image_cfg, device=device, stats=stats)
+    out = apply_chain(chain, {KEY: source, **(roi or {})})
+    lost = float(out.get("fov_lost_fraction", 0.0))
+    save_preprocessed(out[KEY], Path(out_path), image_cfg, modality=str(out.get("modality", "unknown")),
+                      stats=stats, fov_lost_fraction=lost)
+    return out_path, lost
 
 
 def _worker_init() -> None:
@@ -108,24 +115,38 @@ def run_preprocess(*, config_path: Path, input_path: Path, out_dir: Path, device
         raise MmaiError(f"--input {input_path} does not exist")
     df, select_errors = cases_from_input(input_path, config, workers=workers, progress=progress)
     return preprocess_frame(df, config, Path(out_dir), device=device, workers=workers, shard=shard,
-                            progress=progress, prior_errors=select_errors)
+                            progress=progress, prior_errors=select_errors,
+                            base_dir=None if input_path.is_dir() else input_path.parent)
 
 
 def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *, device: str = "cpu",
                      workers: int = 1, shard: tuple[int, int] | None = None, progress: bool = True,
-                     prior_errors: list[dict[str, str]] | None = None) -> PreprocessSummary:
+                     prior_errors: list[dict[str, str]] | None = None,
+                     base_dir: Path | None = None) -> PreprocessSummary:
     """Preprocess the cases of a validated manifest frame (image column = absolute paths, a DICOM
-    stack's file list, or None). ``prior_errors`` (e.g. failed series selection) go to errors.csv."""
+    stack's file list, or None). ``prior_errors`` (e.g. failed series selection) go to errors.csv.
+    ``base_dir``: folder that relative ROI mask paths are relative to (the manifest's).
+
+    With ``image.intensity.kind: percentile`` the statistics are first fitted on the training rows
+    (``split`` not ``test``/``val``; all rows without a split column) and written to
+    OUT/preprocess_state.json and into every volume's provenance.
+    """
+    from mmai.transforms.roi import roi_sources
+
     if config.image is None:
         raise ConfigError(f"{config.source}: image: null; there is nothing to preprocess")
     col = config.image.column
-    tag = f"{PREPROCESSED_TAG}{image_pipeline_id(config.image)}"
+    pid = image_pipeline_id(config.image)
+    rois = roi_sources(config.image, df, base_dir)
+    roi_of = dict(zip(df["case_id"], rois, strict=True))
+    stats = _fit_stats(config, df, rois, out_dir, shard, progress)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     from mmai.utils import shard_rows
 
     df = shard_rows(df, shard)
     out_rel: dict[str, str | None] = {}
+    lost: dict[str, float] = {}
     errors: list[dict[str, str]] = list(prior_errors or [])
     todo: list[tuple[str, Any, Path]] = []
     n_skipped = n_missing = 0
@@ -136,7 +157,7 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
             continue
         target = images_dir / f"{safe_name(cid)}.nii.gz"
         out_rel[cid] = f"images/{target.name}"
-        if _is_done(target, tag):
+        if _is_done(target, pid, stats):
             n_skipped += 1
             continue
         todo.append((cid, src, target))
@@ -151,29 +172,88 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     if workers == 1 or len(todo) <= 1:
         for cid, src, target in todo:
             try:
-                _process_one(config.image, src, str(target), device)
+                lost[cid] = _process_one(config.image, src, str(target), device, roi_of[cid], stats)[1]
             except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
                 fail(cid, exc)
             bar.update(1)
     else:
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-            futures = {pool.submit(_process_one, config.image, src, str(target), device): cid
+            futures = {pool.submit(_process_one, config.image, src, str(target), device, roi_of[cid], stats): cid
                        for cid, src, target in todo}
             for fut in as_completed(futures):
                 try:
-                    fut.result()
+                    lost[futures[fut]] = fut.result()[1]
                 except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
                     fail(futures[fut], exc)
                 bar.update(1)
     bar.close()
     out = df[~df["case_id"].isin(failed)].copy()
     out[col] = [out_rel[c] for c in out["case_id"]]
+    if config.image.roi is None:  # ROI boxes crop by design; whole-scan grids record what they cut
+        out["fov_lost_fraction"] = [_lost_of(lost, c, out_rel[c], images_dir.parent) for c in out["case_id"]]
     suffix = "" if shard is None else f".shard{shard[0]}of{shard[1]}"
     _write_csv(out, out_dir / f"manifest{suffix}.csv")
     _write_csv(pd.DataFrame(errors, columns=["case_id", "stage", "error"]), out_dir / f"errors{suffix}.csv")
     return PreprocessSummary(n_cases=len(df) + len(prior_errors or []), n_done=len(todo) - len(failed),
                              n_skipped=n_skipped, n_missing_image=n_missing,
                              n_failed=len(failed) + len(prior_errors or []), out_dir=str(out_dir))
+
+
+def _lost_of(lost: dict[str, float], cid: str, rel: str | None, out_dir: Path) -> float | None:
+    """The FOV lost fraction of a case: this run's, or a finished output's provenance."""
+    if cid in lost:
+        return round(lost[cid], 6)
+    if rel is None:
+        return None
+    from mmai.data.provenance import read_provenance
+
+    info = read_provenance(out_dir / rel) or {}
+    value = info.get("fov_lost_fraction")
+    return None if value is None else float(value)
+
+
+def _train_rows(df: pd.DataFrame) -> list[int]:
+    """Rows whose images may be used to fit intensity statistics (training split only)."""
+    if "split" not in df.columns:
+        return list(range(len(df)))
+    return [i for i, v in enumerate(df["split"]) if str(v).strip().lower() not in ("test", "val")]
+
+
+def _fit_stats(config: PipelineConfig, df: pd.DataFrame, rois: list[dict[str, Any] | None], out_dir: Path,
+               shard: tuple[int, int] | None, progress: bool) -> dict[str, float] | None:
+    """Fitted (or reloaded) percentile statistics, None for pipelines that learn none."""
+    from mmai.transforms.intensity import fit_percentile_stats, foreground_sample
+    from mmai.transforms.pipelines import FG, KEY, apply_chain, preprocess_transforms
+    from mmai.utils import atomic_write_json
+
+    cfg = config.image
+    if cfg is None or cfg.intensity.kind != "percentile":
+        return None
+    state_path = out_dir / "preprocess_state.json"
+    pid = image_pipeline_id(cfg)
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("pipeline_id") == pid:
+            return state["intensity_stats"]
+    if shard is not None:
+        raise ConfigError(f"{state_path} is missing: with intensity.kind percentile, run one preprocess without "
+                          "--shard first (it fits the statistics on the training rows), then the shards")
+    chain = preprocess_transforms(cfg, raw=True)
+    col, samples = cfg.column, []
+    rows = [i for i in _train_rows(df) if df[col].iloc[i] is not None and not
+            (isinstance(df[col].iloc[i], float) and pd.isna(df[col].iloc[i]))]
+    for i in tqdm(rows, desc="intensity statistics", unit="case", disable=not progress):
+        try:
+            out = apply_chain(chain, {KEY: df[col].iloc[i], **(rois[i] or {})})
+        except Exception as exc:  # noqa: BLE001 - a bad case is reported by the main pass
+            log.warning("case %s skipped for the intensity statistics: %s", df["case_id"].iloc[i], exc)
+            continue
+        samples.append(foreground_sample(out[KEY].cpu(), out[FG].cpu(), seed=i))
+    stats = fit_percentile_stats(samples, cfg.intensity.percentiles)
+    atomic_write_json(state_path, {"pipeline_id": pid, "intensity_stats": stats,
+                                   "fitted_on": f"{stats['n_cases']} training case(s) (split not test/val)"})
+    log.info("intensity statistics fitted on %d training case(s): %s", stats["n_cases"], stats)
+    return stats
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:

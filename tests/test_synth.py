@@ -136,3 +136,70 @@ def test_parallel_writing_gives_the_same_cohort(tmp_path):
     assert not np.array_equal(va, np.asarray(nib.load(tmp_path / "one" / "images" / "case0000.nii.gz").dataobj))
     with pytest.raises(ConfigError, match="--workers must be at least 1"):
         write_cohort(tmp_path / "bad", spec, workers=0)
+
+
+# ----------------------------------------------------------------------------- synth --kind nodule
+
+
+def _pair(i: int, radius: float = 6.5):
+    from mmai.synth_nodule import make_nodule_phantom
+
+    return [make_nodule_phantom(np.random.default_rng([0, 2, i]), radius, calc, noise=False) for calc in (False, True)]
+
+
+def test_nodule_classes_share_volume_and_mean_intensity():
+    for i in range(3):
+        (v0, m0, c0), (v1, m1, c1) = _pair(i)
+        assert np.array_equal(m0, m1) and np.allclose(c0, c1)  # same lesion, same place
+        les = m0 > 0
+        # equal by construction for the occupancy-weighted mean; over the binary mask within a few HU
+        assert abs(float(v0[les].mean()) - float(v1[les].mean())) < 5.0  # HU; contrast to lung is ~900 HU
+        assert abs(float(v0.sum()) - float(v1.sum())) / float(les.sum()) < 0.5  # same integral
+        assert float(v1[les].max()) - float(v0[les].max()) > 500  # the core, plain at 2 mm
+
+
+def test_nodule_feature_is_lost_on_a_coarse_grid_and_kept_at_2mm():
+    import dataclasses
+
+    import torch
+    from monai.data import MetaTensor
+
+    from mmai.config import load_config
+    from mmai.synth_nodule import affine_ras
+    from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
+
+    demo = load_config("pipelines/demo.yaml").image
+    coarse = preprocess_transforms(dataclasses.replace(demo, antialias=True), load=False)  # 9 mm, anti-aliased
+    fine = preprocess_transforms(dataclasses.replace(demo, spacing=(2.0, 2.0, 2.0), size=None), load=False)
+    for i in range(3):
+        outs = {}
+        for calc, (v, _m, _c) in zip((False, True), _pair(i), strict=True):
+            x = MetaTensor(torch.from_numpy(v)[None], affine=torch.as_tensor(affine_ras()))
+            outs[calc] = (apply_chain(coarse, {KEY: x})[KEY].numpy(), apply_chain(fine, {KEY: x.clone()})[KEY].numpy())
+        hu = 2000.0  # window [-1000, 1000] -> [0, 1]
+        assert np.abs(outs[True][0] - outs[False][0]).max() * hu < 15  # 9 mm: the classes look alike
+        assert np.abs(outs[True][1] - outs[False][1]).max() * hu > 400  # 2 mm: the core stands out
+
+
+def test_nodule_cohort_files(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from mmai.cli import main
+
+    assert main(["synth", "--kind", "nodule", "--format", "nifti", "--n", "6", "--out", str(tmp_path), "-q"]) == 0
+    man = pd.read_csv(tmp_path / "manifest.csv")
+    assert {"image", "lesion_mask", "lesion_x", "lesion_y", "lesion_z", "label", "split", "age"} <= set(man.columns)
+    img = nib.load(str(tmp_path / man["image"][0]))
+    mask = nib.load(str(tmp_path / man["lesion_mask"][0]))
+    assert img.shape == (128, 112, 96) and np.allclose(img.header.get_zooms(), 2.0)
+    assert np.allclose(img.affine, mask.affine)
+    # the manifest's centre (RAS mm) is the mask's centre of mass
+    idx = np.argwhere(np.asarray(mask.dataobj) > 0).mean(axis=0)
+    centre = (mask.affine @ np.append(idx, 1.0))[:3]
+    assert np.allclose(centre, man.loc[0, ["lesion_x", "lesion_y", "lesion_z"]].to_numpy(float), atol=1.0)
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert truth["kind"] == "nodule" and 0.0 <= truth["bayes"] <= 1.0
+    assert set(pd.read_csv(tmp_path / "truth.csv").columns) >= {"calcified", "true_probability"}
+    assert main(["synth", "--kind", "nodule", "--n", "6", "--out", str(tmp_path / "x"), "-q"]) != 0  # DICOM: refused

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmai.config import PipelineConfig, dump_config, load_config
+from mmai.data.provenance import run_image_state
 from mmai.data.splits import Split, make_splits
 from mmai.engine.checkpoint import load_training_checkpoint, save_training_checkpoint, save_weights
 from mmai.engine.prepare import TargetEncoding, build_dataset, feature_specs, fit_clinical
@@ -35,7 +36,7 @@ from mmai.errors import CheckpointError, ConfigError
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import n_outputs_for, outputs_to_predictions, task_loss
 from mmai.models.registry import create_model
-from mmai.transforms.pipelines import augment_transforms, image_pipeline_id
+from mmai.transforms.pipelines import augment_transforms, image_channels
 from mmai.utils import atomic_write_json, atomic_write_text, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
     pre = fit_clinical(config, train_df)
     specs = feature_specs(pre)
     mc = config.model
-    model_kwargs: dict[str, Any] = dict(n_outputs=n_outputs_for(kind, len(enc.classes)), in_channels=1, encoder=mc.encoder,
+    model_kwargs: dict[str, Any] = dict(n_outputs=n_outputs_for(kind, len(enc.classes)), in_channels=image_channels(config.image) if config.image else 1, encoder=mc.encoder,
                         widths=list(mc.widths), dim=mc.dim, heads=mc.heads, layers=mc.layers, dropout=mc.dropout,
                         clinical_encoder=mc.clinical_encoder)
     model_kwargs.update(windows=dataclasses.asdict(mc.windows) if mc.windows else None, bidirectional=mc.bidirectional)
@@ -356,7 +357,7 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
         metrics["test"] = evaluate_outputs(kind, *predict_outputs(raw, test_loader, device), enc.classes,
                                            n_boot=1000, seed=seed)
     if rank == 0:
-        _write_run(out_dir, config, raw, model_kwargs, enc, pre, metrics, result)
+        _write_run(out_dir, config, raw, model_kwargs, enc, pre, metrics, result, train_ds.loader)
     if rank == 0 and kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows
         from mmai.engine.survival import write_baseline_hazard
 
@@ -368,7 +369,7 @@ def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir:
 
 
 def _write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, model_kwargs: dict[str, Any],
-               enc: TargetEncoding, pre: Any, metrics: dict[str, Any], result: FitResult) -> None:
+               enc: TargetEncoding, pre: Any, metrics: dict[str, Any], result: FitResult, loader: Any = None) -> None:
     import monai
 
     import mmai
@@ -386,7 +387,7 @@ def _write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, mo
         "uses_image": bool(getattr(model, "uses_image", True)),
         "target": enc.to_state(), "task": dataclasses.asdict(config.task),
         "clinical": pre.to_state() if pre is not None else None,
-        "image": None if config.image is None else {"pipeline_id": image_pipeline_id(config.image)},
+        "image": None if config.image is None else run_image_state(config.image, loader),
         "best_epoch": result.best_epoch,
         "versions": {"mmai": mmai.__version__, "torch": torch.__version__, "monai": monai.__version__},
     }

@@ -42,7 +42,8 @@ def native_image(path: str | list[str], image_cfg: Any) -> tuple[np.ndarray, np.
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            chain = Compose([mmai_load_imaged(KEY, select=image_cfg.select, load_dtype=np.float32, image_only=True),
+            chain = Compose([mmai_load_imaged(KEY, select=image_cfg.select, dicom=image_cfg.dicom,
+                                              load_dtype=np.float32, image_only=True),
                              EnsureChannelFirstd(KEY)])
         out = chain({KEY: path})[KEY]
         return np.asarray(out[0], dtype=np.float32), np.asarray(out.affine, dtype=np.float64)

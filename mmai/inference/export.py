@@ -17,6 +17,7 @@ import torch
 
 from mmai.errors import MmaiError
 from mmai.models.heads import outputs_to_predictions
+from mmai.transforms.pipelines import image_channels, output_shape
 from mmai.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,16 @@ class _PerCase(torch.nn.Module):
 
 
 def example_inputs(predictor, batch: int = 2) -> tuple[torch.Tensor, ...]:  # noqa: ANN001 - a Predictor
-    """Model-shaped random inputs: (image (B, 1, D, H, W), image_present (B,), clinical (B, F),
+    """Model-shaped random inputs: (image (B, C, D, H, W), image_present (B,), clinical (B, F),
     clinical_mask (B, F)); every other case without image, about 30% of clinical values missing."""
-    size = tuple(predictor.config.image.size) if predictor.config.image is not None else (8, 8, 8)
+    cfg = predictor.config.image
+    size = (output_shape(cfg) or (cfg.size_multiple,) * 3) if cfg is not None else (8, 8, 8)
+    channels = image_channels(cfg) if cfg is not None else 1
     n_feat = predictor.pre.num_features if predictor.pre is not None else 0
     g = torch.Generator().manual_seed(0)
     present = (torch.arange(batch) % 2 == 0).float()
     mask = (torch.rand(batch, n_feat, generator=g) > 0.3).float()
-    return (torch.rand(batch, 1, *size, generator=g), present, torch.randn(batch, n_feat, generator=g), mask)
+    return (torch.rand(batch, channels, *size, generator=g), present, torch.randn(batch, n_feat, generator=g), mask)
 
 
 def scripted_per_case(predictor) -> torch.jit.ScriptModule:  # noqa: ANN001 - a Predictor

@@ -25,6 +25,7 @@ from monai.transforms import (
     BorderPadd,
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     NormalizeIntensityd,
@@ -34,31 +35,58 @@ from monai.transforms import (
     RandRotate90d,
     RandShiftIntensityd,
     RandSpatialCropd,
-    ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     Spacingd,
 )
 
 from mmai.config import ImageConfig, _to_plain
+from mmai.errors import ConfigError
+from mmai.transforms.guards import ModalityGuardd
+from mmai.transforms.intensity import PercentileNormalized, WindowChannelsd
+from mmai.transforms.roi import AppendMaskd, RoiBoxd, roi_shape
+from mmai.transforms.spatial import AntiAliasd, FitToGridd, ForegroundMaskd
 
 KEY = "image"
+FG = "fg"
 PREPROCESSED_TAG = "mmai:"
 
 
+_NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality")
+
+
 def image_pipeline_id(cfg: ImageConfig) -> str:
-    """Short hash of everything that changes a preprocessed volume (not augmentation)."""
-    fields = {k: v for k, v in _to_plain(cfg).items() if k not in ("augment", "column", "select")}
+    """Short hash of everything that changes a preprocessed volume (not augmentation, caching,
+    the input column or series selection; the modality is checked separately)."""
+    fields = {k: _numbers_as_float(v) for k, v in _to_plain(cfg).items() if k not in _NOT_IN_ID}
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
+def _numbers_as_float(v: Any) -> Any:
+    """-1000 and -1000.0 are the same setting (YAML vs Python): hash them alike."""
+    if isinstance(v, dict):
+        return {k: _numbers_as_float(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_numbers_as_float(x) for x in v]
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def image_channels(cfg: ImageConfig) -> int:
+    """Input channels the model sees: one per intensity window (else one), + 1 for a ROI mask."""
+    n = len(cfg.intensity.windows) if cfg.intensity.kind == "windows" else 1
+    return n + (1 if cfg.roi is not None and cfg.roi.mask is not None else 0)
+
+
+def output_shape(cfg: ImageConfig) -> tuple[int, int, int] | None:
+    """The fixed spatial shape of every preprocessed volume (ROI box or ``size``), or None (variable)."""
+    if cfg.roi is not None and cfg.spacing is not None:
+        return roi_shape(cfg.roi.size_mm, cfg.spacing)
+    return tuple(cfg.size) if cfg.size is not None else None  # type: ignore[return-value]
+
+
 def background_value(cfg: ImageConfig) -> float:
     """The value of empty space after normalisation (used for padding)."""
-    return float(cfg.intensity.b_min) if cfg.intensity.kind == "window" else 0.0
-
-
-def _foreground(cfg: ImageConfig):  # noqa: ANN202 - a picklable callable
-    return _AboveThreshold(background_value(cfg) + 1e-3)
+    return float(cfg.intensity.b_min) if cfg.intensity.kind in ("window", "windows") else 0.0
 
 
 class _AboveThreshold:
@@ -71,13 +99,38 @@ class _AboveThreshold:
         return x > self.threshold
 
 
-def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool = True) -> Compose:
-    """Raw image -> model-ready ``(1, *cfg.size)`` float32 MetaTensor with its RAS affine.
+def _windows(cfg: ImageConfig) -> list[tuple[float, float]]:
+    it = cfg.intensity
+    return [(it.a_min, it.a_max)] if it.kind != "windows" else [tuple(w) for w in it.windows]  # type: ignore[misc]
+
+
+def _intensity(cfg: ImageConfig, stats: dict[str, float] | None) -> list[Any]:
+    it = cfg.intensity
+    if it.kind == "window":
+        return [ScaleIntensityRanged(KEY, a_min=it.a_min, a_max=it.a_max, b_min=it.b_min, b_max=it.b_max, clip=True)]
+    if it.kind == "windows":
+        return [WindowChannelsd(KEY, it.windows, b_min=it.b_min, b_max=it.b_max)]
+    if it.kind == "zscore":
+        return [NormalizeIntensityd(KEY, nonzero=True, channel_wise=True)]
+    if it.kind == "percentile":
+        return [PercentileNormalized(KEY, stats, fg_key=FG)]
+    return []
+
+
+def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool = True,
+                          stats: dict[str, float] | None = None, raw: bool = False) -> Compose:
+    """Raw image -> model-ready ``(C, I, J, K)`` float32 MetaTensor with its RAS affine.
+
+    Order: load, channel first, modality guard, reorient, anti-alias + resample to ``spacing`` (or
+    cut the ``roi`` box), foreground mask, intensity (one channel per window), body crop, fit to
+    the grid with the FOV guard (``fov_lost_fraction`` in the output dict), ROI mask channel.
 
     Args:
         cfg: the pipeline's ``image`` section.
         device: ``cpu`` or ``cuda[:N]``; with CUDA the volume moves to the GPU after loading.
         load: include the loading step (False when the caller provides a MetaTensor).
+        stats: fitted intensity statistics (``intensity.kind: percentile`` only).
+        raw: stop after the foreground mask (raw intensities + ``fg``), to fit statistics.
     """
     from mmai.io.reader import mmai_load_imaged
 
@@ -87,24 +140,34 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         # would otherwise retry a refused folder with readers that stack every series in it
         with warnings.catch_warnings():  # MONAI registers its optional readers and warns about absent codecs
             warnings.simplefilter("ignore", UserWarning)
-            loader = mmai_load_imaged(KEY, select=cfg.select, load_dtype=np.float32, image_only=True)
+            loader = mmai_load_imaged(KEY, select=cfg.select, dicom=cfg.dicom, load_dtype=np.float32, image_only=True)
         chain += [loader, EnsureChannelFirstd(KEY)]
+    chain.append(ModalityGuardd(KEY, cfg.modality))
     chain.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, device=torch.device(device),
                              track_meta=True))
     # labels spelled out: MONAI warns (once per process, so once per preprocessing worker) that
     # its default is changing; these are the anatomical RAS/LPS labels mmai means
     chain.append(Orientationd(KEY, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-    if cfg.spacing is not None:
+    if cfg.spacing is not None and cfg.antialias:
+        chain.append(AntiAliasd(KEY, cfg.spacing))
+    if cfg.roi is not None and cfg.spacing is not None:
+        chain.append(RoiBoxd(KEY, size_mm=cfg.roi.size_mm, spacing=cfg.spacing))
+    elif cfg.spacing is not None:
         chain.append(Spacingd(KEY, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"))
     it = cfg.intensity
-    if it.kind == "window":
-        chain.append(ScaleIntensityRanged(KEY, a_min=it.a_min, a_max=it.a_max, b_min=it.b_min, b_max=it.b_max,
-                                          clip=True))
-    elif it.kind == "zscore":
-        chain.append(NormalizeIntensityd(KEY, nonzero=True, channel_wise=True))
-    if cfg.crop_foreground:
-        chain.append(CropForegroundd(KEY, source_key=KEY, select_fn=_foreground(cfg), margin=2))
-    chain.append(ResizeWithPadOrCropd(KEY, spatial_size=cfg.size, mode="constant", value=background_value(cfg)))
+    chain.append(ForegroundMaskd(KEY, cfg.foreground, it.kind, _windows(cfg), fg_key=FG))
+    if raw:
+        return Compose(chain)
+    chain += _intensity(cfg, stats)
+    if cfg.roi is None:
+        if cfg.crop_foreground:
+            chain.append(CropForegroundd([KEY, FG], source_key=FG, select_fn=_AboveThreshold(0.5), margin=2,
+                                         allow_smaller=True))
+        chain.append(FitToGridd([KEY, FG], size=cfg.size, size_multiple=cfg.size_multiple, mode=cfg.fov.mode,
+                                tolerance=cfg.fov.tolerance, background=background_value(cfg), fg_key=FG))
+    else:
+        chain.append(AppendMaskd(KEY))
+    chain.append(DeleteItemsd(FG))
     return Compose(chain)
 
 
@@ -127,8 +190,12 @@ def augment_transforms(cfg: ImageConfig, *, seed: int = 0) -> Compose | None:
     a = cfg.augment
     chain: list[Any] = []
     if a.translate > 0:  # pad by t voxels, crop back to the original size at a random offset
+        shape = output_shape(cfg)
+        if shape is None:
+            raise ConfigError("image.augment.translate needs a fixed grid (image.size or image.roi); "
+                              "with image.size: null the volumes differ in size")
         chain += [BorderPadd(KEY, spatial_border=a.translate, mode="constant", value=background_value(cfg)),
-                  RandSpatialCropd(KEY, roi_size=cfg.size, random_size=False)]
+                  RandSpatialCropd(KEY, roi_size=shape, random_size=False)]
     if a.flip:
         chain += [RandFlipd(KEY, prob=0.5, spatial_axis=axis) for axis in (0, 1, 2)]
     if a.rotate90:
