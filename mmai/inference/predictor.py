@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mmai.clinical.preprocess import ClinicalPreprocessor
 from mmai.config import PipelineConfig, load_config
+from mmai.data.collate import pad_to_common
 from mmai.data.dataset import ImageLoader
 from mmai.engine.checkpoint import load_weights, read_json
 from mmai.engine.prepare import TargetEncoding
@@ -34,7 +35,7 @@ from mmai.inference.rows import ERROR_COLUMNS, error_row, resume_done
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import outputs_to_predictions
 from mmai.models.registry import create_model
-from mmai.transforms.pipelines import image_channels, image_pipeline_id, output_shape
+from mmai.transforms.pipelines import background_value, image_channels, image_pipeline_id, output_shape
 from mmai.utils import atomic_write_json, resolve_device, shard_rows
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,8 @@ class Predictor:
             return []
         image = None
         if self.uses_image:
-            image = torch.from_numpy(np.stack([img for i in keep if (img := images[i]) is not None])).to(self.device)
+            vols = [img for i in keep if (img := images[i]) is not None]  # (C, D, H, W) each, sizes may differ
+            image = torch.from_numpy(np.stack(pad_to_common(vols, background_value(self.config.image)))).to(self.device)
         extra = ({"affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in keep]), dtype=torch.float32,
                                          device=self.device)} if getattr(self.model, "accepts_affine", False) else {})
         out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
