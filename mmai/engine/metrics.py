@@ -396,12 +396,44 @@ def _resample_counts(rng: np.random.Generator, strata: list[np.ndarray], n: int,
     return W.reshape(b, n)
 
 
+def _strata_of(labels: np.ndarray) -> list[np.ndarray]:
+    inv = np.unique(labels, return_inverse=True)[1].ravel()
+    return [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
+
+
+def _group_sampler(groups: Any, stratify: Any, n: int) -> Callable[[np.random.Generator, int], np.ndarray]:
+    """Resampler of whole groups (patients): a case's count is its group's draw count. Groups are
+    drawn within strata when every group lies in one stratum, otherwise without strata."""
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise MetricError(f"groups must be (N,) = ({n},), got shape {g.shape}")
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in g.tolist()):
+        raise MetricError("groups has missing values; give every case a patient id")
+    ginv = np.unique(g.astype(str), return_inverse=True)[1].ravel()
+    n_groups = int(ginv.max()) + 1
+    group_strata = [np.arange(n_groups)]
+    if stratify is not None:
+        s_inv = np.unique(np.asarray(stratify), return_inverse=True)[1].ravel()
+        first = np.zeros(n_groups, dtype=np.int64)
+        first[ginv[::-1]] = s_inv[::-1]  # stratum of each group's first case
+        if np.array_equal(first[ginv], s_inv):
+            group_strata = _strata_of(first)
+
+    def draw(rng: np.random.Generator, b: int) -> np.ndarray:
+        return _resample_counts(rng, group_strata, n_groups, b)[:, ginv]  # (b, n)
+
+    return draw
+
+
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05, stratify: Any = None) -> BootstrapCI:
-    """Percentile bootstrap confidence interval over cases.
+                 alpha: float = 0.05, stratify: Any = None, groups: Any = None) -> BootstrapCI:
+    """Percentile bootstrap confidence interval over cases, or over groups of cases.
 
     Each resample draws N cases with replacement (within each level of ``stratify`` when given,
-    so class or event counts stay fixed). Resamples where the metric is undefined (the metric
+    so class or event counts stay fixed). With ``groups`` (e.g. the patient id of each case) it
+    draws groups instead, each drawn group bringing all its cases, so several cases of one
+    patient count as one independent unit (a cluster bootstrap); groups are drawn within strata
+    when every group lies in a single stratum. Resamples where the metric is undefined (the metric
     raises UndefinedMetricError or returns NaN, e.g. one class only) are skipped and counted in
     ``.n_skipped``; the interval is the (alpha/2, 1 - alpha/2) quantiles of the rest. Metrics of
     this module run batched (a weighted kernel over a (B, N) count matrix); any other callable
@@ -414,6 +446,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
         seed: seed of numpy's default_rng; same seed, same resamples.
         alpha: 1 - confidence level.
         stratify: optional (N,) stratum per case.
+        groups: optional (N,) group (patient) per case: resample groups, not cases.
 
     Returns:
         BootstrapCI ``(point, lo, hi)``; lo = hi = NaN when every resample was undefined.
@@ -436,8 +469,9 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
         s = np.asarray(stratify)
         if s.shape != (n,):
             raise MetricError(f"stratify must be (N,) = ({n},), got shape {s.shape}")
-        inv = np.unique(s, return_inverse=True)[1].ravel()
-        strata = [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
+        strata = _strata_of(s)
+    draw = (_group_sampler(groups, stratify, n) if groups is not None
+            else lambda rng, b: _resample_counts(rng, strata, n, b))
     point = float(metric_fn(*arrays))
     weighted = getattr(metric_fn, "_weighted", None)
     prep = getattr(metric_fn, "_prep", None)
@@ -447,7 +481,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
     chunk = max(1, _CELLS // n)
     values = []
     for start in range(0, int(n_boot), chunk):
-        W = _resample_counts(rng, strata, n, min(chunk, int(n_boot) - start))
+        W = draw(rng, min(chunk, int(n_boot) - start))
         if weighted is not None:
             values.append(weighted(W, *prepped))
             continue
