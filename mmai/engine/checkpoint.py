@@ -128,7 +128,9 @@ class CheckpointStore:
         if self.exists():
             ptr = read_json(self.pointer, "checkpoint pointer")
             keep = {ptr["tensors"], ptr["state"]}
-        for f in self.folder.glob("ckpt-e*"):
+        # also temporary files a killed writer left behind (atomic_path names them ".<stem>.*.tmp*")
+        stale = [*self.folder.glob("ckpt-e*"), *self.folder.glob(".ckpt-e*.tmp*"), *self.folder.glob(".latest.*.tmp*")]
+        for f in stale:
             if f.name not in keep:
                 f.unlink(missing_ok=True)
 

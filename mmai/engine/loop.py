@@ -116,6 +116,9 @@ def build_engine(model: torch.nn.Module, raw: torch.nn.Module, config: PipelineC
     device_type = info.device.split(":")[0]
     if amp is torch.float16 and device_type != "cuda":
         raise ConfigError(f"train.amp = fp16 needs CUDA (device {info.device}); use bf16 or off")
+    if amp is torch.bfloat16 and device_type == "cpu":
+        log.warning("train.amp = bf16 on CPU: slower than fp32 here, and torch's CPU bf16 conv3d weight "
+                    "gradient is unreliable on feature maps smaller than the kernel (docs/training.md)")
     scaler = torch.amp.GradScaler(device_type) if amp is torch.float16 else None
     return Engine(model=model, raw=raw, opt=opt, sched=sched, ema=ema, amp=amp, scaler=scaler,
                   train_loader=train_loader, val_loader=val_loader, generator=generator, train_ds=train_ds,
