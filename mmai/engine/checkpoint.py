@@ -90,6 +90,10 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict[str, Any
     return _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")}, scalars)
 
 
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
 def _write_file(path: Path, write: Callable[[Path], None]) -> None:
     """Write one checkpoint file atomically (the single place a commit writes; tests inject
     failures here)."""
@@ -117,9 +121,9 @@ class CheckpointStore:
         flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         text = json.dumps(state, default=_json_default) + "\n"
         _write_file(self.folder / f"{stem}.safetensors", lambda p: save_file(flat, str(p)))
-        _write_file(self.folder / f"{stem}.json", lambda p: p.write_text(text))
+        _write_file(self.folder / f"{stem}.json", lambda p: _write_text(p, text))
         pointer = json.dumps({"epoch": epoch, "tensors": f"{stem}.safetensors", "state": f"{stem}.json"}) + "\n"
-        _write_file(self.pointer, lambda p: p.write_text(pointer))
+        _write_file(self.pointer, lambda p: _write_text(p, pointer))
         self.clean()
 
     def clean(self) -> None:

@@ -22,7 +22,7 @@ def train_loader(ds: Dataset, batch_size: int, info: DistInfo, seed: int, num_wo
     worker seeds), whose state the checkpoint saves."""
     g = torch.Generator()
     g.manual_seed(seed + info.rank)
-    sampler = None
+    sampler: torch.utils.data.Sampler[int] | None = None
     if info.active:
         sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=info.world, rank=info.rank,
                                                                   shuffle=True, seed=seed)
@@ -38,7 +38,8 @@ def shard_loader(ds: Dataset, batch_size: int, info: DistInfo, num_workers: int)
     :func:`mmai.engine.trainer.predict_outputs` gathers the shards."""
     g = torch.Generator()
     g.manual_seed(0)
-    return DataLoader(Subset(ds, shard_indices(len(ds), info)), batch_size=batch_size, shuffle=False,
+    rows = shard_indices(len(ds), info)  # type: ignore[arg-type]  # map-style datasets have a length
+    return DataLoader(Subset(ds, rows), batch_size=batch_size, shuffle=False,
                       generator=g, num_workers=num_workers, pin_memory=info.device.startswith("cuda"))
 
 

@@ -49,7 +49,11 @@ def env_info() -> tuple[int, int, int]:
 @contextlib.contextmanager
 def distributed_session(device: str) -> Iterator[DistInfo]:
     """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA) and leave it cleanly,
-    also when training raises. Yields this process's :class:`DistInfo`."""
+    also when training raises. Yields this process's :class:`DistInfo`.
+
+    A group that already exists is used and left alone: a program that trains several models
+    in one torchrun job should create the group once itself (re-creating a destroyed group in
+    the same process is not reliable)."""
     rank, local_rank, world = env_info()
     if world <= 1:
         yield DistInfo(0, 1, device)
@@ -132,6 +136,7 @@ def average_batchnorm(model: torch.nn.Module, info: DistInfo) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             mean, var = m.running_mean, m.running_var
+            assert var is not None  # tracked together with running_mean
             stats = torch.cat([mean.double(), (var.double() + mean.double() ** 2)])
             dist.all_reduce(stats)
             stats /= info.world

@@ -34,8 +34,8 @@ from mmai.engine.state import TrainState, load_checkpoint, save_checkpoint
 from mmai.engine.trainer import (
     _forward,
     _to,
-    aux_loss,
     autocast,
+    aux_loss,
     evaluate_outputs,
     headline,
     predict_outputs,

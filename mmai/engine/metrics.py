@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mmai.engine.resample import case_sampler, group_sampler, strata_of
 from mmai.errors import MmaiError
 
 log = logging.getLogger(__name__)
@@ -386,43 +387,12 @@ def kaplan_meier(time: Any, event: Any) -> tuple[np.ndarray, np.ndarray]:
 
 # --- bootstrap
 
-def _resample_counts(rng: np.random.Generator, strata: list[np.ndarray], n: int, b: int) -> np.ndarray:
-    """(b, n) float counts: how often each case is drawn, resampling within each stratum."""
-    W = np.zeros(b * n)
-    offs = (np.arange(b) * n)[:, None]
-    for idx in strata:
-        draw = idx[rng.integers(0, idx.size, size=(b, idx.size))]  # (b, n_s) case indices
-        W += np.bincount((draw + offs).ravel(), minlength=b * n)
-    return W.reshape(b, n)
-
-
-def _strata_of(labels: np.ndarray) -> list[np.ndarray]:
-    inv = np.unique(labels, return_inverse=True)[1].ravel()
-    return [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
-
-
-def _group_sampler(groups: Any, stratify: Any, n: int) -> Callable[[np.random.Generator, int], np.ndarray]:
-    """Resampler of whole groups (patients): a case's count is its group's draw count. Groups are
-    drawn within strata when every group lies in one stratum, otherwise without strata."""
+def _check_groups(groups: Any, n: int) -> None:
     g = np.asarray(groups)
     if g.shape != (n,):
         raise MetricError(f"groups must be (N,) = ({n},), got shape {g.shape}")
     if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in g.tolist()):
         raise MetricError("groups has missing values; give every case a patient id")
-    ginv = np.unique(g.astype(str), return_inverse=True)[1].ravel()
-    n_groups = int(ginv.max()) + 1
-    group_strata = [np.arange(n_groups)]
-    if stratify is not None:
-        s_inv = np.unique(np.asarray(stratify), return_inverse=True)[1].ravel()
-        first = np.zeros(n_groups, dtype=np.int64)
-        first[ginv[::-1]] = s_inv[::-1]  # stratum of each group's first case
-        if np.array_equal(first[ginv], s_inv):
-            group_strata = _strata_of(first)
-
-    def draw(rng: np.random.Generator, b: int) -> np.ndarray:
-        return _resample_counts(rng, group_strata, n_groups, b)[:, ginv]  # (b, n)
-
-    return draw
 
 
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 1000, seed: int = 0,
@@ -469,9 +439,10 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
         s = np.asarray(stratify)
         if s.shape != (n,):
             raise MetricError(f"stratify must be (N,) = ({n},), got shape {s.shape}")
-        strata = _strata_of(s)
-    draw = (_group_sampler(groups, stratify, n) if groups is not None
-            else lambda rng, b: _resample_counts(rng, strata, n, b))
+        strata = strata_of(s)
+    if groups is not None:
+        _check_groups(groups, n)
+    draw = group_sampler(groups, stratify, n) if groups is not None else case_sampler(strata, n)
     point = float(metric_fn(*arrays))
     weighted = getattr(metric_fn, "_weighted", None)
     prep = getattr(metric_fn, "_prep", None)

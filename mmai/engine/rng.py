@@ -107,7 +107,7 @@ def capture(loader_generator: torch.Generator | None, dataset: Any) -> tuple[dic
     if loader_generator is not None:
         tensors["loader"] = loader_generator.get_state()
     py = random.getstate()
-    js: dict[str, Any] = {"numpy": _np_state_to_json(np.random.get_state()),
+    js: dict[str, Any] = {"numpy": _np_state_to_json(np.random.get_state(legacy=True)),  # type: ignore[arg-type]
                           "python": [py[0], list(py[1]), py[2]],
                           "dataset": dataset_rng_state(dataset) if dataset is not None else {}}
     return js, tensors

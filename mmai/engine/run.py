@@ -94,7 +94,7 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     enc = TargetEncoding.fit(config, frames["train"])
     pre = fit_clinical(config, frames["train"])
     model, model_kwargs = _build_model(config, kind, len(enc.classes), pre)
-    uses_image = model.uses_image
+    uses_image = bool(model.uses_image)
     data_seed = tc.seed + info.rank  # ranks augment differently; one process: the configured seed
     aug = augment_transforms(config.image, seed=data_seed) if uses_image and config.image else None
     train_ds = build_dataset(config, frames["train"], pre=pre, uses_image=uses_image,
@@ -158,7 +158,7 @@ def apply_overrides(config: PipelineConfig, *, fusion: str | None = None, epochs
     if amp is not None:
         if amp not in ("bf16", "fp16", "off"):
             raise ConfigError(f"--amp {amp!r} is not allowed; choose bf16, fp16 or off")
-        train = dataclasses.replace(train, amp=amp)
+        train = dataclasses.replace(train, amp=amp)  # type: ignore[arg-type]  # checked just above
     return config.replace(model=model, train=train)
 
 

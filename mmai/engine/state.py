@@ -17,7 +17,7 @@ import torch
 
 from mmai.engine import rng
 from mmai.engine.checkpoint import CheckpointStore, flatten_optimizer, unflatten_optimizer
-from mmai.engine.distributed import DistInfo, gather_objects
+from mmai.engine.distributed import gather_objects
 from mmai.errors import CheckpointError
 
 if TYPE_CHECKING:
