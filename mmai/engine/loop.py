@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from mmai.config import PipelineConfig
 from mmai.engine.checkpoint import CheckpointStore
 from mmai.engine.distributed import DistInfo, all_sum, average_batchnorm, broadcast_flag, maybe_no_sync
+from mmai.engine.ema import EMA
 from mmai.engine.runlog import RunLog
 from mmai.engine.state import TrainState, load_checkpoint, save_checkpoint
 from mmai.engine.trainer import (
@@ -59,7 +60,7 @@ class Engine:
     raw: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    ema: torch.optim.swa_utils.AveragedModel | None
+    ema: EMA | None
     amp: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     train_loader: DataLoader
@@ -71,6 +72,10 @@ class Engine:
     kind: str
     classes: list[str]
     last_lr: float = 0.0
+    params: list[torch.nn.Parameter] = dataclasses.field(default_factory=list)  # clipped each step
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -106,12 +111,11 @@ def build_engine(model: torch.nn.Module, raw: torch.nn.Module, config: PipelineC
                  generator: torch.Generator | None = None, train_ds: Any = None) -> Engine:
     """AdamW + the LR schedule (a torch ``LambdaLR``), EMA, AMP (with a GradScaler for fp16)."""
     tc = config.train
-    opt = torch.optim.AdamW(raw.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # foreach: one fused kernel per step over all tensors (torch's default on CUDA, not on CPU)
+    opt = torch.optim.AdamW(raw.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / tc.accumulate))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(config, steps_per_epoch))
-    ema = (torch.optim.swa_utils.AveragedModel(raw, use_buffers=True,
-                                               multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema))
-           if tc.ema > 0 else None)
+    ema = EMA(raw, tc.ema) if tc.ema > 0 else None
     amp = AMP_DTYPES[str(tc.amp)]
     device_type = info.device.split(":")[0]
     if amp is torch.float16 and device_type != "cuda":
@@ -132,7 +136,7 @@ def _optimizer_step(eng: Engine) -> None:
     """Unscale (fp16), clip, step, schedule, EMA."""
     if eng.scaler is not None:
         eng.scaler.unscale_(eng.opt)
-    torch.nn.utils.clip_grad_norm_(eng.raw.parameters(), 5.0, foreach=True)
+    torch.nn.utils.clip_grad_norm_(eng.params, 5.0, foreach=True)
     eng.last_lr = float(eng.opt.param_groups[0]["lr"])
     if eng.scaler is not None:
         eng.scaler.step(eng.opt)
