@@ -126,6 +126,12 @@ class CheckpointStore:
         _write_file(self.pointer, lambda p: _write_text(p, pointer))
         self.clean()
 
+    def reset(self) -> None:
+        """Forget every commit (a fresh run in a folder that holds an older run's checkpoint): the
+        pointer goes first, so a kill during the reset leaves no resumable state."""
+        self.pointer.unlink(missing_ok=True)
+        self.clean()
+
     def clean(self) -> None:
         """Delete checkpoint files the pointer does not name."""
         keep = set()

@@ -24,6 +24,7 @@ class EMA(torch.nn.Module):
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.module = copy.deepcopy(model)
         self.decay = decay
+        self.n_averaged: torch.Tensor
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
         self._lists: tuple[list[torch.Tensor], ...] | None = None
 
@@ -48,4 +49,4 @@ class EMA(torch.nn.Module):
             torch._foreach_lerp_(ema_f, model_f, 1.0 - self.decay)
         for a, b in zip(ema_o, model_o, strict=True):
             a.copy_(b)
-        self.n_averaged += 1
+        self.n_averaged.add_(1)

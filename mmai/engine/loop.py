@@ -226,6 +226,8 @@ def start_or_resume(eng: Engine, store: CheckpointStore | None, runlog: RunLog, 
         log.info("resumed from %s after epoch %d", store.folder, state.epoch)
     else:
         state = TrainState()
+        if store is not None and eng.info.is_main:
+            store.reset()  # an older run's checkpoint must not be resumed into this one
     runlog.start(state.log_pos, state.epoch + 1)
     return state
 

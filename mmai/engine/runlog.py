@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,10 @@ class RunLog:
             log.warning("%s is shorter than the checkpoint's log position %d; continuing after it", self.path,
                         position)
         if self.want_tb:
-            self._tb = _tensorboard_writer(self.path.parent / "tensorboard", first_epoch)
+            tb = self.path.parent / "tensorboard"
+            if first_epoch == 1 and tb.is_dir():  # a fresh run: drop an older run's events
+                shutil.rmtree(tb)
+            self._tb = _tensorboard_writer(tb, first_epoch)
 
     def position(self) -> int:
         """Byte length of log.jsonl now (0 when there is none or logging is disabled)."""

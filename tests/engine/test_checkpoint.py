@@ -129,7 +129,7 @@ def test_kfold_resume_skips_finished_folds_and_continues_the_interrupted_one(coh
     assert {"prob_0", "prob_1", "label", "patient_id"} <= set(oof.columns)
 
 
-def test_resume_refuses_other_settings_and_missing_checkpoints(cohort, tmp_path, one_thread):
+def test_resume_refuses_other_settings_and_missing_checkpoints(cohort, tmp_path, one_thread, monkeypatch):
     _, pipe, manifest = cohort
     kw = {"fusion": "clinical_only", "device": "cpu", "progress": False}
     with pytest.raises(CheckpointError, match="no checkpoint"):
@@ -137,6 +137,17 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(cohort, tmp_path,
     train_from_files(pipe, manifest, tmp_path / "run", epochs=1, **kw)
     with pytest.raises(CheckpointError, match="train.epochs"):
         train_from_files(pipe, manifest, tmp_path / "run", resume=True, epochs=2, **kw)
+    # a fresh run in the same folder forgets the old checkpoint at once: killed before its own first
+    # commit, it leaves nothing to resume (not the older run's state under the same settings)
+    def die(path, fn):
+        raise _Crash("killed before the first commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_write_file", die)
+        with pytest.raises(_Crash):
+            train_from_files(pipe, manifest, tmp_path / "run", epochs=1, **kw)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train_from_files(pipe, manifest, tmp_path / "run", resume=True, epochs=1, **kw)
 
 
 def test_commit_keeps_the_previous_checkpoint_until_the_pointer_moves(tmp_path):
