@@ -67,8 +67,8 @@ def predict_outputs(model: torch.nn.Module, loader: DataLoader, device: str, amp
     """Raw outputs (N, n_outputs) on CPU and the concatenated targets of a loader.
 
     Under DDP a loader over a :class:`~torch.utils.data.Subset` (this rank's shard, see
-    :func:`shard_loader`) is predicted here and gathered, so every rank returns all N rows in
-    the order of the full dataset. ``amp``: an autocast dtype (``True`` = bfloat16).
+    :func:`mmai.engine.data.shard_loader`) is predicted here and gathered, so every rank
+    returns all N rows in the order of the full dataset. ``amp``: an autocast dtype (``True`` = bfloat16).
     """
     dtype = torch.bfloat16 if amp is True else (amp or None)
     model.eval()

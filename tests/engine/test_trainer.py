@@ -31,6 +31,19 @@ def test_amp_setting_rejects_other_values_and_yaml_off_is_off():
     assert config_from_dict({}, "p.yaml").train.amp == "off"  # off by default
 
 
+def test_cli_amp_flag_overrides_the_yaml_and_rejects_other_values(cohort, tmp_path, capsys, one_thread):
+    from mmai.cli import main
+
+    _, pipe, manifest = cohort
+    base = ["train", "--config", str(pipe), "--manifest", str(manifest), "--fusion", "clinical_only", "--epochs", "1",
+            "--device", "cpu", "-q"]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--out", str(tmp_path / "a"), "--amp", "fp8"])
+    assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--amp", "bf16"]) == 0
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["train"]["amp"] == "bf16"
+
+
 def test_fp16_on_cpu_is_refused_with_the_alternatives(cohort, tmp_path):
     _, pipe, manifest = cohort
     with pytest.raises(ConfigError, match="fp16 needs CUDA.*bf16 or off"):
