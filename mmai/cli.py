@@ -148,10 +148,14 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from mmai.engine.trainer import train_from_files
 
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
     result = train_from_files(
         config_path=Path(a.config), manifest_path=Path(a.manifest), out_dir=Path(a.out),
         fusion=a.fusion, folds=a.folds, epochs=a.epochs, device=a.device, resume=a.resume,
-        progress=not a.quiet,
+        progress=not a.quiet, amp=a.amp,
     )
     log.info("%s", result)
     return 0
@@ -307,7 +311,11 @@ def _parser_train(sub: Any) -> None:
     s.add_argument("--folds", type=int, default=None, help="K-fold cross-validation (default: YAML)")
     s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     _add_device(s)
-    s.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue exactly from RUN_DIR's last checkpoint "
+                   "(same config and flags; finished folds are skipped)")
+    s.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
+                   help="mixed precision (default: the YAML's train.amp, off); fp16 uses a GradScaler, CUDA only")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _add_common(s)
     s.set_defaults(func=_cmd_train)
 

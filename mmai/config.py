@@ -227,13 +227,23 @@ class TrainConfig:
     folds: int = 1
     val_fraction: float = 0.15
     patience: int = 10
-    amp: bool = False
+    amp: bool | Literal["bf16", "fp16", "off"] = "off"  # true/false: deprecated spellings of bf16/off
     accumulate: int = 1
     scaling: Literal["robust", "standard"] = "robust"
     impute: Literal["median", "mean"] = "median"
     select_metric: Literal["auto", "loss"] = "auto"
     ema: float = 0.0
     num_workers: int = 0
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup: float = 0.05  # fraction of the optimizer steps (at most one epoch) of linear warm-up
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amp, bool):  # YAML reads an unquoted `off` as false
+            if self.amp:
+                import logging
+
+                logging.getLogger(__name__).warning("train.amp: true is deprecated; write bf16 (or fp16, off)")
+            object.__setattr__(self, "amp", "bf16" if self.amp else "off")
 
 
 @dataclass(frozen=True)

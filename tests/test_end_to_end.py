@@ -159,14 +159,40 @@ def test_explain_and_export(world):
 
 
 def test_resume_training_continues_from_checkpoint(world, tmp_path):
+    """A run stopped after epoch 2 of 4 (the pointer moved back to epoch 2's commit, the files of
+    later commits deleted, as a kill right after epoch 2 leaves them) and resumed ends with the
+    weights of the uninterrupted run, tensor for tensor."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from mmai.engine.checkpoint import CheckpointStore
+
     tmp, pipe = world
-    run = tmp_path / "run"
-    base = ["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"), "--out", str(run),
-            "--fusion", "clinical_only", "-q"]
-    assert main([*base, "--epochs", "2"]) == 0
-    assert main([*base, "--epochs", "4", "--resume"]) == 0
-    epochs = [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    base = ["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"), "--fusion",
+            "clinical_only", "--epochs", "4", "-q"]
+    assert main([*base, "--out", str(full)]) == 0
+    real_commit = CheckpointStore.commit
+    CheckpointStore.commit = lambda self, epoch, tensors, state: (  # keep epoch 2's commit as the last one
+        real_commit(self, epoch, tensors, state) if epoch <= 2 else None)
+    try:
+        assert main([*base, "--out", str(cut)]) == 0
+    finally:
+        CheckpointStore.commit = real_commit
+    for name in ("model.safetensors", "DONE", "metrics.json"):
+        (cut / name).unlink()
+    assert json.loads((cut / "ckpt" / "latest.json").read_text())["epoch"] == 2
+    assert main([*base, "--out", str(cut), "--resume"]) == 0
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ta, _ = CheckpointStore(full / "ckpt").load()
+    tb, _ = CheckpointStore(cut / "ckpt").load()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith("model."))  # the last epoch's weights too
+    epochs = [json.loads(line)["epoch"] for line in (cut / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]
+    shutil.rmtree(full)
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -1,13 +1,24 @@
 """Checkpoints: safetensors weights + JSON state, written atomically. No pickle anywhere.
 
-A training checkpoint (for ``--resume``) is ``ckpt/last.safetensors`` (model and optimizer
-tensors, flattened to ``model.<name>`` / ``optim.<param index>.<key>``) plus ``ckpt/last.json``
-(epoch, best score, optimizer scalars, RNG seeds, early-stopping counters).
+A training checkpoint (for ``--resume``) is one *commit* per epoch in ``RUN_DIR/ckpt/``:
+
+1. ``ckpt-e0003-<token>.safetensors``: every tensor (model, optimizer moments, best and EMA
+   weights, random generator states), names prefixed ``model.``, ``optim.<param>.<key>``, ...;
+2. ``ckpt-e0003-<token>.json``: everything else (counters, history, scheduler, scaler, RNG);
+3. ``latest.json``: the pointer naming the two files above, replaced atomically, last.
+
+Each file is written under a temporary name and renamed, and files are never overwritten (the
+token is new for every commit), so a process killed at any instant leaves ``latest.json``
+naming either the previous complete commit or the new one. Files that the pointer does not
+name (an older commit, or an interrupted one) are deleted after the pointer moves.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmai.errors import CheckpointError
-from mmai.utils import atomic_path, atomic_write_json
+from mmai.utils import _json_default, atomic_path
+
+log = logging.getLogger(__name__)
+POINTER = "latest.json"
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -66,34 +80,84 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict[str, An
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
-def save_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             info: dict[str, Any], best_model_state: dict[str, torch.Tensor] | None = None,
-                             ema_state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``last.safetensors`` + ``last.json`` (json last: its presence marks a complete checkpoint)."""
-    opt_tensors, opt_scalars = _flatten_optimizer(optimizer.state_dict())
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(opt_tensors)
-    if best_model_state is not None:
-        tensors.update({f"best.{k}": v for k, v in best_model_state.items()})
-    if ema_state is not None:
-        tensors.update({f"ema.{k}": v for k, v in ema_state.items()})
-    save_weights(tensors, folder / "last.safetensors")
-    atomic_write_json(folder / "last.json", {**info, "optimizer": opt_scalars})
+def flatten_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer ``state_dict`` -> (tensors ``optim.<param>.<key>``, JSON-able rest)."""
+    return _flatten_optimizer(opt_state)
 
 
-def load_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-                             ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-    """Restore model and optimizer from ``folder``; returns (info, best model state, EMA state),
-    the last two None when the checkpoint has none."""
-    info = read_json(folder / "last.json", "checkpoint")
-    tensors = load_weights(folder / "last.safetensors")
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")} or None
-    opt = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    try:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(_unflatten_optimizer(opt, info.pop("optimizer")))
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: checkpoint does not match this model/config: {exc}") from exc
-    return info, best, ema
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer` (``tensors`` may hold other prefixes too)."""
+    return _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")}, scalars)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write one checkpoint file atomically (the single place a commit writes; tests inject
+    failures here)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+class CheckpointStore:
+    """The commits of one training run in ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def pointer(self) -> Path:
+        return self.folder / POINTER
+
+    def exists(self) -> bool:
+        return self.pointer.exists()
+
+    def commit(self, epoch: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Write one complete checkpoint and move the pointer to it; then delete stale files."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = f"ckpt-e{epoch:04d}-{secrets.token_hex(4)}"
+        flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        text = json.dumps(state, default=_json_default) + "\n"
+        _write_file(self.folder / f"{stem}.safetensors", lambda p: save_file(flat, str(p)))
+        _write_file(self.folder / f"{stem}.json", lambda p: _write_text(p, text))
+        pointer = json.dumps({"epoch": epoch, "tensors": f"{stem}.safetensors", "state": f"{stem}.json"}) + "\n"
+        _write_file(self.pointer, lambda p: _write_text(p, pointer))
+        self.clean()
+
+    def reset(self) -> None:
+        """Forget every commit (a fresh run in a folder that holds an older run's checkpoint): the
+        pointer goes first, so a kill during the reset leaves no resumable state."""
+        self.pointer.unlink(missing_ok=True)
+        self.clean()
+
+    def clean(self) -> None:
+        """Delete checkpoint files the pointer does not name."""
+        keep = set()
+        if self.exists():
+            ptr = read_json(self.pointer, "checkpoint pointer")
+            keep = {ptr["tensors"], ptr["state"]}
+        # also temporary files a killed writer left behind (atomic_path names them ".<stem>.*.tmp*")
+        stale = [*self.folder.glob("ckpt-e*"), *self.folder.glob(".ckpt-e*.tmp*"), *self.folder.glob(".latest.*.tmp*")]
+        for f in stale:
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, state) of the commit the pointer names.
+
+        Raises:
+            CheckpointError: no pointer, or a file it names is missing or unreadable.
+        """
+        if not self.exists():
+            raise CheckpointError(f"--resume: no checkpoint in {self.folder} (no {POINTER})")
+        ptr = read_json(self.pointer, "checkpoint pointer")
+        try:
+            tensors_name, state_name = ptr["tensors"], ptr["state"]
+        except KeyError as exc:
+            raise CheckpointError(f"{self.pointer}: pointer lacks {exc}") from exc
+        tensors = load_weights(self.folder / tensors_name)
+        state = read_json(self.folder / state_name, "checkpoint state")
+        return tensors, state
+

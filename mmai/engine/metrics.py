@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mmai.engine.resample import case_sampler, group_sampler, strata_of
 from mmai.errors import MmaiError
 
 log = logging.getLogger(__name__)
@@ -386,22 +387,23 @@ def kaplan_meier(time: Any, event: Any) -> tuple[np.ndarray, np.ndarray]:
 
 # --- bootstrap
 
-def _resample_counts(rng: np.random.Generator, strata: list[np.ndarray], n: int, b: int) -> np.ndarray:
-    """(b, n) float counts: how often each case is drawn, resampling within each stratum."""
-    W = np.zeros(b * n)
-    offs = (np.arange(b) * n)[:, None]
-    for idx in strata:
-        draw = idx[rng.integers(0, idx.size, size=(b, idx.size))]  # (b, n_s) case indices
-        W += np.bincount((draw + offs).ravel(), minlength=b * n)
-    return W.reshape(b, n)
+def _check_groups(groups: Any, n: int) -> None:
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise MetricError(f"groups must be (N,) = ({n},), got shape {g.shape}")
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in g.tolist()):
+        raise MetricError("groups has missing values; give every case a patient id")
 
 
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05, stratify: Any = None) -> BootstrapCI:
-    """Percentile bootstrap confidence interval over cases.
+                 alpha: float = 0.05, stratify: Any = None, groups: Any = None) -> BootstrapCI:
+    """Percentile bootstrap confidence interval over cases, or over groups of cases.
 
     Each resample draws N cases with replacement (within each level of ``stratify`` when given,
-    so class or event counts stay fixed). Resamples where the metric is undefined (the metric
+    so class or event counts stay fixed). With ``groups`` (e.g. the patient id of each case) it
+    draws groups instead, each drawn group bringing all its cases, so several cases of one
+    patient count as one independent unit (a cluster bootstrap); groups are drawn within strata
+    when every group lies in a single stratum. Resamples where the metric is undefined (the metric
     raises UndefinedMetricError or returns NaN, e.g. one class only) are skipped and counted in
     ``.n_skipped``; the interval is the (alpha/2, 1 - alpha/2) quantiles of the rest. Metrics of
     this module run batched (a weighted kernel over a (B, N) count matrix); any other callable
@@ -414,6 +416,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
         seed: seed of numpy's default_rng; same seed, same resamples.
         alpha: 1 - confidence level.
         stratify: optional (N,) stratum per case.
+        groups: optional (N,) group (patient) per case: resample groups, not cases.
 
     Returns:
         BootstrapCI ``(point, lo, hi)``; lo = hi = NaN when every resample was undefined.
@@ -436,8 +439,10 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
         s = np.asarray(stratify)
         if s.shape != (n,):
             raise MetricError(f"stratify must be (N,) = ({n},), got shape {s.shape}")
-        inv = np.unique(s, return_inverse=True)[1].ravel()
-        strata = [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
+        strata = strata_of(s)
+    if groups is not None:
+        _check_groups(groups, n)
+    draw = group_sampler(groups, stratify, n) if groups is not None else case_sampler(strata, n)
     point = float(metric_fn(*arrays))
     weighted = getattr(metric_fn, "_weighted", None)
     prep = getattr(metric_fn, "_prep", None)
@@ -447,7 +452,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: Any, n_boot: int = 10
     chunk = max(1, _CELLS // n)
     values = []
     for start in range(0, int(n_boot), chunk):
-        W = _resample_counts(rng, strata, n, min(chunk, int(n_boot) - start))
+        W = draw(rng, min(chunk, int(n_boot) - start))
         if weighted is not None:
             values.append(weighted(W, *prepped))
             continue

@@ -67,10 +67,10 @@ def _encode(y: Any, classes: Sequence[Any] | None, k: int, name: str = "y") -> n
 
 
 def _fill(out: dict, name: str, fn: Callable, arrays: tuple, n_boot: int, seed: int, alpha: float,
-          stratify: Any) -> None:
+          stratify: Any, groups: Any = None) -> None:
     try:
         if n_boot > 0:
-            ci = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, alpha=alpha, stratify=stratify)
+            ci = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, alpha=alpha, stratify=stratify, groups=groups)
             out[name], out[f"{name}_ci"] = _num(ci[0]), [_num(ci[1]), _num(ci[2])]
             if ci.n_skipped:
                 out["n_boot_skipped"][name] = ci.n_skipped
@@ -83,7 +83,7 @@ def _fill(out: dict, name: str, fn: Callable, arrays: tuple, n_boot: int, seed: 
 
 def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = None, time: Any = None,
                     event: Any = None, risk: Any = None, classes: Sequence[Any] | None = None,
-                    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+                    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, groups: Any = None) -> dict[str, Any]:
     """All metrics of one task kind, each with a percentile-bootstrap CI (JSON-able dict).
 
     Args:
@@ -95,6 +95,8 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
         classes: class names in prob-column order (binary: [negative, positive]).
         n_boot: bootstrap resamples (0 = point estimates only, CIs None).
         seed, alpha: bootstrap seed and 1 - confidence level.
+        groups: optional (N,) patient id per case; the bootstrap then resamples patients (all
+            cases of a drawn patient together), not cases.
 
     Returns:
         {"kind", "n", metric: float | None, metric + "_ci": [lo, hi] | None, ..., "undefined":
@@ -116,6 +118,7 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
         raise MetricError(f"compute_metrics(kind={kind!r}) needs {', '.join(missing)}")
     out: dict[str, Any] = {"kind": kind, "undefined": {}, "n_boot_skipped": {}}
     kw: dict[str, Any] = {"n_boot": int(n_boot), "seed": int(seed), "alpha": float(alpha)}
+    fill_kw: dict[str, Any] = {**kw, "groups": groups}
     if kind in ("binary", "multiclass"):
         P = np.asarray(prob, dtype=float)
         if kind == "binary":
@@ -128,9 +131,9 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
             if classes is not None:
                 out["classes"], out["positive_class"] = [_key(c) for c in classes], _key(classes[1])
             for name, fn in (("auroc", auroc), ("auprc", auprc), ("brier", brier)):
-                _fill(out, name, fn, (yy, p), stratify=yy, **kw)
+                _fill(out, name, fn, (yy, p), stratify=yy, **fill_kw)
             out["ece"] = ece(yy, p)  # no CI: ECE is biased upward, its bootstrap often lies above it
-            _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yy, **kw)
+            _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yy, **fill_kw)
             out["calibration"] = calibration_curve(yy, p)
         else:
             yy0 = np.asarray(y)
@@ -145,7 +148,7 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
             yi = yy.astype(np.int64)
             out.update(n=int(yy.size), classes=names,
                        n_per_class={c: int((yi == i).sum()) for i, c in enumerate(names)})
-            _fill(out, "auroc", auroc, (yi, P), stratify=yi, **kw)
+            _fill(out, "auroc", auroc, (yi, P), stratify=yi, **fill_kw)
             per = {}
             for i, c in enumerate(names):
                 try:
@@ -153,17 +156,19 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
                 except UndefinedMetricError:
                     per[c] = None
             out["auroc_per_class"] = per
-            _fill(out, "brier", brier, (yi, P), stratify=yi, **kw)
-            _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yi, **kw)
+            _fill(out, "brier", brier, (yi, P), stratify=yi, **fill_kw)
+            _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yi, **fill_kw)
     elif kind == "regression":
         yy = _vec(y, "y")
         pp = _vec(pred, "pred", yy.size)
         out["n"] = int(yy.size)
         for name, fn in (("mae", mae), ("rmse", rmse), ("r2", r2)):
-            _fill(out, name, fn, (yy, pp), stratify=None, **kw)
+            _fill(out, name, fn, (yy, pp), stratify=None, **fill_kw)
     else:
         t, e, r = _prep_surv(time, event, risk)
         out.update(n=int(t.size), n_events=int(e.sum()))
-        _fill(out, "c_index", c_index, (t, e, r), stratify=e, **kw)
+        _fill(out, "c_index", c_index, (t, e, r), stratify=e, **fill_kw)
     out.update(kw)
+    if groups is not None:
+        out["bootstrap_unit"] = "group"
     return out

@@ -241,3 +241,40 @@ def test_r2_large_offset_and_constant_targets():
     assert M.r2(y, pred) == pytest.approx(skm.r2_score(y, pred), abs=1e-9)
     with pytest.raises(M.UndefinedMetricError, match="constant"):
         M.r2(np.full(10, 0.1), np.linspace(0, 1, 10))
+
+
+# --- bootstrap over patients (groups)
+
+def _cohort(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(n // 2), np.ones(n // 2)]
+    p = np.clip(0.5 * y + rng.normal(0.25, 0.25, n), 0, 1)
+    return y, p
+
+
+def test_group_bootstrap_of_duplicated_patients_equals_case_bootstrap_of_the_patients():
+    """Three identical cases per patient carry the information of one: resampling patients gives
+    exactly the interval of the one-case-per-patient data; resampling cases is overconfident."""
+    from mmai.engine.metrics import auroc, bootstrap_ci
+
+    y, p = _cohort()
+    ci_patients = bootstrap_ci(auroc, y, p, n_boot=500, seed=3, stratify=y)
+    y3, p3, pid = np.repeat(y, 3), np.repeat(p, 3), np.repeat(np.arange(y.size), 3)
+    ci_groups = bootstrap_ci(auroc, y3, p3, n_boot=500, seed=3, stratify=y3, groups=pid)
+    ci_cases = bootstrap_ci(auroc, y3, p3, n_boot=500, seed=3, stratify=y3)
+    assert tuple(ci_groups) == pytest.approx(tuple(ci_patients), abs=1e-12)
+    assert (ci_cases[2] - ci_cases[1]) < 0.8 * (ci_groups[2] - ci_groups[1])
+
+
+def test_compute_metrics_groups_argument_and_checks():
+    from mmai.engine.metrics import MetricError
+
+    y, p = _cohort()
+    y2, p2, pid = np.repeat(y, 2), np.repeat(p, 2), np.repeat([f"P{i:03d}" for i in range(y.size)], 2)
+    out = compute_metrics("binary", y=y2, prob=p2, n_boot=200, groups=pid)
+    ref = compute_metrics("binary", y=y, prob=p, n_boot=200)
+    assert out["bootstrap_unit"] == "group" and out["auroc_ci"] == pytest.approx(ref["auroc_ci"])
+    with pytest.raises(MetricError, match=r"groups must be \(N,\)"):
+        compute_metrics("binary", y=y2, prob=p2, n_boot=10, groups=pid[:-1])
+    mixed = compute_metrics("binary", y=y2, prob=p2, n_boot=50, groups=np.zeros(y2.size))  # one patient
+    assert mixed["auroc_ci"] is None or all(np.isfinite(mixed["auroc_ci"]))

@@ -1,0 +1,66 @@
+"""DataLoaders of a training run (shuffled training shard, unpadded evaluation shards) and the
+out-of-fold prediction table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mmai.config import PipelineConfig
+from mmai.engine.distributed import DistInfo, shard_indices
+from mmai.engine.rng import worker_init
+from mmai.models.heads import outputs_to_predictions
+
+
+def train_loader(ds: Dataset, batch_size: int, info: DistInfo, seed: int, num_workers: int, *,
+                 collate: Callable[[list[Any]], Any] | None = None) -> tuple[DataLoader, torch.Generator]:
+    """Shuffled batches of ``ds`` (this rank's share under DDP: a DistributedSampler, reshuffled
+    by epoch, the same ``seed`` on every rank) and the loader's generator (seeded ``seed + rank``:
+    worker seeds), whose state the checkpoint saves."""
+    g = torch.Generator()
+    g.manual_seed(seed + info.rank)
+    sampler: torch.utils.data.Sampler[int] | None = None
+    if info.active:
+        sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=info.world, rank=info.rank,
+                                                                  shuffle=True, seed=seed)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
+                        num_workers=num_workers, drop_last=False, collate_fn=collate,
+                        worker_init_fn=worker_init if num_workers > 0 else None,
+                        persistent_workers=False, pin_memory=info.device.startswith("cuda"))
+    return loader, g
+
+
+def shard_loader(ds: Dataset, batch_size: int, info: DistInfo, num_workers: int, *,
+                 collate: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """In-order batches of this rank's rows of ``ds`` (all rows without DDP), for prediction;
+    :func:`mmai.engine.trainer.predict_outputs` gathers the shards."""
+    g = torch.Generator()
+    g.manual_seed(0)
+    rows = shard_indices(len(ds), info)  # type: ignore[arg-type]  # map-style datasets have a length
+    return DataLoader(Subset(ds, rows), batch_size=batch_size, shuffle=False, collate_fn=collate,
+                      generator=g, num_workers=num_workers, pin_memory=info.device.startswith("cuda"))
+
+
+def oof_frame(config: PipelineConfig, val_df: pd.DataFrame, out: torch.Tensor, enc: Any, fold: str) -> pd.DataFrame:
+    """Validation predictions of one fold: case_id, patient_id, fold, the targets as in the
+    manifest, then prob_<class> (classification), prediction (regression) or risk (survival)."""
+    t = config.task
+    cols: dict[str, Any] = {"case_id": val_df["case_id"].astype(str).to_numpy(), "fold": fold}
+    if "patient_id" in val_df:
+        cols["patient_id"] = val_df["patient_id"].astype(str).to_numpy()
+    targets = [t.time, t.event] if t.kind == "survival" else [t.target]
+    for c in targets:
+        cols[c] = val_df[c].to_numpy()
+    pred = outputs_to_predictions(t.kind, out).numpy()
+    if t.kind in ("binary", "multiclass"):
+        for i, c in enumerate(enc.classes):
+            cols[f"prob_{c}"] = pred[:, i]
+    elif t.kind == "regression":
+        cols["prediction"] = pred[:, 0] * enc.std + enc.mean
+    else:
+        cols["risk"] = pred[:, 0]
+    return pd.DataFrame(cols)
