@@ -29,7 +29,7 @@ from torch import nn
 
 from mmai.models.heads import Head
 from mmai.models.image_encoders import ImageEncoder
-from mmai.models.tabular import ClinicalMLP, FeatureTokenizer
+from mmai.models.tabular import ClinicalMLP, FeatureTokenizer, build_clinical_encoder
 
 
 def grid_coords(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
@@ -104,30 +104,18 @@ class ImageOnly(MultimodalModel):
 
 
 class ClinicalOnly(MultimodalModel):
-    """Clinical feature tokens -> transformer encoder -> [CLS] -> head (or an MLP)."""
+    """Clinical encoder (``tokens``: feature tokens + [CLS] transformer; or ``mlp``) -> head."""
 
     uses_image = False
 
     def __init__(self, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4, layers: int = 1,
                  dropout: float = 0.1, clinical_encoder: str = "tokens", **_: object):
         super().__init__()
-        self.kind = clinical_encoder
-        if clinical_encoder == "mlp":
-            self.mlp = ClinicalMLP(feature_specs, dim, dropout=dropout)
-        else:
-            self.tokenizer = FeatureTokenizer(feature_specs, dim)
-            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-            layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True,
-                                               activation="gelu")
-            self.encoder = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
+        self.clinical = build_clinical_encoder(clinical_encoder, feature_specs, dim, heads, max(1, layers), dropout)
         self.head = Head(dim, n_outputs, dropout)
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
-        if self.kind == "mlp":
-            return _with_aux(self.head(self.mlp(clinical, clinical_mask)), return_aux)
-        tok = self.tokenizer(clinical, clinical_mask)  # (B, F, D)
-        x = torch.cat([self.cls.expand(tok.shape[0], -1, -1), tok], dim=1)  # (B, 1+F, D)
-        return _with_aux(self.head(self.encoder(x)[:, 0]), return_aux)
+        return _with_aux(self.head(self.clinical(clinical, clinical_mask)), return_aux)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -159,13 +147,19 @@ class CrossAttentionFusion(MultimodalModel):
     4. a transformer layer over [CLS; clinical tokens; mean image token]; the mean of its output
        tokens -> head (the average keeps a direct path from every clinical token and from the
        image, so the model trains as easily as concatenation and adds the interactions).
-    5. in training, auxiliary heads on the pooled image token and on the mean clinical token
-       (returned with ``return_aux=True``) let the trainer add unimodal losses, so the harder modality (usually the
-       image) keeps learning while the easier one already explains part of the outcome.
+    5. output = clinical(x_clin) + residual(fused): ``clinical`` is a complete clinical-only
+       model (the same encoder and head as :class:`ClinicalOnly`, built by
+       ``model.clinical_encoder``), and the fused term's last layer starts at zero, so at
+       initialisation the model *is* the clinical-only model and the image enters only as far
+       as training finds it useful ("fusion that never hurts", docs/models.md).
+    6. ``return_aux=True`` also returns the clinical term alone and an image-only head on the
+       pooled image token, for the trainer's unimodal losses: the clinical term stays a
+       complete predictor by itself, and the image branch keeps learning while the clinical
+       one already explains part of the outcome.
     """
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4,
-                 layers: int = 1, dropout: float = 0.1, **_: object):
+                 layers: int = 1, dropout: float = 0.1, clinical_encoder: str = "tokens", **_: object):
         super().__init__()
         self.encoder = encoder
         self.img_proj = nn.Linear(encoder.num_features, dim)
@@ -177,9 +171,10 @@ class CrossAttentionFusion(MultimodalModel):
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True,
                                            activation="gelu")
         self.mix = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
-        self.head = Head(dim, n_outputs, dropout)
+        self.head = Head(dim, n_outputs, dropout, zero_init=True)  # the fused (residual) term, 0 at init
+        self.clinical = build_clinical_encoder(clinical_encoder, feature_specs, dim, heads, max(1, layers), dropout)
+        self.clinical_head = Head(dim, n_outputs, dropout)
         self.aux_image = Head(dim, n_outputs, dropout)
-        self.aux_clinical = Head(dim, n_outputs, dropout)
         self.last_attention: torch.Tensor | None = None  # for explanations
         self.last_grid: tuple[int, int, int] | None = None
 
@@ -207,11 +202,25 @@ class CrossAttentionFusion(MultimodalModel):
         img_mean = (img_tok.mean(dim=1, keepdim=True) * present
                     + self.no_image.expand(b, -1, -1) * (1 - present))  # (B, 1, D)
         x = self.mix(torch.cat([q, img_mean], dim=1))  # (B, 2+F, D)
-        out = self.head(x.mean(dim=1))  # (B, n_outputs)
+        return self.combine(x.mean(dim=1), img_mean[:, 0], clinical, clinical_mask, return_aux)
+
+    def combine(self, fused: torch.Tensor, img_pooled: torch.Tensor, clinical: torch.Tensor,
+                clinical_mask: torch.Tensor, return_aux: bool = False):  # noqa: ANN201
+        """clinical-only term + fused residual term (zero at initialisation).
+
+        Args:
+            fused: (B, D) pooled output tokens of the fusion.
+            img_pooled: (B, D) mean image token (the learned no-image token where missing).
+            clinical, clinical_mask: (B, F) as in :meth:`forward`.
+        Returns:
+            (B, n_outputs), or with ``return_aux`` ``(out, {"clinical": (B, n_outputs),
+            "image": (B, n_outputs)})``.
+        """
+        base = self.clinical_head(self.clinical(clinical, clinical_mask))  # (B, n_outputs)
+        out = base + self.head(fused)  # (B, n_outputs)
         if not return_aux:
             return out
-        return out, {"image": self.aux_image(img_mean[:, 0]),  # (B, n_outputs)
-                     "clinical": self.aux_clinical(clin_tok.mean(dim=1))}
+        return out, {"image": self.aux_image(img_pooled), "clinical": base}
 
 
 class ConcatFusion(MultimodalModel):
@@ -247,19 +256,34 @@ class LateFusion(MultimodalModel):
 
 
 class EarlyFusion(MultimodalModel):
-    """Clinical values and masks broadcast as extra input channels of the image encoder."""
+    """Clinical values and masks broadcast as extra input channels of the image encoder.
+
+    Input channels: the image (a learned constant intensity where the image is missing, so
+    the voxels of a missing image never reach the encoder), an image-present channel, then the
+    F clinical values (0 where missing) and the F clinical masks: ``C_in + 1 + 2F`` channels
+    (:meth:`extra_channels`).
+    """
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
                  **_: object):
         super().__init__()
         self.image = _PooledImage(encoder, dim)
+        self.missing_value = nn.Parameter(torch.zeros(()))  # the learned intensity of a missing image
         self.head = Head(dim, n_outputs, dropout)
+
+    @staticmethod
+    def extra_channels(n_features: int) -> int:
+        """Encoder input channels added to the image's: presence + values + masks."""
+        return 1 + 2 * n_features
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         b, _, d, h, w = image.shape
+        p = (image_present > 0).to(image.dtype)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+        img = torch.where(p > 0, image, self.missing_value.to(image.dtype))  # (B, C, D, H, W): voxels of absent images unused
         extra = torch.cat([clinical * clinical_mask, clinical_mask], dim=1)  # (B, 2F)
-        x = torch.cat([image, extra[:, :, None, None, None].expand(b, -1, d, h, w)], dim=1)
-        return _with_aux(self.head(self.image(x, torch.ones_like(image_present))), return_aux)
+        channels = [img, p.expand(b, 1, d, h, w), extra[:, :, None, None, None].expand(b, -1, d, h, w)]
+        return _with_aux(self.head(self.image(torch.cat(channels, dim=1), torch.ones_like(image_present))),
+                         return_aux)
 
 
 class FiLMFusion(MultimodalModel):

@@ -8,6 +8,7 @@ from typing import Any
 from monai.utils import look_up_option
 
 from mmai.models import fusion as F
+from mmai.models.fusion_names import FUSIONS
 from mmai.models.image_encoders import create_encoder
 
 MODELS: dict[str, type[F.MultimodalModel]] = {
@@ -19,10 +20,13 @@ MODELS: dict[str, type[F.MultimodalModel]] = {
     "image_only": F.ImageOnly,
     "clinical_only": F.ClinicalOnly,
 }
+if tuple(MODELS) != FUSIONS:  # one list: mmai.models.fusion_names (CLI and config read it)
+    raise ImportError(f"mmai.models.registry MODELS {list(MODELS)} disagree with fusion_names.FUSIONS {list(FUSIONS)}")
 
 
 def list_models() -> list[str]:
-    return list(MODELS)
+    """Every fusion name, in :data:`mmai.models.fusion_names.FUSIONS` order."""
+    return list(FUSIONS)
 
 
 def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = (), in_channels: int = 1,
@@ -39,7 +43,8 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
         in_channels: image channels C_in.
         encoder, widths: image encoder name and stage widths.
         dim, heads, layers, dropout: token width, attention heads, fusion depth, dropout.
-        clinical_encoder: ``tokens`` (feature tokenizer + transformer) or ``mlp`` (clinical_only).
+        clinical_encoder: ``tokens`` (feature tokenizer + transformer) or ``mlp``: the encoder of
+            ``clinical_only`` and of the clinical term of ``cross_attention``.
     """
     cls = look_up_option(name, MODELS)
     feature_specs = list(feature_specs)
@@ -49,9 +54,9 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
     kwargs: dict[str, Any] = dict(n_outputs=n_outputs, dim=dim, heads=heads, layers=layers, dropout=dropout)
     if cls.uses_clinical:
         kwargs["feature_specs"] = feature_specs
-    if cls is F.ClinicalOnly:
+    if cls in (F.ClinicalOnly, F.CrossAttentionFusion):
         kwargs["clinical_encoder"] = clinical_encoder
     if cls.uses_image:
-        extra = 2 * len(feature_specs) if cls is F.EarlyFusion else 0
+        extra = F.EarlyFusion.extra_channels(len(feature_specs)) if cls is F.EarlyFusion else 0
         kwargs["encoder"] = create_encoder(encoder, in_channels=in_channels + extra, widths=widths)
     return cls(**kwargs)
