@@ -170,6 +170,16 @@ def test_fusion_list_is_defined_once():
     assert tuple(fusion.choices) == FUSIONS
 
 
+def test_fusion_list_import_is_torch_free():
+    """The CLI and the config read the list without importing torch (``mmai --help`` stays instant)."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmai.cli, mmai.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def _clinical_only_into_cross_attention(co, ca):
     """Copy a clinical-only model's weights into the clinical term of a cross-attention model."""
     state = {("clinical_head." + k[5:] if k.startswith("head.") else k): v for k, v in co.state_dict().items()}
