@@ -279,8 +279,9 @@ class EarlyFusion(MultimodalModel):
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         b, _, d, h, w = image.shape
         p = (image_present > 0).to(image.dtype)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
-        img = torch.where(p > 0, image, self.missing_value.to(image.dtype))  # (B, C, D, H, W): voxels of absent images unused
-        extra = torch.cat([clinical * clinical_mask, clinical_mask], dim=1)  # (B, 2F)
+        img = torch.where(p > 0, image, self.missing_value.to(image.dtype))  # (B, C, D, H, W); absent: unused
+        values = torch.where(clinical_mask > 0, clinical, torch.zeros_like(clinical))  # a missing value is 0, even NaN
+        extra = torch.cat([values, clinical_mask], dim=1)  # (B, 2F)
         channels = [img, p.expand(b, 1, d, h, w), extra[:, :, None, None, None].expand(b, -1, d, h, w)]
         return _with_aux(self.head(self.image(torch.cat(channels, dim=1), torch.ones_like(image_present))),
                          return_aux)

@@ -66,6 +66,8 @@ def test_missing_value_only_through_mask(name):
     changed[:, 0] = 123.0
     a = model(image, present, clinical, mask)
     assert torch.allclose(a, model(image, present, changed, mask), atol=1e-5)
+    changed[:, 0] = float("nan")
+    assert torch.allclose(a, model(image, present, changed, mask), atol=1e-5)
     mask2 = mask.clone()
     mask2[:, 0] = 1
     assert not torch.allclose(a, model(image, present, clinical, mask2), atol=1e-5)
