@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -48,9 +49,14 @@ NOISE_MEAN, NOISE_SD = -300.0, 400.0
 
 
 def noise_cohort(folder: Path, task: str, n: int, seed: int) -> pd.DataFrame:
-    """``mmai synth --format nifti`` cohort whose images are overwritten with noise; its manifest."""
+    """``mmai synth --format nifti`` cohort whose images are overwritten with noise; its manifest.
+    A cohort already written in ``folder`` with the same recipe (noise.json) is reused."""
     from mmai.synth import SynthSpec, write_cohort
 
+    recipe = {"task": task, "n": n, "seed": seed, "noise_mean": NOISE_MEAN, "noise_sd": NOISE_SD}
+    marker = folder / "noise.json"
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return pd.read_csv(folder / "manifest.csv", dtype={"case_id": str})
     write_cohort(folder, SynthSpec(n=n, task=task, seed=seed, fmt="nifti"), progress=False, workers=1)
     manifest = pd.read_csv(folder / "manifest.csv", dtype={"case_id": str})
     rng = np.random.default_rng([seed, 8])
@@ -59,6 +65,7 @@ def noise_cohort(folder: Path, task: str, n: int, seed: int) -> pd.DataFrame:
         img = nib.load(str(path))
         noise = rng.normal(NOISE_MEAN, NOISE_SD, img.shape).astype(np.float32)
         nib.save(nib.Nifti1Image(noise, img.affine), str(path))
+    marker.write_text(json.dumps(recipe))
     return manifest
 
 
@@ -103,7 +110,7 @@ def run_task(task: str, root: Path, n: int, epochs: int | None, seed: int, n_boo
     from mmai.preprocess import preprocess_frame
 
     cfg = task_config(task, epochs, seed)
-    folder = root / f"{task}_seed{seed}"
+    folder = root / f"{task}_n{n}_seed{seed}"
     t0 = time.time()
     noise_cohort(folder / "cohort", task, n, seed)
     raw = load_manifest(folder / "cohort" / "manifest.csv", cfg)
@@ -114,6 +121,8 @@ def run_task(task: str, root: Path, n: int, epochs: int | None, seed: int, n_boo
     preds: dict[str, np.ndarray] = {}
     for fusion in MODELS:
         t = time.time()
+        if (folder / "runs" / fusion).exists():
+            shutil.rmtree(folder / "runs" / fusion)  # a fresh run (the trainer would append to its log)
         mcfg = cfg.replace(model=dataclasses.replace(cfg.model, fusion=fusion))
         train(mcfg, df, folder / "runs" / fusion, device="cpu", progress=False)
         pred, errors = Predictor(folder / "runs" / fusion, device="cpu").predict_frame(test)
