@@ -205,7 +205,8 @@ def test_cross_attention_starts_as_the_clinical_only_model(encoder):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(aux["clinical"], expected)
     torch.testing.assert_close(ca(image * 7 - 2, present, clinical, mask), expected)
-    assert aux["image"].shape == aux["clinical_tokens"].shape == (4, 1)
+    assert set(aux) == {"image", "clinical", "clinical_tokens", "fused"}
+    assert all(v.shape == (4, 1) for v in aux.values())
     # once the fused term has weight, the image does count (the fusion keeps its capacity)
     awake(ca)
     assert not torch.allclose(ca(image * 7 - 2, present, clinical, mask), ca(image, present, clinical, mask))
