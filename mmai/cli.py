@@ -18,7 +18,7 @@ from mmai.errors import MmaiError
 
 log = logging.getLogger("mmai")
 
-FUSIONS = ["cross_attention", "concat", "early", "late", "film", "image_only", "clinical_only"]
+from mmai.models.fusion_names import FUSIONS  # noqa: E402  (the one list; torch-free)
 
 
 class _Parser(argparse.ArgumentParser):

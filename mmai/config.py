@@ -22,7 +22,7 @@ import yaml
 from mmai.errors import ConfigError
 
 TaskKind = Literal["binary", "multiclass", "regression", "survival"]
-FUSIONS = ("cross_attention", "concat", "early", "late", "film", "image_only", "clinical_only")
+from mmai.models.fusion_names import FUSIONS  # noqa: E402  (the one list; torch-free)
 
 
 @dataclass(frozen=True)

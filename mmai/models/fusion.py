@@ -4,7 +4,7 @@ All models share one call signature::
 
     model(image, image_present, clinical, clinical_mask) -> (B, n_outputs)
     model(image, image_present, clinical, clinical_mask, return_aux=True)
-        -> ((B, n_outputs), {"image": (B, n_outputs), "clinical": (B, n_outputs)})
+        -> ((B, n_outputs), {"image": (B, n_outputs), "clinical": (B, n_outputs), ...})
 
 The auxiliary unimodal outputs (used by the trainer's auxiliary losses) are returned by the
 forward itself, never kept on the module, so DistributedDataParallel sees every parameter used
@@ -31,7 +31,7 @@ from torch import nn
 from mmai.models.heads import Head
 from mmai.models.image_encoders import ImageEncoder
 from mmai.models.image_tokens import ImageToClinical, WindowTokenizer
-from mmai.models.tabular import ClinicalMLP, FeatureTokenizer
+from mmai.models.tabular import ClinicalMLP, FeatureTokenizer, build_clinical_encoder
 
 
 def grid_coords(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
@@ -106,30 +106,18 @@ class ImageOnly(MultimodalModel):
 
 
 class ClinicalOnly(MultimodalModel):
-    """Clinical feature tokens -> transformer encoder -> [CLS] -> head (or an MLP)."""
+    """Clinical encoder (``tokens``: feature tokens + [CLS] transformer; or ``mlp``) -> head."""
 
     uses_image = False
 
     def __init__(self, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4, layers: int = 1,
                  dropout: float = 0.1, clinical_encoder: str = "tokens", **_: object):
         super().__init__()
-        self.kind = clinical_encoder
-        if clinical_encoder == "mlp":
-            self.mlp = ClinicalMLP(feature_specs, dim, dropout=dropout)
-        else:
-            self.tokenizer = FeatureTokenizer(feature_specs, dim)
-            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-            layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True,
-                                               activation="gelu")
-            self.encoder = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
+        self.clinical = build_clinical_encoder(clinical_encoder, feature_specs, dim, heads, max(1, layers), dropout)
         self.head = Head(dim, n_outputs, dropout)
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
-        if self.kind == "mlp":
-            return _with_aux(self.head(self.mlp(clinical, clinical_mask)), return_aux)
-        tok = self.tokenizer(clinical, clinical_mask)  # (B, F, D)
-        x = torch.cat([self.cls.expand(tok.shape[0], -1, -1), tok], dim=1)  # (B, 1+F, D)
-        return _with_aux(self.head(self.encoder(x)[:, 0]), return_aux)
+        return _with_aux(self.head(self.clinical(clinical, clinical_mask)), return_aux)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -161,16 +149,25 @@ class CrossAttentionFusion(MultimodalModel):
     4. a transformer layer over [CLS; clinical tokens; mean image token]; the mean of its output
        tokens -> head (the average keeps a direct path from every clinical token and from the
        image, so the model trains as easily as concatenation and adds the interactions).
-    5. in training, auxiliary heads on the pooled image token and on the mean clinical token
-       (returned with ``return_aux=True``) let the trainer add unimodal losses, so the harder modality (usually the
-       image) keeps learning while the easier one already explains part of the outcome.
+    5. output = clinical(x_clin) + residual(fused): ``clinical`` is a complete clinical-only
+       model (the same encoder and head as :class:`ClinicalOnly`, built by
+       ``model.clinical_encoder``), and the fused term's last layer starts at zero, so at
+       initialisation the model *is* the clinical-only model and the image enters only as far
+       as training finds it useful ("fusion that never hurts", docs/models.md).
+    6. ``return_aux=True`` also returns, for the trainer's auxiliary losses: the clinical term
+       alone (it stays a complete predictor by itself), an image-only head on the pooled image
+       token, a head on the fusion's clinical tokens and a head on the fused vector alone. The
+       last two train the fusion path as a full predictor (as the single-head design did), so
+       the image branch learns as early as before although the clinical term already explains
+       the clinical part of the outcome; the output reads the fused vector only through the
+       zero-initialised residual head (measured in docs/models.md).
     """
 
     accepts_affine = True  # forward(..., affine=(B, 4, 4)) places window tokens in millimetres
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4,
                  layers: int = 1, dropout: float = 0.1, windows: dict[str, Any] | None = None,
-                 bidirectional: bool = False, **_: object):
+                 bidirectional: bool = False, clinical_encoder: str = "tokens", **_: object):
         super().__init__()
         self.encoder = encoder
         self.img_proj = nn.Linear(encoder.num_features, dim)
@@ -185,9 +182,12 @@ class CrossAttentionFusion(MultimodalModel):
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, batch_first=True, norm_first=True,
                                            activation="gelu")
         self.mix = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
-        self.head = Head(dim, n_outputs, dropout)
+        self.head = Head(dim, n_outputs, dropout, zero_init=True)  # the fused (residual) term, 0 at init
+        self.clinical = build_clinical_encoder(clinical_encoder, feature_specs, dim, heads, max(1, layers), dropout)
+        self.clinical_head = Head(dim, n_outputs, dropout)
         self.aux_image = Head(dim, n_outputs, dropout)
-        self.aux_clinical = Head(dim, n_outputs, dropout)
+        self.aux_tokens = Head(dim, n_outputs, dropout)  # on the fusion's own clinical tokens
+        self.aux_fused = Head(dim, n_outputs, dropout)  # the fused vector alone, as a full predictor
         self.last_attention: torch.Tensor | None = None  # for explanations
         self.last_grid: tuple[int, int, int] | None = None
 
@@ -221,11 +221,29 @@ class CrossAttentionFusion(MultimodalModel):
         img_mean = (img_tok.mean(dim=1, keepdim=True) * present
                     + self.no_image.expand(b, -1, -1) * (1 - present))  # (B, 1, D)
         x = self.mix(torch.cat([q, img_mean], dim=1))  # (B, 2+F, D)
-        out = self.head(x.mean(dim=1))  # (B, n_outputs)
+        pooled = (x.mean(dim=1), img_mean[:, 0], clin_tok.mean(dim=1))  # (B, D) each
+        return self.combine(*pooled, clinical, clinical_mask, return_aux)
+
+    def combine(self, fused: torch.Tensor, img_pooled: torch.Tensor, tok_pooled: torch.Tensor,
+                clinical: torch.Tensor, clinical_mask: torch.Tensor, return_aux: bool = False):  # noqa: ANN201
+        """clinical-only term + fused residual term (zero at initialisation).
+
+        Args:
+            fused: (B, D) pooled output tokens of the fusion.
+            img_pooled: (B, D) mean image token (the learned no-image token where missing).
+            tok_pooled: (B, D) mean of the fusion's clinical tokens (before cross-attention).
+            clinical, clinical_mask: (B, F) as in :meth:`forward`.
+        Returns:
+            (B, n_outputs), or with ``return_aux`` ``(out, aux)``: aux ``clinical`` is the
+            clinical term alone, ``image`` an image-only head, ``clinical_tokens`` a head on the
+            fusion's clinical tokens, ``fused`` a head on the fused vector alone; (B, n_outputs) each.
+        """
+        base = self.clinical_head(self.clinical(clinical, clinical_mask))  # (B, n_outputs)
+        out = base + self.head(fused)  # (B, n_outputs)
         if not return_aux:
             return out
-        return out, {"image": self.aux_image(img_mean[:, 0]),  # (B, n_outputs)
-                     "clinical": self.aux_clinical(clin_tok.mean(dim=1))}
+        return out, {"image": self.aux_image(img_pooled), "clinical": base,
+                     "clinical_tokens": self.aux_tokens(tok_pooled), "fused": self.aux_fused(fused)}
 
 
 class ConcatFusion(MultimodalModel):
@@ -261,19 +279,35 @@ class LateFusion(MultimodalModel):
 
 
 class EarlyFusion(MultimodalModel):
-    """Clinical values and masks broadcast as extra input channels of the image encoder."""
+    """Clinical values and masks broadcast as extra input channels of the image encoder.
+
+    Input channels: the image (a learned constant intensity where the image is missing, so
+    the voxels of a missing image never reach the encoder), an image-present channel, then the
+    F clinical values (0 where missing) and the F clinical masks: ``C_in + 1 + 2F`` channels
+    (:meth:`extra_channels`).
+    """
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
                  **_: object):
         super().__init__()
         self.image = _PooledImage(encoder, dim)
+        self.missing_value = nn.Parameter(torch.zeros(()))  # the learned intensity of a missing image
         self.head = Head(dim, n_outputs, dropout)
+
+    @staticmethod
+    def extra_channels(n_features: int) -> int:
+        """Encoder input channels added to the image's: presence + values + masks."""
+        return 1 + 2 * n_features
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         b, _, d, h, w = image.shape
-        extra = torch.cat([clinical * clinical_mask, clinical_mask], dim=1)  # (B, 2F)
-        x = torch.cat([image, extra[:, :, None, None, None].expand(b, -1, d, h, w)], dim=1)
-        return _with_aux(self.head(self.image(x, torch.ones_like(image_present))), return_aux)
+        p = (image_present > 0).to(image.dtype)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+        img = torch.where(p > 0, image, self.missing_value.to(image.dtype))  # (B, C, D, H, W); absent: unused
+        values = torch.where(clinical_mask > 0, clinical, torch.zeros_like(clinical))  # a missing value is 0, even NaN
+        extra = torch.cat([values, clinical_mask], dim=1)  # (B, 2F)
+        channels = [img, p.expand(b, 1, d, h, w), extra[:, :, None, None, None].expand(b, -1, d, h, w)]
+        return _with_aux(self.head(self.image(torch.cat(channels, dim=1), torch.ones_like(image_present))),
+                         return_aux)
 
 
 class FiLMFusion(MultimodalModel):

@@ -18,13 +18,21 @@ def n_outputs_for(kind: str, n_classes: int = 2) -> int:
 
 
 class Head(nn.Module):
-    """LayerNorm -> dropout -> linear. ``(B, D) -> (B, n_outputs)``."""
+    """LayerNorm -> dropout -> linear. ``(B, D) -> (B, n_outputs)``.
 
-    def __init__(self, dim: int, n_outputs: int, dropout: float = 0.1) -> None:
+    ``zero_init=True`` starts the linear layer at zero, so the head outputs exactly 0 until
+    training moves it (a residual term that must earn its place, as in the cross-attention
+    fusion's image term).
+    """
+
+    def __init__(self, dim: int, n_outputs: int, dropout: float = 0.1, *, zero_init: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(dim, n_outputs)
+        if zero_init:
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.norm(x)))

@@ -8,6 +8,7 @@ from typing import Any
 from monai.utils import look_up_option
 
 from mmai.models import fusion as F
+from mmai.models.fusion_names import FUSIONS
 from mmai.models.image_encoders import create_encoder
 
 MODELS: dict[str, type[F.MultimodalModel]] = {
@@ -19,10 +20,13 @@ MODELS: dict[str, type[F.MultimodalModel]] = {
     "image_only": F.ImageOnly,
     "clinical_only": F.ClinicalOnly,
 }
+if tuple(MODELS) != FUSIONS:  # one list: mmai.models.fusion_names (CLI and config read it)
+    raise ImportError(f"mmai.models.registry MODELS {list(MODELS)} disagree with fusion_names.FUSIONS {list(FUSIONS)}")
 
 
 def list_models() -> list[str]:
-    return list(MODELS)
+    """Every fusion name, in :data:`mmai.models.fusion_names.FUSIONS` order."""
+    return list(FUSIONS)
 
 
 def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = (), in_channels: int = 1,
@@ -40,7 +44,8 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
         in_channels: image channels C_in.
         encoder, widths: image encoder name and stage widths.
         dim, heads, layers, dropout: token width, attention heads, fusion depth, dropout.
-        clinical_encoder: ``tokens`` (feature tokenizer + transformer) or ``mlp`` (clinical_only).
+        clinical_encoder: ``tokens`` (feature tokenizer + transformer) or ``mlp``: the encoder of
+            ``clinical_only`` and of the clinical term of ``cross_attention``.
         windows: cross_attention only: sliding-window image tokens with millimetre positions
             (``roi_size``, ``overlap``, ``batch``, ``train_windows``, ``checkpoint``); None = one pass.
         bidirectional: cross_attention only: image tokens also attend to the clinical tokens.
@@ -53,11 +58,11 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
     kwargs: dict[str, Any] = dict(n_outputs=n_outputs, dim=dim, heads=heads, layers=layers, dropout=dropout)
     if cls.uses_clinical:
         kwargs["feature_specs"] = feature_specs
-    if cls is F.ClinicalOnly:
+    if cls in (F.ClinicalOnly, F.CrossAttentionFusion):
         kwargs["clinical_encoder"] = clinical_encoder
     if cls is F.CrossAttentionFusion:
         kwargs.update(windows=windows, bidirectional=bidirectional)
     if cls.uses_image:
-        extra = 2 * len(feature_specs) if cls is F.EarlyFusion else 0
+        extra = F.EarlyFusion.extra_channels(len(feature_specs)) if cls is F.EarlyFusion else 0
         kwargs["encoder"] = create_encoder(encoder, in_channels=in_channels + extra, widths=widths)
     return cls(**kwargs)

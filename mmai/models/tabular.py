@@ -144,10 +144,13 @@ class ClinicalMLP(nn.Module):
 class ClinicalTransformer(nn.Module):
     """FT-Transformer encoder: tokens + a [CLS] token -> self-attention -> the [CLS] output.
 
+    The clinical-only model and the clinical path of the cross-attention fusion are both this
+    encoder (see :func:`build_clinical_encoder`).
+
     Args:
         feature_specs: from ``ClinicalPreprocessor.feature_specs``.
         dim: token width (divisible by ``heads``).
-        heads, layers, dropout: transformer settings.
+        heads, layers, dropout: transformer settings (pre-norm, GELU, feed-forward width 2 * dim).
 
     Attributes:
         dim: output width. num_tokens: F (tokens before the [CLS] token is added).
@@ -156,14 +159,16 @@ class ClinicalTransformer(nn.Module):
     def __init__(self, feature_specs: Sequence[FeatureSpec], dim: int, heads: int = 4, layers: int = 1,
                  dropout: float = 0.1) -> None:
         super().__init__()
-        if dim % heads:
+        if heads < 1 or dim % heads:
             raise ConfigError(f"ClinicalTransformer dim ({dim}) must be divisible by heads ({heads})")
+        if layers < 1:
+            raise ConfigError(f"ClinicalTransformer needs layers >= 1, got {layers}")
         self.tokenizer = FeatureTokenizer(feature_specs, dim)
         self.dim = dim
         self.num_tokens = self.tokenizer.num_tokens
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout,
-                                           batch_first=True, norm_first=True)
+                                           batch_first=True, norm_first=True, activation="gelu")
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -172,3 +177,17 @@ class ClinicalTransformer(nn.Module):
         tokens = self.tokenizer(values, mask)                              # (B, F, dim)
         x = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], 1)   # (B, 1 + F, dim)
         return self.norm(self.encoder(x)[:, 0])                            # (B, dim)
+
+
+CLINICAL_ENCODERS = ("tokens", "mlp")
+
+
+def build_clinical_encoder(kind: str, feature_specs: Sequence[FeatureSpec], dim: int, heads: int = 4,
+                           layers: int = 1, dropout: float = 0.1) -> ClinicalTransformer | ClinicalMLP:
+    """The clinical encoder named by ``model.clinical_encoder``: ``tokens`` (:class:`ClinicalTransformer`)
+    or ``mlp`` (:class:`ClinicalMLP`). Both map (values (B, F), mask (B, F)) -> (B, dim)."""
+    if kind == "tokens":
+        return ClinicalTransformer(feature_specs, dim, heads=heads, layers=layers, dropout=dropout)
+    if kind == "mlp":
+        return ClinicalMLP(feature_specs, dim, dropout=dropout)
+    raise ConfigError(f"model.clinical_encoder = {kind!r} is not allowed; choose one of {list(CLINICAL_ENCODERS)}")

@@ -10,7 +10,7 @@ import torch
 from mmai.clinical.preprocess import ClinicalPreprocessor, FeatureSpec
 from mmai.clinical.schema import ClinicalSchema
 from mmai.errors import ConfigError
-from mmai.models.tabular import ClinicalMLP, ClinicalTransformer, FeatureTokenizer
+from mmai.models.tabular import ClinicalMLP, ClinicalTransformer, FeatureTokenizer, build_clinical_encoder
 
 SPECS = [FeatureSpec("age", "numeric"), FeatureSpec("site", "categorical", 4),
          FeatureSpec("bmi", "numeric"), FeatureSpec("stage", "categorical", 3)]
@@ -94,6 +94,25 @@ def test_constructor_errors():
         ClinicalTransformer(SPECS, 10, heads=4)
     with pytest.raises(ConfigError, match="dropout"):
         ClinicalMLP(SPECS, 8, dropout=1.5)
+    with pytest.raises(ConfigError, match="layers >= 1"):
+        ClinicalTransformer(SPECS, 8, heads=2, layers=0)
+    with pytest.raises(ConfigError, match=r"clinical_encoder = 'gbm' is not allowed; choose one of \['tokens', 'mlp'\]"):
+        build_clinical_encoder("gbm", SPECS, 8)
+
+
+def test_clinical_only_model_is_the_clinical_transformer():
+    """One implementation: the clinical-only model's encoder is build_clinical_encoder's (a
+    ClinicalTransformer for ``tokens``, a ClinicalMLP for ``mlp``), and its output is that
+    encoder's output through its head."""
+    from mmai.models.registry import create_model
+
+    for kind, cls in (("tokens", ClinicalTransformer), ("mlp", ClinicalMLP)):
+        assert isinstance(build_clinical_encoder(kind, SPECS, 8, heads=2), cls)
+        model = create_model("clinical_only", n_outputs=1, feature_specs=SPECS, dim=8, heads=2,
+                             clinical_encoder=kind).eval()
+        assert isinstance(model.clinical, cls)
+        values, mask = batch()
+        torch.testing.assert_close(model(None, torch.ones(6), values, mask), model.head(model.clinical(values, mask)))
 
 
 def test_end_to_end_missing_vs_imputed_row_differs_only_through_the_mask():

@@ -18,8 +18,11 @@ ROI = (32, 32, 32)
 def model(windows=None, bidirectional=False, seed=0, **kw):
     torch.manual_seed(seed)
     w = None if windows is False else {"roi_size": list(ROI), "overlap": 0.25, "batch": 2, **(windows or {})}
-    return create_model("cross_attention", n_outputs=1, feature_specs=SPECS, windows=w,
-                        bidirectional=bidirectional, **KW, **kw).eval()
+    m = create_model("cross_attention", n_outputs=1, feature_specs=SPECS, windows=w,
+                     bidirectional=bidirectional, **KW, **kw).eval()
+    with torch.no_grad():  # as after training: the fused (image) term starts at exactly 0 (docs/models.md)
+        torch.nn.init.normal_(m.head.fc.weight, std=0.5)
+    return m
 
 
 def inputs(b=2, size=(40, 48, 36), seed=0):
