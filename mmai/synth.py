@@ -160,16 +160,23 @@ def phantom_origin_lps() -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------- cohort
 
 
-def sample_cohort(spec: SynthSpec) -> pd.DataFrame:
-    """The cohort table (no images yet): clinical values (with missing cells), outcome, truth."""
-    rng = np.random.default_rng(spec.seed)
-    n = spec.n
+def sample_clinical(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
+    """The synthetic clinical columns, drawn in this order from ``rng`` (every cohort kind uses
+    the same draws): age, sex, smoking, diabetes, crp, bmi; (n,) each."""
     age = np.clip(rng.normal(62, 10, n), 30, 90).round(0)
     sex = rng.choice(["F", "M"], n)
     smoking = rng.choice(np.array(SMOKING), n, p=[0.45, 0.30, 0.25])
     diabetes = (rng.random(n) < 0.25).astype(int)
     crp = np.exp(rng.normal(np.log(5.0), 0.8, n)).round(2)
     bmi = rng.normal(27, 4, n).round(1)
+    return age, sex, smoking, diabetes, crp, bmi
+
+
+def sample_cohort(spec: SynthSpec) -> pd.DataFrame:
+    """The cohort table (no images yet): clinical values (with missing cells), outcome, truth."""
+    rng = np.random.default_rng(spec.seed)
+    n = spec.n
+    age, sex, smoking, diabetes, crp, bmi = sample_clinical(rng, n)
     radius = np.cbrt(3.0 * rng.uniform(V_MIN, V_MAX, n) / (4.0 * np.pi))
     lin = true_logit(radius, age, smoking, crp, diabetes)
     df = pd.DataFrame({

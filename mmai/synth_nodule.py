@@ -31,7 +31,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mmai.errors import ConfigError
-from mmai.synth import CLINICAL_COLUMNS, SMOKING, bayes_metric, clinical_score
+from mmai.synth import CLINICAL_COLUMNS, bayes_metric, clinical_score, sample_clinical
 from mmai.utils import atomic_write_json
 
 SHAPE = (128, 112, 96)
@@ -116,12 +116,7 @@ def make_nodule_phantom(rng: np.random.Generator, radius_mm: float, calcified: b
 def sample_nodule_cohort(n: int, seed: int, missing_rate: float = 0.10, test_fraction: float = 0.25) -> pd.DataFrame:
     """The cohort table (no images): clinical values (with missing cells), calcification, outcome, truth."""
     rng = np.random.default_rng([seed, 7])
-    age = np.clip(rng.normal(62, 10, n), 30, 90).round(0)
-    sex = rng.choice(["F", "M"], n)
-    smoking = rng.choice(np.array(SMOKING), n, p=[0.45, 0.30, 0.25])
-    diabetes = (rng.random(n) < 0.25).astype(int)
-    crp = np.exp(rng.normal(np.log(5.0), 0.8, n)).round(2)
-    bmi = rng.normal(27, 4, n).round(1)
+    age, sex, smoking, diabetes, crp, bmi = sample_clinical(rng, n)
     radius = rng.uniform(R_MIN, R_MAX, n)
     calcified = rng.random(n) < 0.5
     lin = true_logit(calcified, clinical_score(age, smoking, crp, diabetes))

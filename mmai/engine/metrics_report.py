@@ -119,45 +119,10 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
     out: dict[str, Any] = {"kind": kind, "undefined": {}, "n_boot_skipped": {}}
     kw: dict[str, Any] = {"n_boot": int(n_boot), "seed": int(seed), "alpha": float(alpha)}
     fill_kw: dict[str, Any] = {**kw, "groups": groups}
-    if kind in ("binary", "multiclass"):
-        P = np.asarray(prob, dtype=float)
-        if kind == "binary":
-            if P.ndim == 2 and P.shape[1] == 2:
-                P = P[:, 1]
-            yy = _encode(y, classes, 2)
-            p = _probs(P, yy.size, "prob", check_range=True)
-            yp = (p >= 0.5).astype(float) if pred is None else _encode(pred, classes, 2, "pred")
-            out.update(n=int(yy.size), n_pos=int(yy.sum()), threshold=0.5 if pred is None else None)
-            if classes is not None:
-                out["classes"], out["positive_class"] = [_key(c) for c in classes], _key(classes[1])
-            for name, fn in (("auroc", auroc), ("auprc", auprc), ("brier", brier)):
-                _fill(out, name, fn, (yy, p), stratify=yy, **fill_kw)
-            out["ece"] = ece(yy, p)  # no CI: ECE is biased upward, its bootstrap often lies above it
-            _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yy, **fill_kw)
-            out["calibration"] = calibration_curve(yy, p)
-        else:
-            yy0 = np.asarray(y)
-            P = _matrix(P, yy0.shape[0] if yy0.ndim == 1 else -1, "prob")
-            k = P.shape[1]
-            yy = _encode(y, classes, k) if classes is not None else _class_index(y, k).astype(float)
-            bad = np.flatnonzero(np.abs(P.sum(1) - 1) > 1e-3)
-            if bad.size:
-                raise MetricError(f"prob rows must sum to 1 (softmax); row {bad[0]} sums to {P[bad[0]].sum():.4g}")
-            yp = P.argmax(1).astype(float) if pred is None else _encode(pred, classes, k, "pred")
-            names = [_key(c) for c in classes] if classes is not None else [str(i) for i in range(k)]
-            yi = yy.astype(np.int64)
-            out.update(n=int(yy.size), classes=names,
-                       n_per_class={c: int((yi == i).sum()) for i, c in enumerate(names)})
-            _fill(out, "auroc", auroc, (yi, P), stratify=yi, **fill_kw)
-            per = {}
-            for i, c in enumerate(names):
-                try:
-                    per[c] = _num(auroc((yi == i).astype(float), P[:, i]))
-                except UndefinedMetricError:
-                    per[c] = None
-            out["auroc_per_class"] = per
-            _fill(out, "brier", brier, (yi, P), stratify=yi, **fill_kw)
-            _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yi, **fill_kw)
+    if kind == "binary":
+        _binary_metrics(out, y, prob, pred, classes, fill_kw)
+    elif kind == "multiclass":
+        _multiclass_metrics(out, y, prob, pred, classes, fill_kw)
     elif kind == "regression":
         yy = _vec(y, "y")
         pp = _vec(pred, "pred", yy.size)
@@ -172,3 +137,49 @@ def compute_metrics(kind: str, *, y: Any = None, prob: Any = None, pred: Any = N
     if groups is not None:
         out["bootstrap_unit"] = "group"
     return out
+
+
+def _binary_metrics(out: dict[str, Any], y: Any, prob: Any, pred: Any, classes: Sequence[Any] | None,
+                    fill_kw: dict[str, Any]) -> None:
+    """AUROC, AUPRC, Brier (with CIs), ECE, balanced accuracy and the calibration curve into ``out``."""
+    P = np.asarray(prob, dtype=float)
+    if P.ndim == 2 and P.shape[1] == 2:
+        P = P[:, 1]
+    yy = _encode(y, classes, 2)
+    p = _probs(P, yy.size, "prob", check_range=True)
+    yp = (p >= 0.5).astype(float) if pred is None else _encode(pred, classes, 2, "pred")
+    out.update(n=int(yy.size), n_pos=int(yy.sum()), threshold=0.5 if pred is None else None)
+    if classes is not None:
+        out["classes"], out["positive_class"] = [_key(c) for c in classes], _key(classes[1])
+    for name, fn in (("auroc", auroc), ("auprc", auprc), ("brier", brier)):
+        _fill(out, name, fn, (yy, p), stratify=yy, **fill_kw)
+    out["ece"] = ece(yy, p)  # no CI: ECE is biased upward, its bootstrap often lies above it
+    _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yy, **fill_kw)
+    out["calibration"] = calibration_curve(yy, p)
+
+
+def _multiclass_metrics(out: dict[str, Any], y: Any, prob: Any, pred: Any, classes: Sequence[Any] | None,
+                        fill_kw: dict[str, Any]) -> None:
+    """Macro AUROC (+ per class), Brier and balanced accuracy into ``out``."""
+    P = np.asarray(prob, dtype=float)
+    yy0 = np.asarray(y)
+    P = _matrix(P, yy0.shape[0] if yy0.ndim == 1 else -1, "prob")
+    k = P.shape[1]
+    yy = _encode(y, classes, k) if classes is not None else _class_index(y, k).astype(float)
+    bad = np.flatnonzero(np.abs(P.sum(1) - 1) > 1e-3)
+    if bad.size:
+        raise MetricError(f"prob rows must sum to 1 (softmax); row {bad[0]} sums to {P[bad[0]].sum():.4g}")
+    yp = P.argmax(1).astype(float) if pred is None else _encode(pred, classes, k, "pred")
+    names = [_key(c) for c in classes] if classes is not None else [str(i) for i in range(k)]
+    yi = yy.astype(np.int64)
+    out.update(n=int(yy.size), classes=names, n_per_class={c: int((yi == i).sum()) for i, c in enumerate(names)})
+    _fill(out, "auroc", auroc, (yi, P), stratify=yi, **fill_kw)
+    per = {}
+    for i, c in enumerate(names):
+        try:
+            per[c] = _num(auroc((yi == i).astype(float), P[:, i]))
+        except UndefinedMetricError:
+            per[c] = None
+    out["auroc_per_class"] = per
+    _fill(out, "brier", brier, (yi, P), stratify=yi, **fill_kw)
+    _fill(out, "balanced_accuracy", balanced_accuracy, (yy, yp), stratify=yi, **fill_kw)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmai.models.attention import CrossAttentionBlock
 from mmai.models.heads import Head
 from mmai.models.image_encoders import ImageEncoder
 from mmai.models.image_tokens import ImageToClinical, WindowTokenizer
@@ -118,25 +119,6 @@ class ClinicalOnly(MultimodalModel):
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         return _with_aux(self.head(self.clinical(clinical, clinical_mask)), return_aux)
-
-
-class CrossAttentionBlock(nn.Module):
-    """Queries attend to a context (pre-norm), then a feed-forward layer, both residual."""
-
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm_ff = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
-
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_pad: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        kv_n = self.norm_kv(kv)
-        out, weights = self.attn(self.norm_q(q), kv_n, kv_n, key_padding_mask=kv_pad, need_weights=True)
-        q = q + out  # (B, Q, D)
-        return q + self.ff(self.norm_ff(q)), weights  # weights: (B, Q, K) averaged over heads
 
 
 class CrossAttentionFusion(MultimodalModel):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmai.models.attention import CrossAttentionBlock
 from mmai.models.windows import (
     WindowLayout,
     cell_centres_voxel,
@@ -167,7 +168,7 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-class ImageToClinical(nn.Module):
+class ImageToClinical(CrossAttentionBlock):
     """The reverse direction of the cross-attention: image tokens (queries) attend to the
     [CLS; clinical] tokens (keys/values), pre-norm, then a feed-forward layer, both residual.
 
@@ -176,20 +177,8 @@ class ImageToClinical(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm_ff = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
-        last: Any = self.ff[-1]
-        for lin in (self.attn.out_proj, last):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        super().__init__(dim, heads, dropout, zero_init=True)
 
-    def forward(self, img: torch.Tensor, clin: torch.Tensor) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, clin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Image tokens (B, N, D) attend to clinical tokens (B, Q, D) -> updated image tokens (B, N, D)."""
-        kv = self.norm_kv(clin)
-        out, _ = self.attn(self.norm_q(img), kv, kv, need_weights=False)
-        img = img + out  # (B, N, D)
-        return img + self.ff(self.norm_ff(img))
+        return super().forward(img, clin, need_weights=False)[0]
