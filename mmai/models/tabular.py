@@ -175,7 +175,7 @@ class ClinicalTransformer(nn.Module):
     def forward(self, values: Tensor, mask: Tensor) -> Tensor:
         """Args: values (B, F), mask (B, F). Returns: (B, dim)."""
         tokens = self.tokenizer(values, mask)                              # (B, F, dim)
-        x = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], 1)   # (B, 1 + F, dim)
+        x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1)  # (B, 1 + F, dim) (shape: export-safe)
         return self.norm(self.encoder(x)[:, 0])                            # (B, dim)
 
 
