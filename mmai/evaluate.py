@@ -106,13 +106,15 @@ def _numeric(df: pd.DataFrame, col: str, source: str) -> pd.Series:
 
 def _targets(man: pd.DataFrame, kind: str, classes: list[str], target: str, time: str, event: str,
              source: str) -> pd.DataFrame:
-    """Manifest -> frame indexed by case_id with y (or time, event) and a ``has_target`` flag."""
+    """Manifest -> frame indexed by case_id with y (or time, event), a ``has_target`` flag and the
+    ``patient`` of each case (patient_id, or the case_id without one: the bootstrap unit)."""
     need = [time, event] if kind == "survival" else [target]
     missing = [c for c in need if c not in man.columns]
     if missing:
         raise ManifestError(f"{source}: no {' / '.join(repr(c) for c in missing)} column for a {kind} "
                             f"evaluation (columns: {list(man.columns)})")
     out = pd.DataFrame(index=man["case_id"])
+    out["patient"] = (man["patient_id"].astype(str) if "patient_id" in man.columns else man["case_id"].astype(str)).to_numpy()
     if kind == "survival":
         out["time"] = _numeric(man, time, source).to_numpy()
         ev = _numeric(man, event, source)
@@ -268,9 +270,11 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
 
 
 def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    """Metrics of the joined rows; the bootstrap resamples patients when one has several cases."""
+    groups = use["patient"].to_numpy() if use["patient"].duplicated().any() else None
     if kind == "survival":
         out = compute_metrics(kind, time=use["time"].to_numpy(), event=use["event"].to_numpy(),
-                              risk=use["risk"].to_numpy(), n_boot=n_boot, seed=seed)
+                              risk=use["risk"].to_numpy(), n_boot=n_boot, seed=seed, groups=groups)
         horizons = horizon_columns(list(use.columns), "predictions")
         if horizons:
             from mmai.engine.survival import horizon_metrics
@@ -281,14 +285,14 @@ def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed
         return out
     if kind == "regression":
         return compute_metrics(kind, y=use["y"].to_numpy(), pred=use["prediction"].to_numpy(),
-                                 n_boot=n_boot, seed=seed)
+                               n_boot=n_boot, seed=seed, groups=groups)
     P = use[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
     pred = None
     lp = use["label_pred"]
     if lp.notna().all() and lp.isin(classes).all():
         pred = lp.to_numpy()  # the model's own decisions (its threshold), when they are class labels
     out = compute_metrics(kind, y=use["y"].to_numpy(), prob=P[:, 1] if kind == "binary" else P,
-                            pred=pred, classes=classes, n_boot=n_boot, seed=seed)
+                          pred=pred, classes=classes, n_boot=n_boot, seed=seed, groups=groups)
     out["decision"] = "prediction column" if pred is not None else (
         "prob >= 0.5" if kind == "binary" else "argmax of prob")
     return out

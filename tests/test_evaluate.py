@@ -315,3 +315,29 @@ def test_html_report_renders_in_chromium_with_its_images(tmp_path):
     (tmp_path / "r" / "km_cox.png").unlink()
     got, _ = _render(tmp_path / "r")
     assert dict(got["images"]) == {"calibration_t.png": True, "km_cox.png": False}
+
+
+def test_bootstrap_resamples_patients_when_a_patient_has_several_cases(tmp_path):
+    """Two studies per patient: the CI is computed over patients (report says so), and is wider
+    than the case-level CI would be, since a patient's two cases move together."""
+    from mmai.evaluate import evaluate_frame
+
+    rng = np.random.default_rng(0)
+    n_pat = 60
+    y_pat = rng.random(n_pat) < 0.5
+    p_pat = np.clip(0.5 + (y_pat - 0.5) * 0.4 + rng.normal(0, 0.25, n_pat), 0.01, 0.99)
+    rows, preds = [], []
+    for i in range(n_pat):
+        for k in range(2):
+            cid = f"p{i}_s{k}"
+            rows.append({"case_id": cid, "patient_id": f"p{i}", "label": int(y_pat[i])})
+            preds.append({"case_id": cid, "prob_0": 1 - p_pat[i], "prob_1": p_pat[i], "prediction": int(p_pat[i] >= 0.5)})
+    man, pred = pd.DataFrame(rows), pd.DataFrame(preds)
+    grouped = evaluate_frame(pred, man, n_boot=400, seed=0)
+    single = evaluate_frame(pred, man.drop(columns="patient_id"), n_boot=400, seed=0)
+    mg = next(iter(grouped["models"].values()))["metrics"]
+    ms = next(iter(single["models"].values()))["metrics"]
+    assert mg["bootstrap_unit"] == "group" and "bootstrap_unit" not in ms
+    assert mg["auroc"] == pytest.approx(ms["auroc"])
+    width = lambda m: m["auroc_ci"][1] - m["auroc_ci"][0]  # noqa: E731
+    assert width(mg) > 1.2 * width(ms)
