@@ -208,9 +208,10 @@ class Predictor:
         if not keep:
             return []
         image = None
-        if self.uses_image:
+        if self.uses_image and self.config.image is not None:
             vols = [img for i in keep if (img := images[i]) is not None]  # (C, D, H, W) each, sizes may differ
-            image = torch.from_numpy(np.stack(pad_to_common(vols, background_value(self.config.image)))).to(self.device)
+            fill = background_value(self.config.image)
+            image = torch.from_numpy(np.stack(pad_to_common(vols, fill))).to(self.device)
         extra = ({"affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in keep]), dtype=torch.float32,
                                          device=self.device)} if getattr(self.model, "accepts_affine", False) else {})
         out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
