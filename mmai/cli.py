@@ -101,12 +101,14 @@ def _add_salt(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
+    from mmai.io.convert import read_pipeline_image
     from mmai.io.deid import DEFAULT_SALT
     from mmai.io.dicom_scan import scan_tree
 
     salt = DEFAULT_SALT if a.include_phi else _salt()  # --include-phi makes no pseudonyms
+    _, policy = read_pipeline_image(Path(a.config) if a.config else None)  # image.dicom tolerances
     df = scan_tree(Path(a.dicom_root), workers=a.workers, progress=not a.quiet, include_phi=a.include_phi,
-                   salt=salt)
+                   salt=salt, policy=policy)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
@@ -256,6 +258,8 @@ def _parser_scan(sub: Any) -> None:
                        "(stack) with its problems. Non-DICOM files are skipped and listed.")
     s.add_argument("dicom_root", help="folder to walk (recursively)")
     _add_out(s, "file", "index CSV to write")
+    s.add_argument("--config", help="pipeline YAML whose image.dicom tolerances judge the stacks (the "
+                   "loader's; default: the built-in ones)")
     _add_workers(s, "parallel header readers")
     s.add_argument("--include-phi", action="store_true",
                    help="write the real PatientID (default: a pseudonym p-<hash>; see docs/dicom_scan.md)")

@@ -206,3 +206,19 @@ def test_convert_reads_the_yaml_policy(tmp_path: Path) -> None:
     assert side["geometry"] == "irregular"
     _, _, side = _converted(tmp_path / "in", tmp_path / "out2", config_path=cfg, uneven="resample")
     assert side["geometry"] == "resampled"  # the flag wins over the YAML
+
+
+def test_cli_scan_reads_the_yaml_tolerances(tmp_path: Path) -> None:
+    """`mmai scan --config` judges stacks with the pipeline's image.dicom tolerances, as the loader
+    of that pipeline does: the GE-like 1.4% jitter is 'uneven spacing' by default and nothing
+    under a 5% spacing tolerance."""
+    from mmai.cli import main
+
+    dc.ge_jitter_series(tmp_path / "in" / "s")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("image:\n  dicom: {spacing_tolerance: 0.05}\n")
+    assert main(["scan", str(tmp_path / "in"), "--out", str(tmp_path / "a.csv"), "-q"]) == 0
+    assert main(["scan", str(tmp_path / "in"), "--out", str(tmp_path / "b.csv"), "-q", "--config", str(cfg)]) == 0
+    (a,), (b,) = (list(csv.DictReader((tmp_path / n).open())) for n in ("a.csv", "b.csv"))
+    assert "uneven spacing" in a["problems"]
+    assert "uneven spacing" not in b["problems"]
