@@ -30,6 +30,7 @@ from mmai.config import PipelineConfig
 from mmai.engine.checkpoint import CheckpointStore
 from mmai.engine.distributed import DistInfo, all_sum, average_batchnorm, broadcast_flag, maybe_no_sync
 from mmai.engine.ema import EMA
+from mmai.engine.engine import Engine
 from mmai.engine.runlog import RunLog
 from mmai.engine.state import TrainState, load_checkpoint, save_checkpoint
 from mmai.engine.trainer import (
@@ -49,41 +50,6 @@ from mmai.models.heads import task_loss
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclasses.dataclass
-class Engine:
-    """What one training run is made of. ``model`` may be DDP-wrapped; ``raw`` is the model
-    inside; ``eval_model`` is what is validated and kept (the EMA weights when train.ema > 0)."""
-
-    model: torch.nn.Module
-    raw: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    ema: EMA | None
-    amp: torch.dtype | None
-    scaler: torch.amp.GradScaler | None
-    train_loader: DataLoader
-    val_loader: DataLoader | None
-    generator: torch.Generator | None
-    train_ds: Any
-    info: DistInfo
-    config: PipelineConfig
-    kind: str
-    classes: list[str]
-    last_lr: float = 0.0
-    params: list[torch.nn.Parameter] = dataclasses.field(default_factory=list)  # clipped each step
-
-    def __post_init__(self) -> None:
-        self.params = [p for p in self.raw.parameters() if p.requires_grad]
-
-    @property
-    def eval_model(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.raw
-
-    @property
-    def device(self) -> str:
-        return self.info.device
 
 
 def lr_schedule(config: PipelineConfig, steps_per_epoch: int) -> Any:

@@ -21,7 +21,7 @@ from mmai.engine.distributed import gather_objects
 from mmai.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from mmai.engine.loop import Engine
+    from mmai.engine.engine import Engine
 
 FORMAT = 2
 
