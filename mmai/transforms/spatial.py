@@ -48,7 +48,7 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return gaussian_1d(torch.tensor(float(sigma), dtype=torch.float64), truncated=4.0, normalize=True)
 
 
-def smooth_axis_(x: torch.Tensor, kernel: Sequence[float], axis: int, slab_voxels: int = SLAB_VOXELS) -> torch.Tensor:
+def smooth_axis_(x: torch.Tensor, kernel: Sequence[float] | torch.Tensor, axis: int, slab_voxels: int = SLAB_VOXELS) -> torch.Tensor:
     """In place: correlate a (C, I, J, K) float tensor with a 1-D kernel along ``axis`` (1, 2 or 3), borders
     replicated (scipy ``mode="nearest"``).
 
