@@ -1,14 +1,15 @@
 """Full-resolution prediction throughput: mmai's window encoding vs MONAI's sliding_window_inference.
 
 One synthetic chest-CT-like study, 512 x 512 x 400 voxels at 0.7 x 0.7 x 1.25 mm (int16 HU), is
-preprocessed with a chain equivalent to ``pipelines/ct_chest.yaml`` (built here with MONAI, since
-that YAML lives on another branch: RAS, body crop, Gaussian anti-aliasing then 1.5 mm isotropic resampling,
-lung [-1000, 400] and mediastinal [-160, 240] HU windows as two channels (body: above -500 HU),
-padded to a multiple of 32 voxels). The same encoder then turns the volume into tokens two ways,
-in one process, each after one warm-up pass:
+written as a NIfTI file in a temporary folder and read and preprocessed by the REAL pipeline:
+``load_config("pipelines/ct_chest.yaml")`` -> :func:`mmai.transforms.pipelines.preprocess_transforms`
+(mmai's reader, RAS, ``AntiAliasd``, 1.5 mm isotropic, body mask, lung [-1000, 400] and mediastinal
+[-160, 240] HU windows as two channels, body crop, pad to a multiple of 32 with the FOV guard).
+The model is built by ``create_model`` with the pipeline's channels and ``model.windows`` (the
+pipeline's own, else ``--roi`` / ``--overlap`` / ``--window-batch``). The same encoder then turns the
+volume into tokens two ways, in one process, each after one warm-up pass:
 
-- ``mmai``: ``CrossAttentionFusion.image_tokens`` with ``model.windows`` (windows of ``--roi``
-  voxels, ``--overlap``, ``--window-batch`` windows per encoder call), i.e. what ``mmai predict``
+- ``mmai``: ``CrossAttentionFusion.image_tokens`` with ``model.windows``, i.e. what ``mmai predict``
   runs before the (cheap) fusion;
 - ``monai_swi``: ``monai.inferers.sliding_window_inference`` with the encoder's
   ``forward_features`` as the predictor (same roi, overlap and batch, gaussian blending of the
@@ -17,27 +18,40 @@ in one process, each after one warm-up pass:
   and the window batches in channels-last layout, its one implementation difference that matters here.
 
 ``mmai_s`` / ``monai_swi_s``: median seconds of ``--repeats`` runs of the encoding step;
-``speedup`` = monai / mmai; ``studies_per_s`` = 1 / (preprocessing + mmai's whole model forward);
-``peak_rss_gb``: peak resident memory of the process (``resource.getrusage``). The last line is JSON.
+``speedup`` = monai / mmai; ``preprocess_s``: reading the NIfTI + the pipeline (median of
+``--repeats``); ``studies_per_s`` = 1 / (preprocess_s + mmai's whole model forward);
+``peak_rss_gb``: peak resident memory of the whole process (``resource.getrusage``), and
+``peak_rss_preprocess_gb`` the peak reached before the model was built (synthesis, file writing
+and preprocessing). The last line is JSON.
 
-    python benchmarks/predict_throughput.py [--device cuda --amp] [--repeats 3]
+    python benchmarks/predict_throughput.py [--repeats 3] [--device cuda --amp bf16]
+
+``--device cuda`` runs the preprocessing chain and the model on the GPU (``preprocess_transforms(...,
+device=...)``); ``--amp bf16`` wraps the encoding in bfloat16 autocast. Both CUDA options are
+written for, but have not been run on, a GPU (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mmai.clinical.preprocess import FeatureSpec
 from mmai.models.registry import create_model
+
+PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "ct_chest.yaml"
 
 
 def synth_ct(shape=(512, 512, 400), spacing=(0.7, 0.7, 1.25), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -65,57 +79,36 @@ def synth_ct(shape=(512, 512, 400), spacing=(0.7, 0.7, 1.25), seed: int = 0) -> 
     return vol, np.diag([*spacing, 1.0])
 
 
-class AntiAlias:
-    """Separable Gaussian before downsampling, sigma = half the zoom factor (input voxels), replicated
-    borders: ct_chest.yaml's ``antialias: true``. Done in place with SciPy, one axis at a time, so the
-    peak memory is one float32 copy of the volume (MONAI's ``GaussianSmooth`` took 4.4 GB and 28 s here)."""
-
-    def __init__(self, current, target) -> None:  # noqa: ANN001
-        self.sigma = [0.5 * t / c if t > c else 0.0 for c, t in zip(current, target, strict=True)]
-
-    def __call__(self, x):  # noqa: ANN001, ANN204
-        from scipy.ndimage import gaussian_filter1d
-
-        arr = x.as_tensor().numpy() if hasattr(x, "as_tensor") else x.numpy()
-        for axis, s in enumerate(self.sigma):
-            if s > 0:
-                gaussian_filter1d(arr, s, axis=axis + 1, mode="nearest", truncate=4.0, output=arr)
-        return x
+def rss_gb() -> float:
+    """Peak resident memory of this process so far (GB; Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def ct_chest_chain(spacing):  # noqa: ANN001, ANN201
-    """MONAI chain equivalent to pipelines/ct_chest.yaml (see the module docstring)."""
-    from monai.transforms import (
-        Compose,
-        CropForeground,
-        DivisiblePad,
-        EnsureType,
-        Lambda,
-        Orientation,
-        ScaleIntensityRange,
-        Spacing,
-    )
+def write_nifti(folder: Path) -> Path:
+    """The synthetic study as an int16 NIfTI (what a converted CT series looks like on disk)."""
+    import nibabel as nib
 
-    def two_windows(x):  # noqa: ANN001, ANN202
-        return torch.cat([ScaleIntensityRange(-1000, 400, 0.0, 1.0, clip=True)(x),
-                          ScaleIntensityRange(-160, 240, 0.0, 1.0, clip=True)(x)], dim=0)
-
-    return Compose([Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-                    CropForeground(select_fn=lambda x: x > -500, margin=2),  # on int16: crop before the copies
-                    EnsureType(data_type="tensor", dtype=torch.float32), AntiAlias(spacing, (1.5, 1.5, 1.5)),
-                    Spacing(pixdim=(1.5, 1.5, 1.5), mode="bilinear", padding_mode="border"),
-                    Lambda(two_windows), DivisiblePad(k=32)])
+    vol, affine = synth_ct()
+    path = folder / "ct.nii"  # uncompressed: the timing is the pipeline, not gzip
+    img = nib.Nifti1Image(vol, affine)
+    img.set_data_dtype(np.int16)
+    nib.save(img, str(path))
+    return path
 
 
-def preprocess(vol: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
-    from monai.data import MetaTensor
+def preprocess(path: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Read + preprocess with pipelines/ct_chest.yaml -> ((1, C, D, H, W) float32, (1, 4, 4) affine, dict)."""
+    from mmai.config import load_config
+    from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
 
-    t0 = time.perf_counter()
-    img = MetaTensor(torch.from_numpy(vol)[None], affine=torch.as_tensor(affine))
+    cfg = load_config(str(PIPELINE))
+    image_cfg = dataclasses.replace(cfg.image, cache="memory", cache_dir=None)  # time the chain, not a cache
+    chain = preprocess_transforms(image_cfg, device=device)
     with torch.no_grad():
-        out = ct_chest_chain(np.diag(affine)[:3])(img)
-    x = out.as_tensor()[None].contiguous()  # (1, 2, D, H, W)
-    return x, out.affine.float()[None], time.perf_counter() - t0
+        out = apply_chain(chain, {KEY: str(path)})
+    x = out[KEY]
+    info = {"fov_lost_fraction": float(out.get("fov_lost_fraction", 0.0))}
+    return x.as_tensor()[None].contiguous(), x.affine.float()[None], info
 
 
 def timed(fns, repeats: int) -> list[float]:  # noqa: ANN001
@@ -132,29 +125,61 @@ def timed(fns, repeats: int) -> list[float]:  # noqa: ANN001
     return [statistics.median(t) for t in times]
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def _windows(roi: list[int] | None, overlap: float | None, batch: int | None) -> dict[str, Any]:
+    """``model.windows`` of the pipeline (if it sets one) with the command line's overrides."""
+    from mmai.config import WindowsConfig, load_config
+
+    w = load_config(str(PIPELINE)).model.windows or WindowsConfig(roi_size=(96, 96, 96))
+    w = dataclasses.replace(w, **{k: v for k, v in (("roi_size", tuple(roi) if roi else None),
+                                                     ("overlap", overlap), ("batch", batch)) if v is not None})
+    return dataclasses.asdict(w)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
-    ap.add_argument("--roi", type=int, nargs=3, default=[96, 96, 96])
-    ap.add_argument("--overlap", type=float, default=0.25)
-    ap.add_argument("--window-batch", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA path untested, see docs)")
+    ap.add_argument("--amp", nargs="?", const="bf16", default="none", choices=["none", "bf16"],
+                    help="bf16: bfloat16 autocast of the encoding (CUDA; untested)")
+    ap.add_argument("--roi", type=int, nargs=3, default=None, help="window voxels (default: pipeline's, else 96^3)")
+    ap.add_argument("--overlap", type=float, default=None)
+    ap.add_argument("--window-batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args(argv)
     from monai.inferers import sliding_window_inference
 
+    from mmai.transforms.pipelines import image_channels
+
     dev = torch.device(a.device)
-    vol, affine = synth_ct()
-    x, aff, prep_s = preprocess(vol, affine)
-    del vol
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: CUDA is not available here; allowed: cpu")
+    amp = a.amp == "bf16"
+    with tempfile.TemporaryDirectory(prefix="mmai_throughput_") as tmp:
+        path = write_nifti(Path(tmp))
+        rss_written = rss_gb()
+        prep_times = []
+        for _ in range(max(1, a.repeats)):
+            x = aff = None  # free the previous run's output before the next
+            t0 = time.perf_counter()
+            x, aff, info = preprocess(path, a.device)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            prep_times.append(time.perf_counter() - t0)
+    prep_s = statistics.median(prep_times)
+    rss_prep = rss_gb()
     x, aff = x.to(dev), aff.to(dev)
+    win = _windows(a.roi, a.overlap, a.window_batch)
+    roi, overlap, wbatch = list(win["roi_size"]), win["overlap"], win["batch"]
     specs = [FeatureSpec("age", "numeric"), FeatureSpec("sex", "categorical", 2)]
     torch.manual_seed(0)
-    model = create_model("cross_attention", n_outputs=1, feature_specs=specs, in_channels=2,
-                         windows={"roi_size": a.roi, "overlap": a.overlap, "batch": a.window_batch}).to(dev).eval()
+    from mmai.config import load_config
+
+    cfg = load_config(str(PIPELINE))
+    model = create_model(cfg.model.fusion, n_outputs=1, feature_specs=specs, in_channels=image_channels(cfg.image),
+                         encoder=cfg.model.encoder, widths=list(cfg.model.widths), dim=cfg.model.dim,
+                         heads=cfg.model.heads, layers=cfg.model.layers, windows=win).to(dev).eval()
     monai_net = copy.deepcopy(model.encoder)  # the same weights, as loaded (MONAI's default layout)
     clinical, mask, present = torch.zeros(1, 2, device=dev), torch.ones(1, 2, device=dev), torch.ones(1, device=dev)
-    ctx = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=a.amp)
+    ctx = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -168,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def monai_tokens() -> torch.Tensor:
         with torch.inference_mode(), ctx:
-            fmap = sliding_window_inference(x, a.roi, a.window_batch, monai_net.forward_features,
-                                            overlap=a.overlap, mode="gaussian")
+            fmap = sliding_window_inference(x, roi, wbatch, monai_net.forward_features,
+                                            overlap=overlap, mode="gaussian")
             tok = model.img_proj(fmap.flatten(2).transpose(1, 2))
         sync()
         return tok
@@ -182,11 +207,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     mmai_s, monai_s, predict_s = timed([mmai_tokens, monai_tokens, mmai_predict], a.repeats)
     n_tok = mmai_tokens().shape[1]
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"mmai_s": round(mmai_s, 3), "monai_swi_s": round(monai_s, 3), "speedup": round(monai_s / mmai_s, 3),
-              "peak_rss_gb": round(rss_kb / 2**20, 3), "studies_per_s": round(1.0 / (prep_s + predict_s), 4),
+              "peak_rss_gb": round(rss_gb(), 3), "studies_per_s": round(1.0 / (prep_s + predict_s), 4),
               "preprocess_s": round(prep_s, 3), "predict_s": round(predict_s, 3),
-              "model_grid": list(x.shape[2:]), "tokens": int(n_tok), "device": str(dev), "amp": a.amp}
+              "peak_rss_preprocess_gb": round(rss_prep, 3), "rss_after_write_gb": round(rss_written, 3),
+              "input_shape": [512, 512, 400], "model_grid": list(x.shape[2:]), "channels": int(x.shape[1]),
+              "fov_lost_fraction": info["fov_lost_fraction"], "tokens": int(n_tok), "windows": win,
+              "torch_threads": torch.get_num_threads(), "device": str(dev), "amp": a.amp,
+              "pipeline": "pipelines/ct_chest.yaml"}
     if dev.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(dev)
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.networks.layers.simplelayers import gaussian_1d, separable_filtering
+from monai.networks.layers.simplelayers import gaussian_1d
 from monai.transforms import DivisiblePad, MapTransform, ResizeWithPadOrCrop
 
 from mmai.errors import PreprocessError
@@ -40,18 +40,56 @@ def antialias_sigma(current: Sequence[float], target: Sequence[float]) -> list[f
     return [0.5 * t / c if t > c * 1.0001 else 0.0 for c, t in zip(current, target, strict=True)]
 
 
+SLAB_VOXELS = 1 << 22  # 4 Mi voxels (16 MB float32) per slab: the only working memory of the smoothing
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """(2r + 1,) float64 normalised Gaussian, truncated at 4 sigma (MONAI ``gaussian_1d``, erf-integrated)."""
+    return gaussian_1d(torch.tensor(float(sigma), dtype=torch.float64), truncated=4.0, normalize=True)
+
+
+def smooth_axis_(x: torch.Tensor, kernel: Sequence[float] | torch.Tensor, axis: int, slab_voxels: int = SLAB_VOXELS) -> torch.Tensor:
+    """In place: correlate a (C, I, J, K) float tensor with a 1-D kernel along ``axis`` (1, 2 or 3), borders
+    replicated (scipy ``mode="nearest"``).
+
+    Works in slabs cut along another axis: each slab is copied once with its replicated border and the
+    output is accumulated into ``x`` tap by tap, so the extra memory is one slab (``slab_voxels``), not
+    the copies of the whole volume that a padded ``conv3d`` makes. CPU or CUDA alike.
+    """
+    w = [float(v) for v in kernel]
+    r, n = (len(w) - 1) // 2, x.shape[axis]
+    if len(w) % 2 != 1:
+        raise ValueError(f"smooth_axis_: the kernel needs an odd length, got {len(w)}")
+    cut = 1 if axis != 1 else 2  # the outermost spatial axis that is not the smoothed one
+    step = max(1, slab_voxels // max(1, x.numel() // x.shape[cut]))
+    for start in range(0, x.shape[cut], step):
+        v = x.narrow(cut, start, min(step, x.shape[cut] - start))  # a view into x
+        edge = [r if a == axis else -1 for a in range(v.dim())]
+        padded = torch.cat([v.narrow(axis, 0, 1).expand(*edge), v, v.narrow(axis, n - 1, 1).expand(*edge)], dim=axis)
+        v.copy_(padded.narrow(axis, 0, n)).mul_(w[0])
+        for k in range(1, len(w)):
+            v.add_(padded.narrow(axis, k, n), alpha=w[k])
+    return x
+
+
 def antialias(x: torch.Tensor, current: Sequence[float], target: Sequence[float]) -> torch.Tensor:
     """Smooth a (C, I, J, K) volume before resampling from ``current`` to ``target`` spacing (mm).
 
-    Separable Gaussian (MONAI ``separable_filtering``) with replicated borders, so the edge of the
-    scan is not blended with zeros; the sum of the volume (a structure's integral) is kept.
+    Separable Gaussian (MONAI's ``gaussian_1d`` kernels, sigma = :func:`antialias_sigma`) with
+    replicated borders, so the edge of the scan is not blended with zeros; the sum of the volume
+    (a structure's integral) is kept. One float32 copy of the input is smoothed in place, one axis
+    at a time, in slabs (:func:`smooth_axis_`): on a 512 x 512 x 400 CT this takes one extra
+    volume of memory and a few seconds, where MONAI's ``separable_filtering`` (the previous
+    implementation; same result to float32 rounding) took 7.5 GB and 33 s (docs/benchmarks.md).
+    Returns a MetaTensor with the input's metadata when given one; the input is not modified.
     """
     sigma = antialias_sigma(current, target)
     if not any(sigma):
         return x
-    kernels = [gaussian_1d(torch.tensor(float(s)), truncated=4.0, normalize=True).to(x.device, torch.float32)
-               if s > 0 else torch.ones(1, device=x.device) for s in sigma]
-    out = separable_filtering(torch.as_tensor(x)[None].float(), kernels, mode="replicate")[0]
+    out = torch.as_tensor(x).to(torch.float32, copy=True)
+    for axis, s in enumerate(sigma, start=1):
+        if s > 0:
+            smooth_axis_(out, gaussian_kernel(s), axis)
     if hasattr(x, "meta"):
         from monai.data import MetaTensor
 
