@@ -3,6 +3,7 @@ out-of-fold prediction table."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ from mmai.config import PipelineConfig
 from mmai.engine.distributed import DistInfo, shard_indices
 from mmai.engine.rng import worker_init
 from mmai.models.heads import outputs_to_predictions
+
+log = logging.getLogger(__name__)
 
 
 def train_loader(ds: Dataset, batch_size: int, info: DistInfo, seed: int, num_workers: int, *,
@@ -27,8 +30,15 @@ def train_loader(ds: Dataset, batch_size: int, info: DistInfo, seed: int, num_wo
     if info.active:
         sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=info.world, rank=info.rank,
                                                                   shuffle=True, seed=seed)
+    n_rank = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
+    # a last batch of one case would break BatchNorm on small feature maps ("Expected more than 1
+    # value per channel"): that one case (a different one each epoch) waits for the next epoch
+    lone = n_rank > 1 and n_rank % batch_size == 1
+    if lone:
+        log.info("training: %d cases per epoch with batch %d; the last, single-case batch is dropped",
+                 n_rank, batch_size)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
-                        num_workers=num_workers, drop_last=False, collate_fn=collate,
+                        num_workers=num_workers, drop_last=lone, collate_fn=collate,
                         worker_init_fn=worker_init if num_workers > 0 else None,
                         persistent_workers=False, pin_memory=info.device.startswith("cuda"))
     return loader, g

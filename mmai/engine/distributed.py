@@ -67,9 +67,15 @@ def distributed_session(device: str) -> Iterator[DistInfo]:
     log.info("distributed training: rank %d of world size %d on %s", rank, world, device)
     try:
         yield DistInfo(rank, world, device)
-    finally:
+    except BaseException:
         if owner and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # no barrier: the other ranks may never arrive
+        raise
+    if owner and dist.is_initialized():
+        # every rank reaches the end (rank 0 may still be writing the run folder) before the
+        # group is torn down: a rank leaving early can abort its peers' gloo connections
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def current() -> DistInfo:
