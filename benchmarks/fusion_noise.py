@@ -38,7 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmai.config import PipelineConfig, TaskConfig  # noqa: E402
+from mmai.config import FovConfig, PipelineConfig, TaskConfig  # noqa: E402
 from mmai.demo import demo_config  # noqa: E402
 from mmai.engine.metrics import auroc, bootstrap_ci, c_index  # noqa: E402
 
@@ -72,8 +72,11 @@ def noise_cohort(folder: Path, task: str, n: int, seed: int) -> pd.DataFrame:
 def task_config(task: str, epochs: int | None, seed: int) -> PipelineConfig:
     """The demo pipeline with the task (binary label | survival time, event) and training seed."""
     cfg = demo_config(epochs)
+    # pure noise has no body outline: every voxel counts as foreground, so the demo box would "cut
+    # anatomy" (the FOV guard refuses it); the crop is deliberate here, and recorded
+    image = dataclasses.replace(cfg.image, fov=FovConfig(mode="crop")) if cfg.image is not None else None
     return cfg.replace(task=TaskConfig(kind="binary" if task == "binary" else "survival"),
-                       train=dataclasses.replace(cfg.train, seed=seed))
+                       train=dataclasses.replace(cfg.train, seed=seed), image=image)
 
 
 def metric_fn(task: str):  # noqa: ANN201
