@@ -26,16 +26,21 @@ def tiny_pipeline(tmp: Path, **model) -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
+def tiny_world(tmp: Path) -> Path:
+    """synth 24 patients -> TMP/cohort, preprocess -> TMP/pre, train -> TMP/run; the pipeline path."""
     assert main(["synth", "--out", str(tmp / "cohort"), "--n", "24", "--seed", "1", "-q"]) == 0
     pipe = tiny_pipeline(tmp)
     assert main(["preprocess", "--config", str(pipe), "--input", str(tmp / "cohort" / "manifest.csv"),
                  "--out", str(tmp / "pre"), "--workers", "2", "-q"]) == 0
     assert main(["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"),
                  "--out", str(tmp / "run"), "-q"]) == 0
-    return tmp, pipe
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    return tmp, tiny_world(tmp)
 
 
 def test_preprocess_outputs(world):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mmai.cli import main
-from tests.test_end_to_end import tiny_pipeline
+from tests.test_end_to_end import tiny_world
 
 
 @dataclass
@@ -35,10 +35,5 @@ class World:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> World:
     tmp = tmp_path_factory.mktemp("predict_world")
-    assert main(["synth", "--out", str(tmp / "cohort"), "--n", "24", "--seed", "1", "-q"]) == 0
-    pipe = tiny_pipeline(tmp)
-    assert main(["preprocess", "--config", str(pipe), "--input", str(tmp / "cohort" / "manifest.csv"),
-                 "--out", str(tmp / "pre"), "--workers", "2", "-q"]) == 0
-    assert main(["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"),
-                 "--out", str(tmp / "run"), "-q"]) == 0
+    pipe = tiny_world(tmp)
     return World(tmp=tmp, pipe=pipe, cohort=tmp / "cohort", pre=tmp / "pre", run=tmp / "run")
