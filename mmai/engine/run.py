@@ -33,7 +33,7 @@ from mmai.engine.distributed import DistInfo, distributed_session
 from mmai.engine.loop import build_engine, fit
 from mmai.engine.prepare import TargetEncoding, build_dataset, feature_specs, fit_clinical
 from mmai.engine.run_files import model_digest, write_run
-from mmai.engine.survival import write_baseline_hazard
+from mmai.engine.survival import baseline_state
 from mmai.engine.trainer import evaluate_outputs, headline, predict_outputs
 from mmai.errors import CheckpointError, ConfigError
 from mmai.io.manifest import load_manifest
@@ -129,16 +129,17 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     part_metrics, outputs = _evaluate_final(model, config, frames, evals, enc, info)
     metrics.update(part_metrics)
     _check_ranks_agree(metrics, model, info)
-    if info.is_main:
-        oof = oof_frame(config, frames["val"], outputs["val"], enc, split.name) if "val" in outputs else None
-        write_run(out_dir, config, model, model_kwargs, enc, pre, metrics, result, oof=oof, loader=train_ds.loader)
-    if kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows, saved in state.json
+    extra_state: dict[str, Any] = {}
+    if kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows, in state.json
         fit_ds = build_dataset(config, frames["train"], pre=pre, uses_image=uses_image,
                                targets=enc.encode(config, frames["train"]), loader=train_ds.loader)
         out, tgt = predict_outputs(model, shard_loader(fit_ds, tc.batch_size, info, tc.num_workers, collate=collate),
                                    info.device, None, info)
-        if info.is_main:
-            write_baseline_hazard(out_dir / "state.json", out, tgt)
+        extra_state = baseline_state(out, tgt)
+    if info.is_main:  # DONE is written last: a run folder with DONE has its complete state
+        oof = oof_frame(config, frames["val"], outputs["val"], enc, split.name) if "val" in outputs else None
+        write_run(out_dir, config, model, model_kwargs, enc, pre, metrics, result, oof=oof, loader=train_ds.loader,
+                  extra_state=extra_state)
     return metrics
 
 

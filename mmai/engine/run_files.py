@@ -32,9 +32,11 @@ def model_digest(model: torch.nn.Module) -> str:
 
 def write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, model_kwargs: dict[str, Any],
               enc: TargetEncoding, pre: Any, metrics: dict[str, Any], result: Any,
-              oof: pd.DataFrame | None = None, loader: Any = None) -> None:
+              oof: pd.DataFrame | None = None, loader: Any = None, extra_state: dict[str, Any] | None = None
+              ) -> None:
     """Write the run folder (rank 0); ``loader`` (the training ImageLoader) supplies the fitted
-    intensity statistics recorded with the image pipeline's provenance."""
+    intensity statistics recorded with the image pipeline's provenance; ``extra_state`` entries
+    (e.g. the survival baseline) go into state.json with the rest."""
     import monai
 
     import mmai
@@ -51,6 +53,7 @@ def write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, mod
         "image": None if config.image is None else run_image_state(config.image, loader),
         "best_epoch": result.best_epoch,
         "versions": {"mmai": mmai.__version__, "torch": torch.__version__, "monai": monai.__version__},
+        **(extra_state or {}),
     }
     atomic_write_json(out_dir / "state.json", state)
     atomic_write_json(out_dir / "metrics.json", {"model_id": model_id, **metrics})

@@ -16,7 +16,6 @@ training follow-up; a horizon beyond it is refused.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,24 +83,18 @@ def survival_probability(baseline: dict[str, Any], risk: Any, horizons: Any) -> 
     return np.exp(-h0[None, :] * np.exp(r))
 
 
-def write_baseline_hazard(state_path: Path, out: Any, targets: dict[str, Any]) -> None:
-    """Trainer hook: fit the Breslow baseline on the training rows' outputs and add it to state.json.
+def baseline_state(out: Any, targets: dict[str, Any]) -> dict[str, Any]:
+    """Trainer hook: the Breslow baseline of the training rows' outputs, as the run's
+    ``state.json`` entry ``{STATE_KEY: {"baseline": ..., ...}}`` (written with the rest of the state).
 
     Args:
-        state_path: the run's state.json (rewritten atomically with ``"survival": {"baseline": ...}``).
         out: (N, 1) raw model outputs (log-risk) on the training rows, without augmentation.
         targets: {"time": (N,), "event": (N,)} of the same rows.
     """
-    from mmai.engine.checkpoint import read_json
-    from mmai.utils import atomic_write_json
-
     risk = np.asarray(out, dtype=float)[:, 0]
     base = breslow_baseline(np.asarray(targets["time"]), np.asarray(targets["event"]), risk)
-    state = read_json(Path(state_path))
-    state[STATE_KEY] = {"baseline": base, "estimator": "breslow", "rows": "training"}
-    atomic_write_json(Path(state_path), state)
-    log.info("Breslow baseline hazard on %d training rows (%d events) saved in %s", base["n"], base["n_events"],
-             state_path)
+    log.info("Breslow baseline hazard on %d training rows (%d events)", base["n"], base["n_events"])
+    return {STATE_KEY: {"baseline": base, "estimator": "breslow", "rows": "training"}}
 
 
 # ----------------------------------------------------------------------------- horizon metrics
