@@ -132,8 +132,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         workers=a.workers, split_phases=a.split_phases, progress=not a.quiet, uneven=a.uneven,
         salt=_salt(),
     )
-    log.info("%s", report)
-    return 0
+    return _finish("convert", report, some_failed=bool(report.errors))
 
 
 def _cmd_preprocess(a: argparse.Namespace) -> int:
@@ -143,8 +142,7 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
         config_path=Path(a.config), input_path=Path(a.input), out_dir=Path(a.out),
         device=a.device, workers=a.workers, shard=a.shard, progress=not a.quiet,
     )
-    log.info("%s", summary)
-    return 0
+    return _finish("preprocess", summary, some_failed=summary.n_failed > 0)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -176,10 +174,15 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         explain_dir=Path(a.explain) if a.explain else None,
         device=a.device, shard=a.shard, progress=not a.quiet, workers=a.workers,
     )
+    return _finish("predict", summary, some_failed=summary.n_failed > 0)
+
+
+def _finish(verb: str, summary: Any, *, some_failed: bool) -> int:
+    """The closing line of a batch verb; exit status 1 when every case failed (``summary.all_failed``)."""
     if summary.all_failed:
-        sys.stderr.write(f"mmai predict: error: every case failed: {summary}\n")
+        sys.stderr.write(f"mmai {verb}: error: every case failed: {summary}\n")
         return 1
-    log.log(logging.WARNING if summary.n_failed else logging.INFO, "%s", summary)
+    log.log(logging.WARNING if some_failed else logging.INFO, "%s", summary)
     return 0
 
 

@@ -39,6 +39,11 @@ class PreprocessSummary:
     n_failed: int
     out_dir: str
 
+    @property
+    def all_failed(self) -> bool:
+        """Every case of this run failed (nothing written now or before): exit status 1."""
+        return self.n_failed > 0 and self.n_done == 0 and self.n_skipped == 0 and self.n_missing_image == 0
+
     def __str__(self) -> str:
         return (f"preprocessed {self.n_done} case(s), {self.n_skipped} already done, {self.n_missing_image} without "
                 f"image, {self.n_failed} failed -> {self.out_dir}"

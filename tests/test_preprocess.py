@@ -99,3 +99,23 @@ def test_bad_options(tmp_path, pipeline, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["preprocess", "--config", str(pipeline), "--input", "x", "--out", "o", "--shard", "3/2"])
+
+
+def test_every_case_failing_exits_nonzero(tmp_path, pipeline, capsys):
+    """preprocess and convert: a batch where every case fails is exit status 1 with one line, not 0."""
+    bad = tmp_path / "data" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "x.dcm").write_bytes(b"\x00" * 200)
+    pd.DataFrame({"case_id": ["b"], "image": ["data/bad"], "age": [60], "sex": ["F"], "smoking": ["never"],
+                  "diabetes": [0], "crp": [2], "bmi": [21], "label": [1]}).to_csv(tmp_path / "m.csv", index=False)
+    assert main(["preprocess", "--config", str(pipeline), "--input", str(tmp_path / "m.csv"),
+                 "--out", str(tmp_path / "out"), "-q"]) == 1
+    assert "mmai preprocess: error: every case failed" in capsys.readouterr().err
+    # convert: a folder whose files are all unreadable (cut short: not DICOM any more)
+    s = series(tmp_path / "conv" / "s")
+    for f in s.files:
+        Path(f).write_bytes(Path(f).read_bytes()[:-4000])
+    assert main(["convert", str(tmp_path / "conv"), "--out", str(tmp_path / "nii"), "-q"]) == 1
+    assert "mmai convert: error: every case failed" in capsys.readouterr().err
+    good = series(tmp_path / "conv2" / "s")
+    assert good.files and main(["convert", str(tmp_path / "conv2"), "--out", str(tmp_path / "nii2"), "-q"]) == 0

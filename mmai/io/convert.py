@@ -59,6 +59,12 @@ class ConvertReport:
     n_dicomdir: int = 0
     stack_status: dict[str, str] = field(default_factory=dict)  # stack_id -> written | skipped: why | error
 
+    @property
+    def all_failed(self) -> bool:
+        """Nothing was written although stacks failed, or files were found and none was DICOM:
+        exit status 1."""
+        return not self.written and (bool(self.errors) or (self.n_stacks == 0 and self.n_non_dicom > 0))
+
     def as_dict(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir), "n_stacks": self.n_stacks, "n_written": len(self.written),
                 "n_4d": self.n_4d, "skipped": dict(self.skipped), "n_errors": len(self.errors),
