@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from mmai.clinical.preprocess import ClinicalPreprocessor
 from mmai.config import PipelineConfig, load_config
-from mmai.data.collate import pad_to_common
 from mmai.data.dataset import ImageLoader
 from mmai.engine.checkpoint import load_weights, read_json
 from mmai.engine.prepare import TargetEncoding
@@ -35,7 +34,7 @@ from mmai.inference.rows import ERROR_COLUMNS, error_row, resume_done
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import outputs_to_predictions
 from mmai.models.registry import create_model
-from mmai.transforms.pipelines import background_value, image_channels, image_pipeline_id, output_shape
+from mmai.transforms.pipelines import image_channels, image_pipeline_id, output_shape
 from mmai.utils import atomic_write_json, resolve_device, shard_rows
 
 log = logging.getLogger(__name__)
@@ -207,18 +206,31 @@ class Predictor:
         keep = [i for i in range(len(df)) if ok[i]]
         if not keep:
             return []
-        image = None
-        if self.uses_image and self.config.image is not None:
-            vols = [img for i in keep if (img := images[i]) is not None]  # (C, D, H, W) each, sizes may differ
-            fill = background_value(self.config.image)
-            image = torch.from_numpy(np.stack(pad_to_common(vols, fill))).to(self.device)
-        extra = ({"affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in keep]), dtype=torch.float32,
-                                         device=self.device)} if getattr(self.model, "accepts_affine", False) else {})
-        out = self.model(image, torch.tensor([present[i] for i in keep], device=self.device),
-                         torch.from_numpy(values[keep]).to(self.device), torch.from_numpy(mask[keep]).to(self.device),
-                         **extra)
+        # volumes of one shape are predicted together; never padded, so a case's prediction does
+        # not depend on the other cases of its batch (image.size: null keeps each scan's extent)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in keep:
+            img = images[i] if self.uses_image else None
+            by_shape.setdefault(tuple(img.shape) if img is not None else (), []).append(i)
+        out_of = {}
+        for rows in by_shape.values():
+            out_of.update(zip(rows, self._forward(rows, images, present, values, mask, affines), strict=True))
+        out = torch.stack([out_of[i] for i in keep])  # (B, n_outputs), manifest order
         clinical_present = np.asarray(mask[keep].any(axis=1) if mask.shape[1] else np.zeros(len(keep), bool))
-        return self._rows([str(df["case_id"].iloc[i]) for i in keep], out.float().cpu(), clinical_present)
+        return self._rows([str(df["case_id"].iloc[i]) for i in keep], out, clinical_present)
+
+    def _forward(self, rows: list[int], images: list[np.ndarray | None], present: list[float], values: np.ndarray,
+                 mask: np.ndarray, affines: dict[int, np.ndarray]) -> torch.Tensor:
+        """The model's raw outputs (len(rows), n_outputs) on CPU for rows whose volumes share one shape."""
+        image = None
+        if self.uses_image:
+            image = torch.from_numpy(np.stack([img for i in rows if (img := images[i]) is not None])).to(self.device)
+        extra = ({"affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in rows]), dtype=torch.float32,
+                                         device=self.device)} if getattr(self.model, "accepts_affine", False) else {})
+        out = self.model(image, torch.tensor([present[i] for i in rows], device=self.device),
+                         torch.from_numpy(values[rows]).to(self.device), torch.from_numpy(mask[rows]).to(self.device),
+                         **extra)
+        return out.float().cpu()
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, str]]]:
         """Predict a whole validated manifest in memory: (predictions, errors)."""
