@@ -79,6 +79,16 @@ def scripted_per_case(predictor) -> torch.jit.ScriptModule:  # noqa: ANN001 - a 
 INPUT_NAMES = ["image", "image_present", "clinical", "clinical_mask"]
 
 
+def check_exportable(model: torch.nn.Module, run_dir: Path) -> None:
+    """Refuse models whose outputs need more than the exported inputs: a sliding-window model
+    (``model.windows``) places its tokens by the image affine, which the exported signature does
+    not carry; exporting it would silently give other predictions than ``mmai predict``."""
+    if getattr(model, "windows", None) is not None:
+        raise MmaiError(f"{run_dir}: a model.windows model needs the image affine, which the exported "
+                        "signature (image, image_present, clinical, clinical_mask) does not carry; export "
+                        "is not supported for it (use mmai predict)")
+
+
 def export_run(run_dir: Path, *, fmt: str, out: Path) -> Path:
     """Export ``run_dir``'s model to ``out`` (format ``torchscript`` or ``onnx``).
 
@@ -100,6 +110,7 @@ def export_run(run_dir: Path, *, fmt: str, out: Path) -> Path:
     if out.is_dir():
         raise MmaiError(f"--out {out} is an existing folder; give a file path")
     predictor = Predictor(run_dir, device="cpu")
+    check_exportable(predictor.model, run_dir)
     with atomic_path(out) as tmp:
         if fmt == "torchscript":
             scripted_per_case(predictor).save(str(tmp))

@@ -3,6 +3,8 @@ inputs (a preprocessed case, the run's clinical state), at batch sizes 1 and 3, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -63,3 +65,16 @@ def test_onnx_equals_eager_at_batch_1_and_3(world, tmp_path):  # noqa: F811
         x = _real_inputs(world, batch)
         (got,) = sess.run(None, {n: t.numpy() for n, t in zip(names, x, strict=True)})
         np.testing.assert_allclose(got, _eager(world, x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_windowed_models_are_refused_not_exported_wrong():
+    from mmai.clinical.preprocess import FeatureSpec
+    from mmai.errors import MmaiError
+    from mmai.inference.export import check_exportable
+    from mmai.models.registry import create_model
+
+    specs = [FeatureSpec("age", "numeric")]
+    kw = dict(n_outputs=1, feature_specs=specs, widths=(4, 8, 8, 16), dim=16, heads=2)
+    check_exportable(create_model("cross_attention", **kw), Path("run"))  # one pass: exportable
+    with pytest.raises(MmaiError, match="affine"):
+        check_exportable(create_model("cross_attention", windows={"roi_size": [16, 16, 16]}, **kw), Path("run"))
