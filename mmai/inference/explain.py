@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from mmai.errors import MmaiError
 from mmai.inference.explain_geometry import native_image, to_native
 from mmai.models.windows import stitch, upsample_cells
+from mmai.transforms.pipelines import placeholder_shape
 from mmai.utils import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -271,11 +272,8 @@ def _case_inputs(predictor: Any, case: pd.DataFrame) -> dict[str, Any]:
         arr, affine = predictor.loader.load(path)  # (1, D, H, W), (4, 4)
         out.update(image=torch.from_numpy(arr[None]).to(dev), present=torch.ones(1, device=dev), affine=affine,
                    path=path)
-    else:  # a missing image: masked out by the model, any shape with the encoder's channels will do
-        size = getattr(predictor.config.image, "size", None) or (16, 16, 16)
-        enc = getattr(predictor.model, "encoder", None)
-        chans = next((int(p.shape[1]) for p in enc.parameters() if p.dim() == 5), 1) if enc is not None else 1
-        out["image"] = torch.zeros((1, chans, *size), device=dev)
+    else:  # a missing image: masked out by the model; the pipeline's channels and shape
+        out["image"] = torch.zeros((1, *placeholder_shape(predictor.config.image)), device=dev)
     return out
 
 

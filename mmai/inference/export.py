@@ -17,7 +17,7 @@ import torch
 
 from mmai.errors import MmaiError
 from mmai.models.heads import outputs_to_predictions
-from mmai.transforms.pipelines import image_channels, output_shape
+from mmai.transforms.pipelines import placeholder_shape
 from mmai.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ def example_inputs(predictor, batch: int = 2) -> tuple[torch.Tensor, ...]:  # no
     """Model-shaped random inputs: (image (B, C, D, H, W), image_present (B,), clinical (B, F),
     clinical_mask (B, F)); every other case without image, about 30% of clinical values missing."""
     cfg = predictor.config.image
-    size = (output_shape(cfg) or (cfg.size_multiple,) * 3) if cfg is not None else (8, 8, 8)
-    channels = image_channels(cfg) if cfg is not None else 1
+    channels, *size = placeholder_shape(cfg) if cfg is not None else (1, 8, 8, 8)
     n_feat = predictor.pre.num_features if predictor.pre is not None else 0
     g = torch.Generator().manual_seed(0)
     present = (torch.arange(batch) % 2 == 0).float()

@@ -34,7 +34,7 @@ from mmai.inference.rows import ERROR_COLUMNS, error_row, resume_done
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import outputs_to_predictions
 from mmai.models.registry import create_model
-from mmai.transforms.pipelines import image_channels, image_pipeline_id, output_shape
+from mmai.transforms.pipelines import image_pipeline_id, placeholder_shape
 from mmai.utils import atomic_write_json, resolve_device, shard_rows
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Predictor:
         present: list[float] = []
         affines: dict[int, np.ndarray] = {}  # RAS affines of the loaded images (windowed models place tokens in mm)
         loader, cfg = self.loader, self.config.image
-        size = (image_channels(cfg), *(output_shape(cfg) or (cfg.size_multiple,) * 3)) if cfg is not None else ()
+        size = placeholder_shape(cfg) if cfg is not None else ()
         for i, row in enumerate(df.to_dict("records")):
             path = row.get(cfg.column) if self.uses_image and cfg is not None else None
             if not ok[i] or not self.uses_image or loader is None:

@@ -84,6 +84,12 @@ def output_shape(cfg: ImageConfig) -> tuple[int, int, int] | None:
     return tuple(cfg.size) if cfg.size is not None else None  # type: ignore[return-value]
 
 
+def placeholder_shape(cfg: ImageConfig) -> tuple[int, int, int, int]:
+    """(C, D, H, W) of a stand-in volume for a missing image: the pipeline's channels and fixed
+    shape, or ``size_multiple`` voxels per axis when volumes keep their own extent."""
+    return (image_channels(cfg), *(output_shape(cfg) or (cfg.size_multiple,) * 3))  # type: ignore[return-value]
+
+
 def background_value(cfg: ImageConfig) -> float:
     """The value of empty space after normalisation (used for padding)."""
     return float(cfg.intensity.b_min) if cfg.intensity.kind in ("window", "windows") else 0.0
