@@ -217,7 +217,8 @@ def _meta(frames: list[Frame], geom: StackGeometry, array: np.ndarray, kind: str
         "geometry": kind,
         "problems": chk.problems(),
         "uneven_spacing": not chk.uniform,
-        "resampled": kind == "resampled",
+        # pixels interpolated: onto a uniform grid, or in-plane to undo a tilt (also with uneven: keep)
+        "resampled": kind == "resampled" or (chk.tilted and policy.tilt == "resample"),
         "slice_steps": chk.summary(),
         "policy": dataclasses.asdict(policy),
         "n_files": len({f.source.split("#")[0] for f in frames}),
@@ -253,7 +254,8 @@ def assemble(frames: list[Frame], *, dtype: str = "float32", policy: GeometryPol
     buf = fill_sorted([frames[int(i)] for i in geom.check.order], dtype, output_dtype(frames, dtype, warnings))
     buf, geom, kind = _regularise(buf, geom, policy, label, warnings)
     array = buf.transpose(2, 1, 0)  # (I, J, K), Fortran-contiguous
-    if dtype == "native" and array.dtype.kind == "f" and kind == "resampled":
+    resampled = kind == "resampled" or (geom.check.tilted and policy.tilt == "resample")
+    if dtype == "native" and array.dtype.kind == "f" and resampled:
         warnings.append("resampling produced float32 output despite dtype='native'")
     for w in warnings:  # the file name only: folder names in archives often carry patient names
         logger.warning("%s: %s", Path(frames[0].source).name, w)

@@ -222,3 +222,12 @@ def test_cli_scan_reads_the_yaml_tolerances(tmp_path: Path) -> None:
     (a,), (b,) = (list(csv.DictReader((tmp_path / n).open())) for n in ("a.csv", "b.csv"))
     assert "uneven spacing" in a["problems"]
     assert "uneven spacing" not in b["problems"]
+
+
+def test_keep_with_tilt_resample_says_the_pixels_were_resampled(tmp_path: Path) -> None:
+    """uneven: keep + tilt: resample interpolates in-plane: the metadata must not say resampled: false."""
+    case = dc.tilted_series(tmp_path / "s", tilt_deg=15.0)
+    files = sorted(case.files)
+    del files[7]  # a gap: the stack is kept raw (irregular), the tilt is still undone in-plane
+    vol = load_series(files, policy=DicomConfig(uneven="keep", tilt="resample"))
+    assert vol.meta["geometry"] == "irregular" and vol.meta["resampled"] is True
