@@ -322,7 +322,7 @@ def _parser_train(sub: Any) -> None:
                    "(same config and flags; finished folds are skipped)")
     s.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
                    help="mixed precision (default: the YAML's train.amp, off); fp16 uses a GradScaler, CUDA only")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=_workers, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
     _add_common(s)
     s.set_defaults(func=_cmd_train)
 

@@ -63,3 +63,11 @@ def test_salt_file_too_short_is_a_one_line_error(tmp_path, capsys):
 def test_evaluate_split_choices(capsys):
     assert run_cli(["evaluate", "--predictions", "p.csv", "--manifest", "m.csv", "--split", "holdout"]) == 2
     assert "invalid choice: 'holdout'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_train_threads_below_one_is_a_one_line_error(bad, tmp_path, capsys):
+    argv = ["train", "--config", "p.yaml", "--manifest", "m.csv", "--out", str(tmp_path / "r"), "--threads", bad]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads" in err[0]
