@@ -217,10 +217,12 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
         raise ManifestError(f"{pred_source}: case_id {dup['case_id'].iloc[0]!r} is predicted more than once "
                             f"by model {dup['model_id'].iloc[0]!r}")
     truth = _targets(man, kind, classes, target, time, event, man_source)
+    by_patient = bool(truth["patient"].duplicated().any())  # the bootstrap unit of every CI below
     rows = _prediction_arrays(pred, kind, classes, pred_source)
     report: dict[str, Any] = {"kind": kind, "split": split_name, "n_manifest_rows": n_rows,
                               "n_split_rows": len(man), "n_boot": int(n_boot), "seed": int(seed),
-                              "ci": f"{100 * (1 - 0.05):g}% percentile bootstrap over cases"}
+                              "ci": f"{100 * (1 - 0.05):g}% percentile bootstrap over "
+                                    + ("patients (a patient's cases drawn together)" if by_patient else "cases")}
     if kind == "survival":
         report.update(time=time, event=event)
     else:
@@ -257,7 +259,7 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
             entry["metrics"] = None
             entry["error"] = "no case has both a valid prediction and a target"
         else:
-            entry["metrics"] = _metrics(use, kind, classes, n_boot, seed)
+            entry["metrics"] = _metrics(use, kind, classes, n_boot, seed, by_patient)
             joined_by_model[model] = use
         models[model] = entry
     if not joined_by_model:
@@ -269,9 +271,10 @@ def _evaluate(pred: pd.DataFrame, manifest: pd.DataFrame, *, target: str, time: 
     return report, joined_by_model
 
 
-def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed: int) -> dict[str, Any]:
-    """Metrics of the joined rows; the bootstrap resamples patients when one has several cases."""
-    groups = use["patient"].to_numpy() if use["patient"].duplicated().any() else None
+def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed: int, by_patient: bool
+             ) -> dict[str, Any]:
+    """Metrics of the joined rows; with ``by_patient`` the bootstrap resamples patients."""
+    groups = use["patient"].to_numpy() if by_patient else None
     if kind == "survival":
         out = compute_metrics(kind, time=use["time"].to_numpy(), event=use["event"].to_numpy(),
                               risk=use["risk"].to_numpy(), n_boot=n_boot, seed=seed, groups=groups)
@@ -281,7 +284,7 @@ def _metrics(use: pd.DataFrame, kind: str, classes: list[str], n_boot: int, seed
 
             out["horizons"] = horizon_metrics(use["time"].to_numpy(), use["event"].to_numpy(),
                                               {t: use[c].to_numpy() for c, t in horizons.items()},
-                                              n_boot=n_boot, seed=seed)
+                                              n_boot=n_boot, seed=seed, groups=groups)
         return out
     if kind == "regression":
         return compute_metrics(kind, y=use["y"].to_numpy(), pred=use["prediction"].to_numpy(),

@@ -338,6 +338,7 @@ def test_bootstrap_resamples_patients_when_a_patient_has_several_cases(tmp_path)
     mg = next(iter(grouped["models"].values()))["metrics"]
     ms = next(iter(single["models"].values()))["metrics"]
     assert mg["bootstrap_unit"] == "group" and "bootstrap_unit" not in ms
+    assert "over patients" in grouped["ci"] and single["ci"].endswith("over cases")
     assert mg["auroc"] == pytest.approx(ms["auroc"])
     width = lambda m: m["auroc_ci"][1] - m["auroc_ci"][0]  # noqa: E731
     assert width(mg) > 1.2 * width(ms)

@@ -154,10 +154,11 @@ def calibration_at(time: Any, event: Any, surv: Any, t: float, n_groups: int = 5
             "observed_all": float(1.0 - _step(kt, ks, np.array([t]))[0])}
 
 
-def horizon_metrics(time: Any, event: Any, surv: dict[float, Any], *, n_boot: int = 1000, seed: int = 0
-                    ) -> dict[str, Any]:
-    """Per horizon: time-dependent AUROC (with a bootstrap CI within events / censored) and
-    calibration of the ``surv_<t>`` probabilities. Undefined metrics are None with a reason."""
+def horizon_metrics(time: Any, event: Any, surv: dict[float, Any], *, n_boot: int = 1000, seed: int = 0,
+                    groups: Any = None) -> dict[str, Any]:
+    """Per horizon: time-dependent AUROC (with a bootstrap CI within events / censored; over
+    ``groups``, e.g. patients, when given) and calibration of the ``surv_<t>`` probabilities.
+    Undefined metrics are None with a reason."""
     tt, ee = np.asarray(time, dtype=float), np.asarray(event, dtype=float)
     out: dict[str, Any] = {}
     for t, s in sorted(surv.items()):
@@ -167,7 +168,7 @@ def horizon_metrics(time: Any, event: Any, surv: dict[float, Any], *, n_boot: in
         try:
             if n_boot > 0:
                 ci = bootstrap_ci(lambda a, b, c, t=t: td_auroc(a, b, c, t), tt, ee, 1.0 - s, n_boot=n_boot,
-                                  seed=seed, stratify=ee)
+                                  seed=seed, stratify=ee, groups=groups)
                 entry["auroc"], entry["auroc_ci"] = float(ci[0]), [float(ci[1]), float(ci[2])]
                 if not all(np.isfinite(entry["auroc_ci"])):
                     entry["auroc_ci"] = None
