@@ -26,7 +26,6 @@ from mmai.data.cache import DiskCache, cache_key
 from mmai.data.provenance import (
     ProvenanceError,
     check_provenance,
-    descrip,
     expected_provenance,
     is_nifti,
     provenance_of,
@@ -44,11 +43,6 @@ from mmai.transforms.pipelines import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def read_descrip(path: str | Path) -> str:
-    """The NIfTI header's description field ('' for anything that isn't a NIfTI file)."""
-    return descrip(nib.load(str(path))) if is_nifti(path) else ""
 
 
 def save_preprocessed(volume: Any, path: Path, cfg: ImageConfig, *, modality: str = "unknown",

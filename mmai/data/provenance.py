@@ -27,8 +27,7 @@ class ProvenanceError(PreprocessError):
 
 
 def is_nifti(path: str | Path) -> bool:
-    p = str(path)
-    return p.endswith(".nii") or p.endswith(".nii.gz")
+    return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
 def descrip(img: Any) -> str:

@@ -14,11 +14,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, SpatialResample
 
+from mmai.data.provenance import is_nifti
 from mmai.errors import PreprocessError
-
-
-def _is_nifti(path: Any) -> bool:
-    return isinstance(path, str) and path.lower().endswith((".nii", ".nii.gz"))
 
 
 def native_image(path: str | list[str], image_cfg: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +26,7 @@ def native_image(path: str | list[str], image_cfg: Any) -> tuple[np.ndarray, np.
     model grid's), with the pipeline's series selection.
     """
     try:
-        if _is_nifti(path):
+        if isinstance(path, str) and is_nifti(path):
             img: Any = nib.load(str(path))
             arr = np.asarray(img.dataobj, dtype=np.float32)
             if arr.ndim == 4:

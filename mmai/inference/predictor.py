@@ -212,7 +212,7 @@ class Predictor:
         for i in keep:
             img = images[i] if self.uses_image else None
             by_shape.setdefault(tuple(img.shape) if img is not None else (), []).append(i)
-        out_of = {}
+        out_of: dict[int, torch.Tensor] = {}
         for rows in by_shape.values():
             out_of.update(zip(rows, self._forward(rows, images, present, values, mask, affines), strict=True))
         out = torch.stack([out_of[i] for i in keep])  # (B, n_outputs), manifest order

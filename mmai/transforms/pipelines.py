@@ -48,7 +48,6 @@ from mmai.transforms.spatial import AntiAliasd, FitToGridd, ForegroundMaskd
 
 KEY = "image"
 FG = "fg"
-PREPROCESSED_TAG = "mmai:"
 
 
 _NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality")
