@@ -69,8 +69,9 @@ class DiskCache:
         d = self.folder / key[:2]
         return d / f"{key}.npy", d / f"{key}.json"
 
-    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(array, affine (4, 4)) or None when absent (or unreadable: then recomputed)."""
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+        """(array, affine (4, 4), the provenance note stored with it) or None when absent (or
+        unreadable: then recomputed)."""
         arr_path, meta_path = self._paths(key)
         if not (arr_path.exists() and meta_path.exists()):
             self.misses += 1
@@ -83,13 +84,16 @@ class DiskCache:
             self.misses += 1
             return None
         self.hits += 1
-        return np.asarray(arr, dtype=np.float32), np.asarray(meta["affine"], dtype=np.float64)
+        return (np.asarray(arr, dtype=np.float32), np.asarray(meta["affine"], dtype=np.float64),
+                dict(meta.get("note") or {}))
 
-    def put(self, key: str, arr: np.ndarray, affine: np.ndarray) -> None:
-        """Write one entry atomically (array first, then the sidecar that marks it complete)."""
+    def put(self, key: str, arr: np.ndarray, affine: np.ndarray, note: dict[str, Any] | None = None) -> None:
+        """Write one entry atomically (array first, then the sidecar that marks it complete).
+        ``note``: what loading the source taught (modality, intensity statistics), replayed on a hit."""
         arr_path, meta_path = self._paths(key)
         arr_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(arr_path) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
         with atomic_path(meta_path) as tmp:
-            Path(tmp).write_text(json.dumps({"affine": np.asarray(affine).tolist(), "shape": list(arr.shape)}))
+            Path(tmp).write_text(json.dumps({"affine": np.asarray(affine).tolist(), "shape": list(arr.shape),
+                                             "note": note or {}}))

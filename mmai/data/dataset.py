@@ -117,37 +117,43 @@ class ImageLoader:
         if self.disk is not None:
             key = cache_key(path, self.expected["pipeline_id"], {"roi": roi, "stats": self.stats})
             hit = self.disk.get(key)
-            if hit is not None:
-                return hit
+            if hit is not None:  # what the first read noted (modality, fitted statistics) still counts
+                self._note(hit[2])
+                return hit[0], hit[1]
         try:
-            arr, affine = self._load(path, roi)
+            arr, affine, note = self._load(path, roi)
         except MmaiError:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes a named, per-case error
             raise PreprocessError(f"{path}: cannot load image: {type(exc).__name__}: {exc}") from exc
         self._check_shape(path, arr)
         if self.disk is not None and key is not None:
-            self.disk.put(key, arr, affine)
+            self.disk.put(key, arr, affine, note)
         return arr, affine
 
-    def _load(self, path: str | list[str], roi: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, path: str | list[str], roi: dict[str, Any] | None
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(array, affine, note): the note is what :meth:`_note` recorded from this case."""
         img: Any = nib.load(path) if isinstance(path, str) and is_nifti(path) else None
         info = provenance_of(img) if img is not None else None
         if info is not None:  # preprocessed: one header read, no chain
             check_provenance(info, self.expected, str(path))
-            self._note(info)
+            note = {"modality": info.get("modality", "unknown"), "intensity_stats": info.get("intensity_stats")}
+            self._note(note)
             arr = np.asarray(img.dataobj, dtype=np.float32)
             arr = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
-            return np.ascontiguousarray(arr), np.asarray(img.affine)
+            return np.ascontiguousarray(arr), np.asarray(img.affine), note
         if self.cfg.roi is not None and roi is None:
             raise PreprocessError(f"{path}: image.roi pipelines read the lesion box made by `mmai preprocess` "
                                   "(which reads the mask/centre columns); run it first and use its manifest")
         if self._chain is None:
             self._chain = preprocess_transforms(self.cfg, device=self.device, stats=self.stats)
         out = apply_chain(self._chain, {KEY: path, **(roi or {})})
-        self.modalities_seen.add(str(out.get("modality", "unknown")))
+        note = {"modality": str(out.get("modality", "unknown"))}
+        self._note(note)
         vol = out[KEY]
-        return np.asarray(vol.detach().cpu(), dtype=np.float32), np.asarray(vol.affine.cpu(), dtype=np.float64)
+        return (np.asarray(vol.detach().cpu(), dtype=np.float32), np.asarray(vol.affine.cpu(), dtype=np.float64),
+                note)
 
     def _note(self, info: dict[str, Any]) -> None:
         self.modalities_seen.add(str(info.get("modality", "unknown")))

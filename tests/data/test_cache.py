@@ -32,6 +32,8 @@ def test_second_read_hits_the_cache_and_equals_the_first(tmp_path):
     fresh = ImageLoader(_cfg(tmp_path))
     fresh.load(src)
     assert fresh.disk.hits == 1 and fresh.disk.misses == 0
+    # a hit still records what the first read learned (the run's state records the input modalities)
+    assert fresh.modalities_seen == loader.modalities_seen and fresh.modalities_seen
     assert np.array_equal(a1, a2) and np.allclose(aff1, aff2)
     files = sorted(p.suffix for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert files == [".json", ".npy"]  # no pickle
