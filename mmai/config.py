@@ -153,6 +153,10 @@ class ImageConfig:
         roi: a lesion box instead of the whole scan (:class:`RoiConfig`), or None.
         cache: ``memory`` (small grids), ``disk`` (full resolution: ``cache_dir``) or ``none``.
         cache_dir: folder of the disk cache (keyed by file content + pipeline id).
+        nonfinite: NaN / inf voxels in an input: ``error`` (default: the case is an error row) or
+            ``fill`` (set to the volume's finite minimum, flagged ``nonfinite_voxels=N``).
+        modality_check: check an untagged NIfTI's intensities against ``modality`` (CT holds air
+            near -1000 HU, MR does not; docs/pipelines.md); False skips the check.
     """
 
     column: str = "image"
@@ -172,6 +176,8 @@ class ImageConfig:
     cache_dir: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
+    nonfinite: Literal["error", "fill"] = "error"
+    modality_check: bool = True
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def _process_one(image_cfg: ImageConfig, source: Any, out_path: str, device: str
     out = apply_chain(chain, {KEY: source, **(roi or {})})
     lost = float(out.get("fov_lost_fraction", 0.0))
     save_preprocessed(out[KEY], Path(out_path), image_cfg, modality=str(out.get("modality", "unknown")),
-                      stats=stats, fov_lost_fraction=lost)
+                      stats=stats, fov_lost_fraction=lost, input_flags=str(out.get("input_flags") or ""))
     return out_path, lost
 
 
@@ -196,6 +196,9 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     out[col] = [out_rel[c] for c in out["case_id"]]
     if config.image.roi is None:  # ROI boxes crop by design; whole-scan grids record what they cut
         out["fov_lost_fraction"] = [_lost_of(lost, c, out_rel[c], images_dir.parent) for c in out["case_id"]]
+    from mmai.data.provenance import input_flags_column
+
+    out["input_flags"] = input_flags_column(out["case_id"], [out_rel[c] for c in out["case_id"]], out_dir)
     suffix = "" if shard is None else f".shard{shard[0]}of{shard[1]}"
     _write_csv(out, out_dir / f"manifest{suffix}.csv")
     _write_csv(pd.DataFrame(errors, columns=["case_id", "stage", "error"]), out_dir / f"errors{suffix}.csv")

@@ -92,7 +92,8 @@ def test_predict_evaluate_and_resume(world, capsys):
             "--out", str(pred), "-q"]
     assert main(args) == 0
     df = pd.read_csv(pred)
-    assert list(df.columns) == ["case_id", "prob_0", "prob_1", "prediction", "clinical_present", "model_id"]
+    assert list(df.columns) == ["case_id", "prob_0", "prob_1", "prediction", "clinical_present", "input_flags",
+                                  "model_id"]
     assert (df["clinical_present"] == 1).all()  # every manifest row has clinical values
     assert len(df) == 24 and np.allclose(df["prob_0"] + df["prob_1"], 1.0)
     # resumable: drop half of the rows, re-run, get the same predictions back

@@ -46,9 +46,11 @@ log = logging.getLogger(__name__)
 
 
 def save_preprocessed(volume: Any, path: Path, cfg: ImageConfig, *, modality: str = "unknown",
-                      stats: dict[str, float] | None = None, fov_lost_fraction: float = 0.0) -> None:
+                      stats: dict[str, float] | None = None, fov_lost_fraction: float = 0.0,
+                      input_flags: str = "") -> None:
     """Write a (C, I, J, K) MetaTensor/array with its affine as NIfTI ((I, J, K) for C = 1, else
-    (I, J, K, C)), stamped with its provenance (pipeline id, modality, intensity statistics)."""
+    (I, J, K, C)), stamped with its provenance (pipeline id, modality, intensity statistics, the
+    input flags of :mod:`mmai.io.input_flags`)."""
     from mmai.utils import atomic_path
 
     arr = np.asarray(volume.detach().cpu() if hasattr(volume, "detach") else volume, dtype=np.float32)
@@ -56,7 +58,7 @@ def save_preprocessed(volume: Any, path: Path, cfg: ImageConfig, *, modality: st
     affine = np.asarray(volume.affine.cpu() if hasattr(volume, "affine") else np.eye(4), dtype=np.float64)
     img = nib.Nifti1Image(arr, affine)
     stamp(img, {"pipeline_id": image_pipeline_id(cfg), "modality": modality, "intensity_stats": stats,
-                "fov_lost_fraction": round(float(fov_lost_fraction), 6)})
+                "fov_lost_fraction": round(float(fov_lost_fraction), 6), "input_flags": input_flags})
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
@@ -98,6 +100,7 @@ class ImageLoader:
         self.stats = stats if stats is not None else (run_state or {}).get("intensity_stats")
         self.device = device
         self.modalities_seen: set[str] = set()
+        self.last_flags = ""
         self.disk = DiskCache(cfg.cache_dir) if cfg.cache == "disk" and cfg.cache_dir else None
         self._chain: Compose | None = None
 
@@ -138,7 +141,8 @@ class ImageLoader:
         info = provenance_of(img) if img is not None else None
         if info is not None:  # preprocessed: one header read, no chain
             check_provenance(info, self.expected, str(path))
-            note = {"modality": info.get("modality", "unknown"), "intensity_stats": info.get("intensity_stats")}
+            note = {"modality": info.get("modality", "unknown"), "intensity_stats": info.get("intensity_stats"),
+                    "input_flags": str(info.get("input_flags") or "")}
             self._note(note)
             arr = np.asarray(img.dataobj, dtype=np.float32)
             arr = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
@@ -149,7 +153,7 @@ class ImageLoader:
         if self._chain is None:
             self._chain = preprocess_transforms(self.cfg, device=self.device, stats=self.stats)
         out = apply_chain(self._chain, {KEY: path, **(roi or {})})
-        note = {"modality": str(out.get("modality", "unknown"))}
+        note = {"modality": str(out.get("modality", "unknown")), "input_flags": str(out.get("input_flags") or "")}
         self._note(note)
         vol = out[KEY]
         return (np.asarray(vol.detach().cpu(), dtype=np.float32), np.asarray(vol.affine.cpu(), dtype=np.float64),
@@ -157,6 +161,7 @@ class ImageLoader:
 
     def _note(self, info: dict[str, Any]) -> None:
         self.modalities_seen.add(str(info.get("modality", "unknown")))
+        self.last_flags = str(info.get("input_flags") or "")  # what was repaired in the case just loaded
         stats = info.get("intensity_stats")
         if stats is not None and self.stats is None:
             self.stats = stats  # recorded into the run's state.json, reused for raw inputs at inference

@@ -100,6 +100,22 @@ def check_input(path: str | Path, expected: dict[str, Any]) -> None:
     check_provenance(read_provenance(path), expected, path)
 
 
+def input_flags_column(case_ids: Any, rel_paths: list[str | None], out_dir: Path) -> list[str]:
+    """The ``input_flags`` column of a preprocess manifest: each output's recorded flags ('' for a
+    clean input or a missing image); every flagged case is logged with its flags."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    flags = []
+    for cid, rel in zip(case_ids, rel_paths, strict=True):
+        info = read_provenance(Path(out_dir) / rel) if rel else None
+        text = str((info or {}).get("input_flags") or "")
+        if text:
+            log.warning("case %s: input repaired: %s", cid, text)
+        flags.append(text)
+    return flags
+
+
 def run_image_state(cfg: Any, loader: Any = None) -> dict[str, Any]:
     """The ``image`` entry of a run's state.json: pipeline id, modality and the inputs' intensity
     statistics (from the preprocessed volumes the loader read, when the pipeline learns any)."""

@@ -92,6 +92,7 @@ class Predictor:
         if self.uses_image and self.config.image is None:
             raise CheckpointError(f"{run_dir}: the model reads images but config.yaml has image: null")
         self.loader = ImageLoader(self.config.image, device=self.device) if self.config.image is not None else None
+        self.input_flags: dict[str, str] = {}  # case_id -> the loader's input flags
 
     def _survival_setup(self) -> tuple[tuple[float, ...], dict[str, Any] | None]:
         """Horizons of ``surv_<t>`` columns and the Breslow baseline (survival runs with task.horizons)."""
@@ -118,7 +119,7 @@ class Predictor:
             cols = ["prediction"]
         else:
             cols = ["risk", *[horizon_column(t) for t in self.horizons]]
-        return ["case_id", *cols, "clinical_present", "model_id"]
+        return ["case_id", *cols, "clinical_present", "input_flags", "model_id"]
 
     def _rows(self, case_ids: list[str], out: torch.Tensor, clinical_present: np.ndarray) -> list[dict[str, Any]]:
         kind = self.encoding.kind
@@ -140,6 +141,7 @@ class Predictor:
                     row[horizon_column(t)] = float(v)
             row["model_id"] = self.model_id
             row["clinical_present"] = int(clinical_present[k])
+            row["input_flags"] = self.input_flags.get(cid, "")  # mmai.io.input_flags: what was repaired
             rows.append(row)
         return rows
 
@@ -190,6 +192,9 @@ class Predictor:
                 arr, affines[i] = loader.load(path if isinstance(path, list) else str(path))  # (1, D, H, W), (4, 4)
                 images.append(arr)
                 present.append(1.0)
+                self.input_flags[str(row["case_id"])] = loader.last_flags
+                if loader.last_flags:
+                    log.warning("case %s: input repaired: %s", row["case_id"], loader.last_flags)
             except MmaiError as exc:
                 errors.append(error_row(row["case_id"], "image", exc, series=str(row.get("_series") or ""),
                                         files=path if isinstance(path, list) else [str(path)]))

@@ -38,6 +38,7 @@ from mmai.io.dicom_scan import SeriesStack, scan
 from mmai.io.dicom_scan_read import quiet_pydicom
 from mmai.io.dicom_select import SelectionRule
 from mmai.io.dicom_series import DicomVolume, assemble, load_series, read_frames
+from mmai.io.input_flags import META_KEY, merge_flags
 from mmai.utils import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ def _sidecar(grp: list[tuple[SeriesStack, Any, dict[str, Any]]], shape: tuple[in
         "phase_key": r.get("phase_key") or None, "phase_index": r.get("phase_index") or None,
         "problems": [p for p in str(r.get("problems") or "").split(";") if p],
         "warnings": warnings, "dtype": str(v0.array.dtype), "converter": "mmai convert",
+        "input_flags": merge_flags(*(v.meta.get(META_KEY) or {} for _, v, _ in grp)),
         **_geometry_record(v0),
     }
 

@@ -40,6 +40,7 @@ from mmai.io.dicom_geometry import (
     uniform_grid,
 )
 from mmai.io.dicom_multiframe import frames_from_multiframe, split_frames
+from mmai.io.input_flags import META_KEY, add_flag, file_names
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +163,12 @@ def _refuse_uneven(geom: StackGeometry, policy: GeometryPolicy, label: str) -> s
 
 
 def _regularise(buf: np.ndarray, geom: StackGeometry, policy: GeometryPolicy, label: str,
-                warnings: list[str]) -> tuple[np.ndarray, StackGeometry, str]:
+                warnings: list[str], flags: dict[str, Any]) -> tuple[np.ndarray, StackGeometry, str]:
     """Apply ``policy`` to a non-uniform or tilted stack.
 
     Args:
         buf: (K, J, I) slices in ascending position.
+        flags: the input flags (:mod:`mmai.io.input_flags`), extended in place with what was repaired.
 
     Returns:
         (the (K', J', I') slices, their geometry, "regular" | "resampled" | "irregular").
@@ -181,6 +183,10 @@ def _regularise(buf: np.ndarray, geom: StackGeometry, policy: GeometryPolicy, la
             buf = resample_positions(buf, chk.positions, positions)
             geom = replace(geom, spacing=float(positions[1] - positions[0]))
             kind = "resampled"
+            if chk.n_missing:
+                add_flag(flags, "interpolated_slices", int(chk.n_missing))
+            else:
+                flags["resampled_spacing"] = 1
             warnings.append(f"{what}; resampled linearly along the slice normal onto {len(positions)} slices "
                             f"of {geom.spacing:.4f} mm from the first to the last slice (set "
                             f"{YAML_SECTION}.uneven: error to refuse such stacks, keep for the raw slices)")
@@ -197,6 +203,7 @@ def _regularise(buf: np.ndarray, geom: StackGeometry, policy: GeometryPolicy, la
             buf, origin = deshear(buf, geom, positions, fill=float(buf.min()))
             geom = replace(geom, origin=origin, drift=np.zeros(3))
             kind = "resampled" if kind == "regular" else kind
+            flags["tilt_resampled"] = 1
             warnings.append(text + f"; resampled in-plane onto an orthogonal grid ({YAML_SECTION}.tilt: resample)")
         else:
             warnings.append(text + f"; kept as a sheared affine, exact ({YAML_SECTION}.tilt: resample for "
@@ -232,7 +239,7 @@ def _meta(frames: list[Frame], geom: StackGeometry, array: np.ndarray, kind: str
 
 
 def assemble(frames: list[Frame], *, dtype: str = "float32", policy: GeometryPolicy | None = None,
-             warnings: list[str] | None = None) -> DicomVolume:
+             warnings: list[str] | None = None, flags: dict[str, Any] | None = None) -> DicomVolume:
     """Frames of one stack -> DicomVolume (sorting, rescale, geometry policy, affine).
 
     Args:
@@ -240,9 +247,11 @@ def assemble(frames: list[Frame], *, dtype: str = "float32", policy: GeometryPol
         dtype: as in :func:`load_series`.
         policy: geometry tolerances and policy (default :class:`GeometryPolicy`).
         warnings: problems already found (extended in place).
+        flags: input flags already found (e.g. dropped files); ``meta["input_flags"]`` on return.
     """
     policy = policy or GeometryPolicy()
     warnings = [] if warnings is None else warnings
+    flags = {} if flags is None else dict(flags)
     if not frames:
         raise DicomError("load_series: no frames to assemble (empty file list)")
     frames = _drop_localizers(frames, warnings)
@@ -252,15 +261,16 @@ def assemble(frames: list[Frame], *, dtype: str = "float32", policy: GeometryPol
     label = _series_label(frames)
     _refuse_uneven(geom, policy, label)  # before reading any pixel
     buf = fill_sorted([frames[int(i)] for i in geom.check.order], dtype, output_dtype(frames, dtype, warnings))
-    buf, geom, kind = _regularise(buf, geom, policy, label, warnings)
+    buf, geom, kind = _regularise(buf, geom, policy, label, warnings, flags)
     array = buf.transpose(2, 1, 0)  # (I, J, K), Fortran-contiguous
     resampled = kind == "resampled" or (geom.check.tilted and policy.tilt == "resample")
     if dtype == "native" and array.dtype.kind == "f" and resampled:
         warnings.append("resampling produced float32 output despite dtype='native'")
     for w in warnings:  # the file name only: folder names in archives often carry patient names
         logger.warning("%s: %s", Path(frames[0].source).name, w)
-    return DicomVolume(array=array, affine=geom.affine(), warnings=warnings,
-                       meta=_meta(frames, geom, array, kind, policy, iop))
+    meta = _meta(frames, geom, array, kind, policy, iop)
+    meta[META_KEY] = flags
+    return DicomVolume(array=array, affine=geom.affine(), warnings=warnings, meta=meta)
 
 
 def _check_dtype(dtype: str) -> None:
@@ -312,10 +322,12 @@ def load_series(
         raise DicomError("load_series: the file list is empty")
     if len(paths) > 8:
         with ThreadPoolExecutor(workers_for(len(paths))) as pool:
-            per_file = list(pool.map(lambda p: read_frames(p, fast=fast), paths))
+            per_file = list(pool.map(lambda p: _read_or_error(p, fast), paths))
     else:
-        per_file = [read_frames(p, fast=fast) for p in paths]
-    found = [f for group in per_file for f in group]
+        per_file = [_read_or_error(p, fast) for p in paths]
+    warnings: list[str] = []
+    flags = _drop_unreadable(paths, per_file, warnings)
+    found = [f for group in per_file if not isinstance(group, DicomError) for f in group]
     if frames is not None:
         if len(paths) != 1:
             raise DicomError(f"load_series: frames= selects frames of one multi-frame file, got {len(paths)} files")
@@ -328,7 +340,42 @@ def load_series(
                 f"{paths[0]}: the multi-frame file holds {len(stacks)} stacks/phases "
                 f"({', '.join(s.label for s in stacks)}); use load_multiframe() to get each")
         found = stacks[0].frames
-    return assemble(found, dtype=dtype, policy=pol)
+    return assemble(found, dtype=dtype, policy=pol, warnings=warnings, flags=flags)
+
+
+MAX_DROPPED_FRACTION = 0.1
+
+
+def _read_or_error(path: str, fast: bool) -> list[Frame] | DicomError:
+    """The file's frames, or the DicomError that reading it raised (decided on by the caller)."""
+    try:
+        return read_frames(path, fast=fast)
+    except DicomError as exc:
+        return exc
+
+
+def _drop_unreadable(paths: list[str], per_file: list[list[Frame] | DicomError], warnings: list[str]
+                     ) -> dict[str, Any]:
+    """Leave out the files of a series that cannot be read (truncated, undecodable pixels).
+
+    A series keeps its other slices (the gap is then interpolated, or refused with
+    ``image.dicom.uneven: error``) when at most :data:`MAX_DROPPED_FRACTION` of its files fail (so
+    a series of 10 files or more may lose one); the warning and the ``dropped_files`` /
+    ``dropped_file_names`` flags name the files. More failures raise the first file's error.
+
+    Returns:
+        the input flags of the dropped files (empty when every file was read).
+    """
+    bad = [(p, r) for p, r in zip(paths, per_file, strict=True) if isinstance(r, DicomError)]
+    if not bad:
+        return {}
+    if len(bad) > MAX_DROPPED_FRACTION * len(paths):
+        raise bad[0][1]
+    names = file_names([p for p, _ in bad])
+    reason = str(bad[0][1]).replace(bad[0][0], Path(bad[0][0]).name)
+    warnings.append(f"dropped {len(bad)} unreadable file(s) of {len(paths)} in the series ({names}); "
+                    f"the others are kept and the gap filled: {reason[:200]}")
+    return {"dropped_files": len(bad), "dropped_file_names": names}
 
 
 def load_multiframe(file: str | Path, *, dtype: str = "float32", uneven: str | None = None,

@@ -36,6 +36,7 @@ from mmai.io.dicom_geometry import GeometryPolicy, orientation_label, policy_fro
 from mmai.io.dicom_scan import scan_stacks
 from mmai.io.dicom_select import SelectionRule, select_one
 from mmai.io.dicom_series import DicomVolume, load_series
+from mmai.io.input_flags import META_KEY, add_flag, file_names, format_flags
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,37 @@ def load_dicom_folder(folder: PathLike, *, select: Any = None, dtype: str = "flo
     folder = Path(folder)
     pol = policy_from(policy, uneven=uneven, tilt=tilt)
     rule = _rule(select, f"MmaiDicomReader(select=...) for {folder}")
-    stacks = [s for s in scan_stacks(folder, policy=pol) if s.row.get("kind") == "image"]
+    found = scan_stacks(folder, policy=pol)
+    stacks = [s for s in found if s.row.get("kind") == "image"]
     stack = select_one(stacks, rule, study_label=str(folder))
-    return load_series(stack.files, dtype=dtype, policy=pol, frames=stack.frames)
+    vol = load_series(stack.files, dtype=dtype, policy=pol, frames=stack.frames)
+    series = stack.row.get("series_uid")
+    broken = [s for s in found if s.row.get("kind") == "unreadable" or (
+        s.row.get("kind") == "non-image" and s.row.get("series_uid") in ("", None, series)
+        and "unreadable:" in str(s.row.get("problems")))]
+    _note_unreadable_neighbours(vol, stack.files, broken)
+    return vol
+
+
+def _note_unreadable_neighbours(vol: DicomVolume, files: Sequence[Path], unreadable: Sequence[Any]) -> None:
+    """Flag the unreadable files of the selected series: those of its SeriesInstanceUID whose
+    header is cut, and those in its folder(s) whose header cannot even say their series.
+
+    Such a file most likely is one of the series' slices (the scan then sees a gap, which the
+    loader interpolates). Its name goes into the warning and the ``dropped_files`` flag.
+    """
+    folders = {Path(f).parent for f in files}
+    near = [Path(f) for s in unreadable for f in s.files if Path(f).parent in folders]
+    if not near:
+        return
+    flags = vol.meta.setdefault(META_KEY, {})
+    add_flag(flags, "dropped_files", len(near))
+    names = [n for n in (flags.get("dropped_file_names") or "").split(",") if n]
+    flags["dropped_file_names"] = file_names([*names, *(p.name for p in near)])
+    text = (f"{len(near)} unreadable file(s) in the series' folder left out ({file_names(near)}): "
+            "a cut header does not say which series a file belongs to")
+    vol.warnings.append(text)
+    logger.warning("%s: %s", Path(files[0]).name, text)
 
 
 def load_volume(path: PathLike, *, select: Any = None, dtype: str = "float32", uneven: str | None = None,
@@ -112,6 +141,7 @@ def _load_nifti(path: Path, dtype: str) -> DicomVolume:
     meta = {"modality": "", "series_description": "", "shape": list(array.shape), "spacing": zooms,
             "orientation": orientation_label(cos), "tilt_deg": 0.0, "source_format": "nifti",
             "dtype": str(array.dtype)}
+    meta[META_KEY] = {}
     return DicomVolume(array=array, affine=affine, warnings=[], meta=meta)
 
 
@@ -187,6 +217,8 @@ class MmaiDicomReader(ImageReader):
                 continue
             if k == "problems":
                 v = ";".join(v)
+            elif k == META_KEY:
+                v = format_flags(v)
             elif isinstance(v, (dict, list)) and k != "spacing":
                 v = json.dumps(v)
             meta[k] = v

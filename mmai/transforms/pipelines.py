@@ -41,7 +41,7 @@ from monai.transforms import (
 
 from mmai.config import ImageConfig, _to_plain
 from mmai.errors import ConfigError
-from mmai.transforms.guards import ModalityGuardd
+from mmai.transforms.guards import InputGuardd, ModalityGuardd
 from mmai.transforms.intensity import PercentileNormalized, WindowChannelsd
 from mmai.transforms.roi import AppendMaskd, RoiBoxd, roi_shape
 from mmai.transforms.spatial import AntiAliasd, FitToGridd, ForegroundMaskd
@@ -50,7 +50,9 @@ KEY = "image"
 FG = "fg"
 
 
-_NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality")
+# nonfinite / modality_check: an input either passes them unchanged or is refused (a filled
+# volume carries the nonfinite_voxels flag), so they do not change what a pipeline makes
+_NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality", "nonfinite", "modality_check")
 
 
 def image_pipeline_id(cfg: ImageConfig) -> str:
@@ -126,7 +128,8 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
                           stats: dict[str, float] | None = None, raw: bool = False) -> Compose:
     """Raw image -> model-ready ``(C, I, J, K)`` float32 MetaTensor with its RAS affine.
 
-    Order: load, channel first, modality guard, reorient, anti-alias + resample to ``spacing`` (or
+    Order: load, channel first, input guard (one 3D volume, enough voxels per axis, finite voxels;
+    ``input_flags`` in the output dict), modality guard, reorient, anti-alias + resample to ``spacing`` (or
     cut the ``roi`` box), foreground mask, intensity (one channel per window), body crop, fit to
     the grid with the FOV guard (``fov_lost_fraction`` in the output dict), ROI mask channel.
 
@@ -147,7 +150,8 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
             warnings.simplefilter("ignore", UserWarning)
             loader = mmai_load_imaged(KEY, select=cfg.select, dicom=cfg.dicom, load_dtype=np.float32, image_only=True)
         chain += [loader, EnsureChannelFirstd(KEY)]
-    chain.append(ModalityGuardd(KEY, cfg.modality))
+    chain.append(InputGuardd(KEY, nonfinite=cfg.nonfinite, target_spacing=cfg.spacing))
+    chain.append(ModalityGuardd(KEY, cfg.modality, cfg.modality_check))
     chain.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, device=torch.device(device),
                              track_meta=True))
     # labels spelled out: MONAI warns (once per process, so once per preprocessing worker) that

@@ -94,7 +94,7 @@ def test_survival_run_writes_baseline_and_surv_columns(tmp_path, capsys):
                  "--out", str(out), "-q"]) == 0
     pred = pd.read_csv(out)
     cols = [f"surv_{t:g}" for t in h]
-    assert list(pred.columns) == ["case_id", "risk", *cols, "clinical_present", "model_id"]
+    assert list(pred.columns) == ["case_id", "risk", *cols, "clinical_present", "input_flags", "model_id"]
     np.testing.assert_allclose(pred[cols].to_numpy(), survival_probability(base, pred["risk"], h), atol=1e-6)
     assert (pred[cols[0]] >= pred[cols[1]]).all() and pred[cols].to_numpy().min() > 0
     capsys.readouterr()
