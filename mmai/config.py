@@ -47,10 +47,13 @@ class IntensityConfig:
     ``percentile``: clip to the ``percentiles`` of the foreground and z-score with the foreground
     mean/std, all four numbers fitted on the training cases only (``mmai preprocess``), saved
     with the preprocessed volumes and the run, reloaded at inference; background -> 0.
+    ``volume_percentile``: per volume, clip to the ``percentiles`` of THAT volume's foreground and
+    z-score with its foreground mean/std (nnU-Net's MR rule); nothing is learned, so scanners
+    with different gains and offsets all come out with background 0 < tissue.
     ``none``: keep the values.
     """
 
-    kind: Literal["window", "windows", "zscore", "percentile", "none"] = "window"
+    kind: Literal["window", "windows", "zscore", "percentile", "volume_percentile", "none"] = "window"
     a_min: float = -1000.0
     a_max: float = 1000.0
     b_min: float = 0.0

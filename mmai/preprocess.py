@@ -247,7 +247,7 @@ def _fit_stats(config: PipelineConfig, df: pd.DataFrame, rois: list[dict[str, An
         raise ConfigError(f"{state_path} is missing: with intensity.kind percentile, run one preprocess without "
                           "--shard first (it fits the statistics on the training rows), then the shards")
     chain = preprocess_transforms(cfg, raw=True)
-    col, samples = cfg.column, []
+    col, samples, failures = cfg.column, [], []
     rows = [i for i in _train_rows(df) if df[col].iloc[i] is not None and not
             (isinstance(df[col].iloc[i], float) and pd.isna(df[col].iloc[i]))]
     for i in tqdm(rows, desc="intensity statistics", unit="case", disable=not progress):
@@ -255,9 +255,10 @@ def _fit_stats(config: PipelineConfig, df: pd.DataFrame, rois: list[dict[str, An
             out = apply_chain(chain, {KEY: df[col].iloc[i], **(rois[i] or {})})
         except Exception as exc:  # noqa: BLE001 - a bad case is reported by the main pass
             log.warning("case %s skipped for the intensity statistics: %s", df["case_id"].iloc[i], exc)
+            failures.append(f"case {df['case_id'].iloc[i]}: {exc}")
             continue
         samples.append(foreground_sample(out[KEY].cpu(), out[FG].cpu(), seed=i))
-    stats = fit_percentile_stats(samples, cfg.intensity.percentiles)
+    stats = fit_percentile_stats(samples, cfg.intensity.percentiles, failures=failures)
     atomic_write_json(state_path, {"pipeline_id": pid, "intensity_stats": stats,
                                    "fitted_on": f"{stats['n_cases']} training case(s) (split not test/val)"})
     log.info("intensity statistics fitted on %d training case(s): %s", stats["n_cases"], stats)

@@ -42,7 +42,7 @@ from monai.transforms import (
 from mmai.config import ImageConfig, _to_plain
 from mmai.errors import ConfigError
 from mmai.transforms.guards import InputGuardd, ModalityGuardd
-from mmai.transforms.intensity import PercentileNormalized, WindowChannelsd
+from mmai.transforms.intensity import PercentileNormalized, VolumePercentileNormalized, WindowChannelsd
 from mmai.transforms.roi import AppendMaskd, RoiBoxd, roi_shape
 from mmai.transforms.spatial import AntiAliasd, FitToGridd, ForegroundMaskd
 
@@ -121,6 +121,8 @@ def _intensity(cfg: ImageConfig, stats: dict[str, float] | None) -> list[Any]:
         return [NormalizeIntensityd(KEY, nonzero=True, channel_wise=True)]
     if it.kind == "percentile":
         return [PercentileNormalized(KEY, stats, fg_key=FG)]
+    if it.kind == "volume_percentile":
+        return [VolumePercentileNormalized(KEY, it.percentiles, fg_key=FG)]
     return []
 
 

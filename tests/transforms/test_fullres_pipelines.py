@@ -53,7 +53,15 @@ def test_ct_head_brain_and_bone_windows(tmp_path):
 
 
 def test_mr_brain_percentile_stats_on_real_mr(tmp_path):
-    cfg = ready("mr_brain")
+    import dataclasses
+
+    default = ready("mr_brain")  # per-volume statistics: nothing fitted, raw inputs work as they are
+    assert default.intensity.kind == "volume_percentile"
+    x = apply_chain(preprocess_transforms(default), {KEY: str(mr_brain_nifti(tmp_path / "a.nii.gz"))})[KEY]
+    inside = x[x != 0]
+    assert abs(float(inside.mean())) < 0.05 and abs(float(inside.std()) - 1) < 0.05
+    # the cohort-level option needs the statistics fitted on the training cases
+    cfg = dataclasses.replace(default, intensity=dataclasses.replace(default.intensity, kind="percentile"))
     with pytest.raises(PreprocessError, match="fitted on the training"):
         apply_chain(preprocess_transforms(cfg), {KEY: str(mr_brain_nifti(tmp_path / "a.nii.gz"))})
     stats = {"lo": 100.0, "hi": 20000.0, "mean": 8000.0, "std": 4000.0}
