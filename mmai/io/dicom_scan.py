@@ -36,6 +36,7 @@ from mmai.io.dicom_geometry import (
     slice_normal,
 )
 from mmai.io.dicom_geometry import orientation_label as _geometry_label
+from mmai.io.dicom_mosaic import is_mosaic
 from mmai.io.dicom_scan_read import read_headers
 from mmai.io.dicom_stacks import split_series
 
@@ -159,7 +160,10 @@ def _stack_row(sl: list[dict[str, Any]], info: dict[str, Any], recs: dict[str, d
     for p in info["problems"]:
         if p not in problems:
             problems.append(p)
-    if len(sl) == 1 and not info["multiframe"] and "localizer" not in problems:
+    mosaic = is_mosaic(first.get("image_type"))
+    if mosaic:  # one file = one volume of NumberOfImagesInMosaic tiles (mmai.io.dicom_mosaic)
+        problems.append("mosaic")
+    elif len(sl) == 1 and not info["multiframe"] and "localizer" not in problems:
         problems.append("single slice")
     if info["multiframe"] and not first.get("frames"):
         problems.append("legacy multi-frame")

@@ -39,6 +39,7 @@ from mmai.io.dicom_geometry import (
     stack_geometry,
     uniform_grid,
 )
+from mmai.io.dicom_mosaic import is_mosaic, mosaic_frames
 from mmai.io.dicom_multiframe import frames_from_multiframe, split_frames
 from mmai.io.input_flags import META_KEY, add_flag, file_names
 
@@ -75,7 +76,7 @@ def read_frames(path: str | Path, *, fast: bool = True) -> list[Frame]:
     source = str(path)
     if fast:
         frame = read_frame_fast(source)
-        if frame is not None:
+        if frame is not None and not is_mosaic(frame.image_type):
             return [frame]
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -96,7 +97,10 @@ def read_frames(path: str | Path, *, fast: bool = True) -> list[Frame]:
         raise DicomError(f"{source}: not a readable DICOM file: {exc}") from exc
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         return frames_from_multiframe(ds, source)
-    return frames_from_dataset(ds, source)
+    frames = frames_from_dataset(ds, source)
+    if is_mosaic(frames[0].image_type):  # Siemens mosaic: one tile per slice, placed by the CSA header
+        return mosaic_frames(ds, frames[0])
+    return frames
 
 
 def _drop_localizers(frames: list[Frame], warnings: list[str]) -> list[Frame]:
@@ -333,7 +337,7 @@ def load_series(
             raise DicomError(f"load_series: frames= selects frames of one multi-frame file, got {len(paths)} files")
         keep = set(int(i) for i in frames)
         found = [f for f in found if f.frame_index in keep]
-    if len(paths) == 1 and len(found) > 1:
+    if len(paths) == 1 and len(found) > 1 and not is_mosaic(found[0].image_type):
         stacks = split_frames(found, pol)
         if len(stacks) > 1:
             raise DicomError(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmai.io.dicom_geometry import DEFAULT_POLICY, DUPLICATE_TOL_MM, GeometryPolicy, slice_normal
+from mmai.io.dicom_mosaic import is_mosaic
 
 # Fields tried, in order, to separate several volumes acquired at the same positions.
 PHASE_KEYS = (("echo", "EchoNumbers"), ("temporal", "TemporalPositionIdentifier"),
@@ -130,6 +131,19 @@ def split_phases(sl: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], 
     return [sl], "", ["duplicate positions"]
 
 
+def mosaic_volumes(sl: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], str, list[str]]:
+    """Siemens mosaics: each file is one whole volume (its tiles are the slices), so each file is a
+    phase, ordered by AcquisitionNumber, TemporalPositionIdentifier, InstanceNumber, file name."""
+    if len(sl) < 2:
+        return [sl], "", []
+
+    def order(s: dict[str, Any]) -> tuple:
+        return tuple((0, float(v)) if isinstance(v, (int, float)) else (1, repr(v))
+                     for v in (s.get("acq"), s.get("temporal"), s.get("instance"))) + (s["file"],)
+
+    return [[s] for s in sorted(sl, key=order)], "mosaic volume", []
+
+
 def _sort_key(s: dict[str, Any], combo: list[tuple[str, str]]) -> tuple:
     vals = []
     for k, _ in combo:
@@ -155,6 +169,7 @@ def split_series(files: list[dict[str, Any]], policy: GeometryPolicy = DEFAULT_P
         for s in _slices_of(rec):
             s["mf"] = bool(rec.get("frames")) or (rec.get("n_frames") or 1) > 1
             s["loc"] = _is_localizer_type(rec.get("image_type"))
+            s["mosaic"] = is_mosaic(rec.get("image_type"))
             slices.append(s)
     return split_slices(slices, policy)
 
@@ -195,7 +210,7 @@ def split_slices(slices: list[dict[str, Any]], policy: GeometryPolicy = DEFAULT_
                              "multiframe": multiframe, "problems": ["localizer"]}))
             continue
         n_geo += 1
-        phases, phase_key, probs = split_phases(sl)
+        phases, phase_key, probs = mosaic_volumes(sl) if all(s.get("mosaic") for s in sl) else split_phases(sl)
         n = len(phases)
         for pi, ph in enumerate(phases):
             out.append((ph, {"is_localizer": False, "phase_key": phase_key, "phase_index": pi + 1 if n > 1 else 0,
