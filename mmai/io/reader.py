@@ -138,11 +138,26 @@ def _load_nifti(path: Path, dtype: str) -> DicomVolume:
     # DICOM-style orientation cosines of the i and j axes (LPS) give the same label as for DICOM.
     lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
     cos = np.concatenate([lps[:, 0] / np.linalg.norm(lps[:, 0]), lps[:, 1] / np.linalg.norm(lps[:, 1])])
-    meta = {"modality": "", "series_description": "", "shape": list(array.shape), "spacing": zooms,
+    meta = {"modality": sidecar_modality(path), "series_description": "", "shape": list(array.shape), "spacing": zooms,
             "orientation": orientation_label(cos), "tilt_deg": 0.0, "source_format": "nifti",
             "dtype": str(array.dtype)}
     meta[META_KEY] = {}
     return DicomVolume(array=array, affine=affine, warnings=[], meta=meta)
+
+
+def sidecar_modality(path: Path) -> str:
+    """The DICOM Modality a NIfTI's JSON sidecar records ('' without one): ``mmai convert`` and
+    dcm2niix (BIDS) both write ``"Modality"`` into ``<name>.json`` beside ``<name>.nii[.gz]``."""
+    name = path.name
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+    side = path.with_name(stem + ".json")
+    if not side.is_file():
+        return ""
+    try:
+        value = json.loads(side.read_text()).get("Modality")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return str(value).strip().upper() if isinstance(value, str) else ""
 
 
 class MmaiDicomReader(ImageReader):

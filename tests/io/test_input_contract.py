@@ -195,3 +195,30 @@ def test_preprocess_manifest_flags_and_error_rows(tmp_path):
     run_preprocess(config_path=cfg_path, input_path=tmp_path / "m.csv", out_dir=tmp_path / "out2", progress=False)
     man2 = pd.read_csv(tmp_path / "out2" / "manifest.csv", keep_default_na=False).set_index("case_id")
     assert man2.loc["nanvox", "input_flags"] == f"nonfinite_voxels={30 * 30 * 20}"
+
+
+def test_sidecar_modality_is_the_series_modality(tmp_path):
+    """A NIfTI written by `mmai convert` / dcm2niix carries its DICOM Modality in the JSON sidecar:
+    that is checked like a DICOM series' (no intensity guess needed)."""
+    import json
+
+    path = _save(tmp_path / "s1.nii.gz", _ct_volume())
+    (tmp_path / "s1.json").write_text(json.dumps({"Modality": "CT"}))
+    assert _run(_cfg(), path)["modality"] == "CT"
+    (tmp_path / "s1.json").write_text(json.dumps({"Modality": "MR"}))
+    with pytest.raises(PreprocessError, match="series modality is MR, this pipeline is for CT"):
+        _run(_cfg(), path)
+
+
+def test_4d_nifti_in_a_cohort_statistics_pipeline_names_the_case(tmp_path):
+    """Issue 15: a 4D NIfTI through mr_brain.yaml said "no training case has foreground voxels"."""
+    cfg_path = tmp_path / "mr.yaml"
+    cfg_path.write_text("task: {kind: binary, target: label}\n"
+                        "image: {modality: MR, spacing: [2, 2, 2], size: null, cache: none,\n"
+                        "        intensity: {kind: percentile}}\n")
+    path = _save(tmp_path / "bold.nii.gz", np.stack([np.ones((20, 20, 20))] * 3, axis=-1))
+    pd.DataFrame({"case_id": ["c1"], "image": [str(path)], "label": [0]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(PreprocessError, match=r"none of the 1 training case\(s\) could be loaded; first: case c1: "
+                                              r".*bold.nii.gz: NIfTI shape \(20, 20, 20, 3\) is not 3D"):
+        run_preprocess(config_path=cfg_path, input_path=tmp_path / "m.csv", out_dir=tmp_path / "out",
+                       progress=False)

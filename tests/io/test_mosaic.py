@@ -146,3 +146,18 @@ def test_mosaic_mmai_cannot_place_is_refused(tmp_path):
     with pytest.raises(DicomError, match=r"SliceNormalVector .* not normal"):
         load_volume(tmp_path / "c")
     assert main(["convert", str(tmp_path / "a"), "--out", str(tmp_path / "out"), "-q"]) == 1
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEGLSLossless,
+                                    pydicom.uid.JPEG2000Lossless])
+def test_compressed_mosaic_reads_like_the_uncompressed_one(tmp_path, syntax):
+    truth = mr_volume()
+    iop, sign = ORIENTATIONS["coronal"]
+    geo = {"iop": iop, "first_ipp": (-40.0, 20.0, 30.0), "pixel_spacing": (2.0, 2.0), "dz": 3.0}
+    path = write_mosaic(tmp_path / "s" / "M.dcm", truth, **geo)
+    ds = pydicom.dcmread(str(path))
+    ds.compress(syntax)
+    ds.save_as(str(path))
+    vol = load_volume(tmp_path / "s")
+    _check_against_truth(vol, truth.astype(np.float32), known_affine_ras(**geo))
+    assert vol.meta["transfer_syntax"] == str(syntax)
