@@ -73,11 +73,29 @@ def load_dicom_folder(folder: PathLike, *, select: Any = None, dtype: str = "flo
     stacks = [s for s in found if s.row.get("kind") == "image"]
     stack = select_one(stacks, rule, study_label=str(folder))
     vol = load_series(stack.files, dtype=dtype, policy=pol, frames=stack.frames)
-    series = stack.row.get("series_uid")
-    broken = [s for s in found if s.row.get("kind") == "unreadable" or (
+    _note_unreadable_neighbours(vol, stack.files, _broken(found, stack.row.get("series_uid")))
+    return vol
+
+
+def _broken(found: Sequence[Any], series: str | None) -> list[Any]:
+    """Scan stacks of unreadable files that may belong to ``series``: unreadable ones, and
+    header-cut ones of that SeriesInstanceUID (or of none: the cut came before it)."""
+    return [s for s in found if s.row.get("kind") == "unreadable" or (
         s.row.get("kind") == "non-image" and s.row.get("series_uid") in ("", None, series)
         and "unreadable:" in str(s.row.get("problems")))]
-    _note_unreadable_neighbours(vol, stack.files, broken)
+
+
+def load_file_list(files: Sequence[Path], *, dtype: str = "float32", policy: GeometryPolicy) -> DicomVolume:
+    """Load the files of one series (e.g. a stack of ``mmai predict --dicom-root``); when the stack
+    has a gap, the folder is scanned for unreadable files that may have filled it (flagged
+    ``dropped_files`` like :func:`load_dicom_folder` does)."""
+    vol = load_series(files, dtype=dtype, policy=policy)
+    if not (vol.meta.get(META_KEY) or {}).get("interpolated_slices"):
+        return vol
+    found = [s for folder in sorted({Path(f).parent for f in files}) for s in scan_stacks(folder, policy=policy)]
+    mine = {str(f) for f in files}
+    series = next((s.row.get("series_uid") for s in found if any(str(f) in mine for f in s.files)), None)
+    _note_unreadable_neighbours(vol, files, _broken(found, series))
     return vol
 
 
@@ -217,7 +235,7 @@ class MmaiDicomReader(ImageReader):
         if any(i.is_dir() or i.name.lower().endswith(_NIFTI_SUFFIXES) for i in items):
             raise DicomError(f"MmaiDicomReader: got {len(items)} paths including folders or NIfTI files; "
                              f"allowed: one folder, one file, or the DICOM files of one series")
-        return load_series(items, dtype=dtype, policy=policy)
+        return load_file_list(items, dtype=dtype, policy=policy)
 
     def get_data(self, img: DicomVolume) -> tuple[np.ndarray, dict]:
         """(array (I, J, K), meta) with RAS ``affine``/``original_affine``, ``spatial_shape``,

@@ -222,3 +222,18 @@ def test_4d_nifti_in_a_cohort_statistics_pipeline_names_the_case(tmp_path):
                                               r".*bold.nii.gz: NIfTI shape \(20, 20, 20, 3\) is not 3D"):
         run_preprocess(config_path=cfg_path, input_path=tmp_path / "m.csv", out_dir=tmp_path / "out",
                        progress=False)
+
+
+def test_file_list_with_a_header_cut_sibling_is_flagged(tmp_path):
+    """`mmai predict --dicom-root` loads a stack's file list: a sibling whose header is cut (not in
+    the list, it cannot name its series) is flagged like in a folder load."""
+    from mmai.io.reader import MmaiDicomReader
+
+    folder = ct_series(tmp_path / "s", k=20)
+    _truncate(folder / "IM00005.dcm", 0.02)
+    files = [f for f in sorted(folder.iterdir()) if f.name != "IM00005.dcm"]
+    vol = MmaiDicomReader().read(files)
+    assert vol.meta["input_flags"] == {"interpolated_slices": 1, "dropped_files": 1,
+                                       "dropped_file_names": "IM00005.dcm"}
+    clean = MmaiDicomReader().read(sorted(ct_series(tmp_path / "c", k=12).iterdir()))
+    assert clean.meta["input_flags"] == {}
