@@ -147,9 +147,14 @@ def _load_nifti(path: Path, dtype: str) -> DicomVolume:
     import nibabel as nib
 
     img: Any = nib.load(str(path))
+    if len(img.shape) > 3 and all(s == 1 for s in img.shape[3:]):  # (I, J, K, 1): one volume
+        img = img.slicer[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)]
     if len(img.shape) != 3:
-        raise DicomError(f"{path}: NIfTI shape {img.shape} is not 3D; allowed: a 3D volume (I, J, K)")
-    scaled = img.dataobj.slope != 1 or img.dataobj.inter != 0
+        what = (f"{img.shape[3]} volumes (a 4D series: fMRI, DWI, dynamic)" if len(img.shape) == 4
+                else f"{len(img.shape)} dimensions")
+        raise DicomError(f"{path}: NIfTI shape {img.shape} is not 3D: {what}; allowed: one 3D volume (I, J, K) "
+                         "per case (extract the volume the pipeline is for, e.g. nibabel's img.slicer[..., 0])")
+    scaled = getattr(img.dataobj, "slope", 1) != 1 or getattr(img.dataobj, "inter", 0) != 0
     array = np.asanyarray(img.dataobj) if dtype == "native" and not scaled else img.get_fdata(dtype=np.float32)
     affine = np.asarray(img.affine, dtype=np.float64)
     zooms = [float(z) for z in img.header.get_zooms()[:3]]

@@ -237,3 +237,10 @@ def test_file_list_with_a_header_cut_sibling_is_flagged(tmp_path):
                                        "dropped_file_names": "IM00005.dcm"}
     clean = MmaiDicomReader().read(sorted(ct_series(tmp_path / "c", k=12).iterdir()))
     assert clean.meta["input_flags"] == {}
+
+
+def test_trailing_singleton_dimension_is_one_volume(tmp_path):
+    path = _save(tmp_path / "one.nii.gz", _ct_volume()[..., None])  # (128, 128, 20, 1)
+    vol = load_volume(path)
+    assert vol.array.shape == (128, 128, 20)
+    np.testing.assert_array_equal(vol.array, _ct_volume())
