@@ -244,3 +244,17 @@ def test_trailing_singleton_dimension_is_one_volume(tmp_path):
     vol = load_volume(path)
     assert vol.array.shape == (128, 128, 20)
     np.testing.assert_array_equal(vol.array, _ct_volume())
+
+
+def test_convert_sidecar_carries_input_flags(tmp_path):
+    import json
+
+    from mmai.io.convert import convert_tree
+
+    folder = ct_series(tmp_path / "in" / "s", k=20)
+    _truncate(folder / "IM00009.dcm", 0.6)
+    ct_series(tmp_path / "in" / "clean", k=12)
+    rep = convert_tree(tmp_path / "in", tmp_path / "out")
+    sides = [json.loads((tmp_path / "out" / w.replace(".nii.gz", ".json")).read_text()) for w in rep.written]
+    flags = sorted(s["input_flags"] for s in sides)
+    assert flags == ["", "dropped_file_names=IM00009.dcm;dropped_files=1;interpolated_slices=1"]
