@@ -61,9 +61,11 @@ class ModalityGuardd(MapTransform):
             if not found and self.expected != "any" and self.check:
                 guess, why = modality_evidence(d[k])
                 if guess is not None and guess != self.expected:
+                    hint = (" (a CT stored without its rescale intercept, air at 0 instead of -1000 HU, must "
+                            "be converted to HU first)" if self.expected == "CT" else "")
                     raise PreprocessError(
                         f"{_name(d[k])}: looks like {guess}, not {self.expected} ({why}); this pipeline is for "
-                        f"{self.expected} (image.modality). If the volume really is {self.expected}, set "
+                        f"{self.expected} (image.modality). If the volume really is {self.expected}{hint}, set "
                         "image.modality_check: false (or image.modality: any)")
             d[MODALITY_KEY] = found or (self.expected if self.expected != "any" else "unknown")
         return d
