@@ -76,13 +76,14 @@ def _process_one(image_cfg: ImageConfig, source: Any, out_path: str, device: str
                  roi: dict[str, Any] | None = None, stats: dict[str, float] | None = None) -> tuple[str, float]:
     """Load + transform one case and write it. Runs in a worker process. Returns (path, fov lost fraction)."""
     from mmai.data.dataset import save_preprocessed
+    from mmai.data.descriptors import provenance_entry
     from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
 
     chain = preprocess_transforms(image_cfg, device=device, stats=stats)
     out = apply_chain(chain, {KEY: source, **(roi or {})})
     lost = float(out.get("fov_lost_fraction", 0.0))
     save_preprocessed(out[KEY], Path(out_path), image_cfg, modality=str(out.get("modality", "unknown")),
-                      stats=stats, fov_lost_fraction=lost)
+                      stats=stats, fov_lost_fraction=lost, descriptors=provenance_entry(out))
     return out_path, lost
 
 
@@ -196,6 +197,10 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     out[col] = [out_rel[c] for c in out["case_id"]]
     if config.image.roi is None:  # ROI boxes crop by design; whole-scan grids record what they cut
         out["fov_lost_fraction"] = [_lost_of(lost, c, out_rel[c], images_dir.parent) for c in out["case_id"]]
+    else:  # a lesion-mask pipeline: its lesion descriptors as columns, read back from the volumes
+        from mmai.data.descriptors import descriptor_columns
+
+        out = descriptor_columns(config.image, out, out_dir)
     suffix = "" if shard is None else f".shard{shard[0]}of{shard[1]}"
     _write_csv(out, out_dir / f"manifest{suffix}.csv")
     _write_csv(pd.DataFrame(errors, columns=["case_id", "stage", "error"]), out_dir / f"errors{suffix}.csv")

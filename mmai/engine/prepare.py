@@ -72,11 +72,29 @@ class TargetEncoding:
 
 
 def fit_clinical(config: PipelineConfig, train: pd.DataFrame) -> ClinicalPreprocessor | None:
-    """Fit the clinical preprocessor on the training rows (None without a clinical section)."""
-    if config.clinical is None:
+    """Fit the clinical preprocessor on the training rows (None without a clinical section).
+
+    With lesion descriptors (:func:`mmai.data.descriptors.descriptor_names`) its schema gains one
+    numeric column per descriptor (``train`` must carry them: :func:`attach_run_descriptors`)."""
+    from mmai.data.descriptors import descriptor_names, extend_schema
+
+    names = descriptor_names(config)
+    if config.clinical is None and not names:
         return None
-    pre = ClinicalPreprocessor(config.clinical, scaling=config.train.scaling, impute=config.train.impute)
+    schema = extend_schema(config.clinical, names, config.source) if names else config.clinical
+    pre = ClinicalPreprocessor(schema, scaling=config.train.scaling, impute=config.train.impute)
     return pre.fit(train, source="training rows")
+
+
+def attach_run_descriptors(config: PipelineConfig, df: pd.DataFrame, *, device: str = "cpu",
+                           base_dir: Any = None) -> pd.DataFrame:
+    """``df`` with the lesion descriptor columns a model of ``config`` takes (unchanged without)."""
+    from mmai.data.descriptors import attach_descriptors, descriptor_names
+
+    names = descriptor_names(config)
+    if not names or config.image is None:
+        return df
+    return attach_descriptors(config.image, df, names, device=device, base_dir=base_dir)
 
 
 def feature_specs(pre: ClinicalPreprocessor | None) -> list[FeatureSpec]:

@@ -41,6 +41,7 @@ from monai.transforms import (
 
 from mmai.config import ImageConfig, _to_plain
 from mmai.errors import ConfigError
+from mmai.transforms.descriptors import LesionDescriptorsd
 from mmai.transforms.guards import ModalityGuardd
 from mmai.transforms.intensity import PercentileNormalized, WindowChannelsd
 from mmai.transforms.roi import AppendMaskd, RoiBoxd, roi_shape
@@ -50,7 +51,7 @@ KEY = "image"
 FG = "fg"
 
 
-_NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality")
+_NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality", "descriptors")
 
 
 def image_pipeline_id(cfg: ImageConfig) -> str:
@@ -127,7 +128,7 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
     """Raw image -> model-ready ``(C, I, J, K)`` float32 MetaTensor with its RAS affine.
 
     Order: load, channel first, modality guard, reorient, anti-alias + resample to ``spacing`` (or
-    cut the ``roi`` box), foreground mask, intensity (one channel per window), body crop, fit to
+    cut the ``roi`` box; with a lesion mask, its descriptors in ``lesion_descriptors``), foreground mask, intensity (one channel per window), body crop, fit to
     the grid with the FOV guard (``fov_lost_fraction`` in the output dict), ROI mask channel.
 
     Args:
@@ -157,6 +158,8 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         chain.append(AntiAliasd(KEY, cfg.spacing))
     if cfg.roi is not None and cfg.spacing is not None:
         chain.append(RoiBoxd(KEY, size_mm=cfg.roi.size_mm, spacing=cfg.spacing))
+        if cfg.roi.mask is not None:  # in the scanner's units: before any intensity step
+            chain.append(LesionDescriptorsd(KEY, spacing=cfg.spacing))
     elif cfg.spacing is not None:
         chain.append(Spacingd(KEY, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"))
     it = cfg.intensity
