@@ -218,6 +218,15 @@ def attach_descriptors(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...
     return out
 
 
+def attach_run_descriptors(config: PipelineConfig, df: pd.DataFrame, *, device: str = "cpu",
+                           base_dir: Path | None = None) -> pd.DataFrame:
+    """``df`` with the descriptor columns a model of ``config`` takes (unchanged without)."""
+    names = descriptor_names(config)
+    if not names or config.image is None:
+        return df
+    return attach_descriptors(config.image, df, names, device=device, base_dir=base_dir)
+
+
 def descriptor_columns(cfg: ImageConfig, out: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     """The preprocessed manifest ``out`` (image column relative to ``out_dir``) with every
     descriptor as a column, read back from the written volumes' provenance (cases without an

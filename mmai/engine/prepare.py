@@ -75,7 +75,7 @@ def fit_clinical(config: PipelineConfig, train: pd.DataFrame) -> ClinicalPreproc
     """Fit the clinical preprocessor on the training rows (None without a clinical section).
 
     With lesion descriptors (:func:`mmai.data.descriptors.descriptor_names`) its schema gains one
-    numeric column per descriptor (``train`` must carry them: :func:`attach_run_descriptors`)."""
+    numeric column per descriptor (``train`` must carry them: :func:`mmai.data.descriptors.attach_run_descriptors`)."""
     from mmai.data.descriptors import descriptor_names, extend_schema
 
     names = descriptor_names(config)
@@ -84,17 +84,6 @@ def fit_clinical(config: PipelineConfig, train: pd.DataFrame) -> ClinicalPreproc
     schema = extend_schema(config.clinical, names, config.source) if names else config.clinical
     pre = ClinicalPreprocessor(schema, scaling=config.train.scaling, impute=config.train.impute)
     return pre.fit(train, source="training rows")
-
-
-def attach_run_descriptors(config: PipelineConfig, df: pd.DataFrame, *, device: str = "cpu",
-                           base_dir: Any = None) -> pd.DataFrame:
-    """``df`` with the lesion descriptor columns a model of ``config`` takes (unchanged without)."""
-    from mmai.data.descriptors import attach_descriptors, descriptor_names
-
-    names = descriptor_names(config)
-    if not names or config.image is None:
-        return df
-    return attach_descriptors(config.image, df, names, device=device, base_dir=base_dir)
 
 
 def feature_specs(pre: ClinicalPreprocessor | None) -> list[FeatureSpec]:

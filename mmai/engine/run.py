@@ -25,14 +25,14 @@ import torch
 
 from mmai.config import PipelineConfig, load_config
 from mmai.data.collate import PadCollate
-from mmai.data.descriptors import resolve_mask_paths, run_descriptor_state
+from mmai.data.descriptors import attach_run_descriptors, resolve_mask_paths, run_descriptor_state
 from mmai.data.splits import Split, make_splits
 from mmai.engine import distributed as ddp
 from mmai.engine.checkpoint import CheckpointStore
 from mmai.engine.data import oof_frame, shard_loader, train_loader
 from mmai.engine.distributed import DistInfo, distributed_session
 from mmai.engine.loop import build_engine, fit
-from mmai.engine.prepare import TargetEncoding, attach_run_descriptors, build_dataset, feature_specs, fit_clinical
+from mmai.engine.prepare import TargetEncoding, build_dataset, feature_specs, fit_clinical
 from mmai.engine.run_files import model_digest, write_run
 from mmai.engine.survival import baseline_state
 from mmai.engine.trainer import evaluate_outputs, headline, predict_outputs

@@ -39,6 +39,7 @@ sqrt(lambda_minor / lambda_major) and ``lesion_flatness`` = sqrt(lambda_least / 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -202,10 +203,8 @@ def max_diameter(vertices: np.ndarray) -> float:
     pts = np.unique(vertices, axis=0)
     if len(pts) < 2:
         return 0.0
-    try:
+    with contextlib.suppress(QhullError, ValueError):  # flat (one-voxel-thick) lesions: no 3D hull, every vertex
         pts = pts[ConvexHull(pts).vertices]
-    except (QhullError, ValueError):  # flat (one-voxel-thick) lesions: no 3D hull, use every vertex
-        pass
     return float(pdist(pts).max())
 
 
@@ -224,7 +223,7 @@ def shape_features(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     lo, hi = idx.min(0), idx.max(0) + 1
     crop = np.asarray(mask, bool)[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     volume = len(idx) * float(np.prod(sp))
-    area, mesh_volume = mesh_area_volume(crop, sp)
+    area, mesh_volume = mesh_area_volume(crop, tuple(sp))
     sphericity = (36.0 * np.pi * mesh_volume**2) ** (1.0 / 3.0) / area
     diameter = max_diameter(_mesh_vertices(crop, sp))
     xyz = idx * sp

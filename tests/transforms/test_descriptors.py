@@ -41,8 +41,8 @@ def _named(values):
 def test_sphere_of_known_radius_and_hu(spacing):
     r, hu, sd = 9.0, 60.0, 20.0
     shape = tuple(int(np.ceil(48 / s)) for s in spacing)  # a 48 mm box, the lesion in its middle
-    X, Y, Z = _grid(shape, spacing)
-    ball = X**2 + Y**2 + Z**2 <= r**2
+    x, y, z = _grid(shape, spacing)
+    ball = x**2 + y**2 + z**2 <= r**2
     d = _named(lesion_descriptors(_chest_like(shape, spacing, ball, hu, sd), ball, spacing))
     n = int(ball.sum())
     assert d["lesion_volume_mm3"] == pytest.approx(4 / 3 * np.pi * r**3, rel=0.04)
@@ -70,8 +70,8 @@ def test_ellipsoid_gives_elongation_flatness_and_axes():
     a, b, c = 12.0, 6.0, 4.0  # semi-axes (mm) along x, y, z
     spacing = (0.8, 0.8, 1.0)
     shape = (40, 24, 16)
-    X, Y, Z = _grid(shape, spacing)
-    ell = (X / a) ** 2 + (Y / b) ** 2 + (Z / c) ** 2 <= 1.0
+    x, y, z = _grid(shape, spacing)
+    ell = (x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2 <= 1.0
     d = _named(lesion_descriptors(np.zeros(shape), ell, spacing))
     assert d["lesion_elongation"] == pytest.approx(b / a, abs=0.03)
     assert d["lesion_flatness"] == pytest.approx(c / a, abs=0.03)
@@ -90,8 +90,8 @@ def test_anisotropic_spacing_is_measured_in_millimetres():
     out = {}
     for spacing in ((1.0, 1.0, 1.0), (0.6, 0.6, 2.5)):
         shape = tuple(int(np.ceil(30 / s)) for s in spacing)
-        X, Y, Z = _grid(shape, spacing)
-        ball = X**2 + Y**2 + Z**2 <= r**2
+        x, y, z = _grid(shape, spacing)
+        ball = x**2 + y**2 + z**2 <= r**2
         out[spacing] = _named(lesion_descriptors(np.full(shape, 40.0), ball, spacing))
     iso, aniso = out.values()
     for k in ("lesion_volume_mm3", "lesion_major_axis_mm", "lesion_least_axis_mm"):
@@ -123,9 +123,9 @@ def _raw_scene(tmp_path, hu=250.0):
     shape, spacing = (80, 80, 32), (1.0, 1.0, 2.5)
     aff = np.diag([*spacing, 1.0])
     aff[:3, 3] = [-40.0, -40.0, -40.0]
-    X, Y, Z = _grid(shape, spacing)
+    x, y, z = _grid(shape, spacing)
     centre = np.array([5.0, -3.0, 2.5])
-    ball = (X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2 <= 7.0**2
+    ball = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= 7.0**2
     vol = _chest_like(shape, spacing, ball, hu=hu, noise=10.0).astype(np.float32)
     nib.save(nib.Nifti1Image(vol, aff), str(tmp_path / "ct.nii.gz"))
     m_shape = (90, 90, 90)
