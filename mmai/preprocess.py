@@ -137,6 +137,7 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     (``split`` not ``test``/``val``; all rows without a split column) and written to
     OUT/preprocess_state.json and into every volume's provenance.
     """
+    from mmai.data.descriptors import stale_descriptors
     from mmai.transforms.roi import roi_sources
 
     if config.image is None:
@@ -163,7 +164,7 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
             continue
         target = images_dir / f"{safe_name(cid)}.nii.gz"
         out_rel[cid] = f"images/{target.name}"
-        if _is_done(target, pid, stats):
+        if _is_done(target, pid, stats) and not stale_descriptors(config.image, target):
             n_skipped += 1
             continue
         todo.append((cid, src, target))

@@ -131,6 +131,17 @@ def _from_entry(entry: Any) -> tuple[np.ndarray | None, str]:
     return row, "" if np.isfinite(row).any() else "its lesion mask is empty on the pipeline's grid"
 
 
+def stale_descriptors(cfg: ImageConfig, path: Path) -> bool:
+    """Whether a finished preprocessed volume of a lesion-mask pipeline lacks this mmai's
+    descriptors (made before them, or another version): ``mmai preprocess`` then redoes it."""
+    if cfg.roi is None or cfg.roi.mask is None:
+        return False
+    from mmai.data.provenance import read_provenance
+
+    entry = (read_provenance(path) or {}).get("lesion_descriptors")
+    return not isinstance(entry, dict) or entry.get("version") != DESCRIPTORS_VERSION
+
+
 def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 

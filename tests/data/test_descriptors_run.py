@@ -192,3 +192,29 @@ def test_raw_inputs_give_the_descriptors_of_preprocess(nodule_run, caplog):
     assert got.loc[[1, 2], list(DESCRIPTOR_NAMES)].isna().all().all()  # missing, never zeros
     assert f"case {got['case_id'][1]}: lesion descriptors missing" in caplog.text
     assert f"case {got['case_id'][2]}: lesion descriptors missing" in caplog.text
+
+
+@pytest.mark.slow
+def test_preprocess_redoes_volumes_made_without_descriptors(nodule_run, tmp_path):
+    from mmai.data.provenance import provenance_of, stamp
+    from mmai.io.manifest import load_manifest
+    from mmai.preprocess import preprocess_frame
+
+    cfg = load_config(nodule_run / "p.yaml")
+    cohort = nodule_run / "cohort"
+    raw = load_manifest(cohort / "manifest.csv", cfg, require_targets=False).iloc[:3].reset_index(drop=True)
+    raw.loc[2, "image"] = None  # a case without an image: kept, its descriptors empty
+    first = preprocess_frame(raw, cfg, tmp_path, progress=False, base_dir=cohort)
+    assert (first.n_done, first.n_missing_image) == (2, 1)
+    # an output of an mmai without descriptors: the same pipeline id, no lesion_descriptors entry
+    path = tmp_path / "images" / f"{raw['case_id'][0]}.nii.gz"
+    img = nib.load(path)
+    info = {k: v for k, v in provenance_of(img).items() if k != "lesion_descriptors"}
+    old = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    stamp(old, info)
+    nib.save(old, str(path))
+    again = preprocess_frame(raw, cfg, tmp_path, progress=False, base_dir=cohort)
+    assert (again.n_done, again.n_skipped) == (1, 1)
+    out = pd.read_csv(tmp_path / "manifest.csv")
+    assert out.loc[:1, list(DESCRIPTOR_NAMES)].notna().all().all()
+    assert out.loc[2, list(DESCRIPTOR_NAMES)].isna().all()
