@@ -61,6 +61,21 @@ def test_switch_defaults_on_with_a_mask_and_off_for_the_baselines():
         _config(descriptors="always")
 
 
+def test_schema_without_clinical_section_and_name_clash():
+    import yaml
+
+    from mmai.data.descriptors import extend_schema
+
+    only = extend_schema(None, DESCRIPTOR_NAMES)
+    assert only.names == list(DESCRIPTOR_NAMES) and {c.kind for c in only.columns} == {"numeric"}
+    data = yaml.safe_load(PIPELINE)
+    data["clinical"]["numeric"].append("lesion_max")
+    cfg = config_from_dict(data, source="clash.yaml")
+    with pytest.raises(ConfigError, match=r"clash.yaml: clinical column\(s\) \['lesion_max'\]"):
+        extend_schema(cfg.clinical, descriptor_names(cfg), cfg.source)
+    assert extend_schema(cfg.clinical, (), cfg.source).names == cfg.clinical.names
+
+
 def test_preprocessor_is_fitted_on_training_rows_only_and_missing_stays_missing():
     from mmai.engine.prepare import fit_clinical
 
