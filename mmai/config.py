@@ -154,6 +154,10 @@ class ImageConfig:
         antialias: Gaussian smoothing before downsampling (sigma = half the zoom factor).
         fov: what a box that cuts foreground does (:class:`FovConfig`).
         roi: a lesion box instead of the whole scan (:class:`RoiConfig`), or None.
+        descriptors: lesion descriptors (first-order + shape statistics inside ``roi.mask``,
+            :mod:`mmai.transforms.descriptors`) as extra clinical features: ``auto`` (default: on
+            when ``roi.mask`` is set, for fusions with a clinical path other than clinical_only),
+            ``true`` (the same, and an error without ``roi.mask``) or ``false``.
         cache: ``memory`` (small grids), ``disk`` (full resolution: ``cache_dir``) or ``none``.
         cache_dir: folder of the disk cache (keyed by file content + pipeline id).
         nonfinite: NaN / inf voxels in an input: ``error`` (default: the case is an error row) or
@@ -175,6 +179,7 @@ class ImageConfig:
     antialias: bool = True
     fov: FovConfig = field(default_factory=FovConfig)
     roi: RoiConfig | None = None
+    descriptors: bool | Literal["auto"] = "auto"
     cache: Literal["memory", "disk", "none"] = "memory"
     cache_dir: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -460,6 +465,9 @@ def _check_image(image: ImageConfig, source: str) -> None:
     if image.cache == "disk" and not image.cache_dir:
         raise ConfigError(f"{source}: image.cache = disk needs image.cache_dir (a folder)")
     roi = image.roi
+    if image.descriptors is True and (roi is None or roi.mask is None):
+        raise ConfigError(f"{source}: image.descriptors = true needs a lesion mask (image.roi.mask: COLUMN); "
+                          "allowed without one: auto or false")
     if roi is not None:
         if (roi.mask is None) == (roi.center is None):
             raise ConfigError(f"{source}: image.roi needs exactly one of 'mask' (a mask column) or 'center' "

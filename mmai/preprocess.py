@@ -76,13 +76,15 @@ def _process_one(image_cfg: ImageConfig, source: Any, out_path: str, device: str
                  roi: dict[str, Any] | None = None, stats: dict[str, float] | None = None) -> tuple[str, float]:
     """Load + transform one case and write it. Runs in a worker process. Returns (path, fov lost fraction)."""
     from mmai.data.dataset import save_preprocessed
+    from mmai.data.descriptors import provenance_entry
     from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
 
     chain = preprocess_transforms(image_cfg, device=device, stats=stats)
     out = apply_chain(chain, {KEY: source, **(roi or {})})
     lost = float(out.get("fov_lost_fraction", 0.0))
     save_preprocessed(out[KEY], Path(out_path), image_cfg, modality=str(out.get("modality", "unknown")),
-                      stats=stats, fov_lost_fraction=lost, input_flags=str(out.get("input_flags") or ""))
+                      stats=stats, fov_lost_fraction=lost, input_flags=str(out.get("input_flags") or ""),
+                      descriptors=provenance_entry(out))
     return out_path, lost
 
 
@@ -136,6 +138,7 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     (``split`` not ``test``/``val``; all rows without a split column) and written to
     OUT/preprocess_state.json and into every volume's provenance.
     """
+    from mmai.data.descriptors import stale_descriptors
     from mmai.transforms.roi import roi_sources
 
     if config.image is None:
@@ -162,7 +165,7 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
             continue
         target = images_dir / f"{safe_name(cid)}.nii.gz"
         out_rel[cid] = f"images/{target.name}"
-        if _is_done(target, pid, stats):
+        if _is_done(target, pid, stats) and not stale_descriptors(config.image, target):
             n_skipped += 1
             continue
         todo.append((cid, src, target))
@@ -196,6 +199,10 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     out[col] = [out_rel[c] for c in out["case_id"]]
     if config.image.roi is None:  # ROI boxes crop by design; whole-scan grids record what they cut
         out["fov_lost_fraction"] = [_lost_of(lost, c, out_rel[c], images_dir.parent) for c in out["case_id"]]
+    else:  # a lesion-mask pipeline: its lesion descriptors as columns, read back from the volumes
+        from mmai.data.descriptors import descriptor_columns
+
+        out = descriptor_columns(config.image, out, out_dir)
     from mmai.data.provenance import input_flags_column
 
     out["input_flags"] = input_flags_column(out["case_id"], [out_rel[c] for c in out["case_id"]], out_dir)

@@ -47,10 +47,11 @@ log = logging.getLogger(__name__)
 
 def save_preprocessed(volume: Any, path: Path, cfg: ImageConfig, *, modality: str = "unknown",
                       stats: dict[str, float] | None = None, fov_lost_fraction: float = 0.0,
-                      input_flags: str = "") -> None:
+                      input_flags: str = "", descriptors: dict[str, Any] | None = None) -> None:
     """Write a (C, I, J, K) MetaTensor/array with its affine as NIfTI ((I, J, K) for C = 1, else
     (I, J, K, C)), stamped with its provenance (pipeline id, modality, intensity statistics, the
-    input flags of :mod:`mmai.io.input_flags`)."""
+    input flags of :mod:`mmai.io.input_flags`, and the lesion descriptors of a lesion-mask pipeline:
+    :func:`mmai.data.descriptors.provenance_entry`)."""
     from mmai.utils import atomic_path
 
     arr = np.asarray(volume.detach().cpu() if hasattr(volume, "detach") else volume, dtype=np.float32)
@@ -58,7 +59,8 @@ def save_preprocessed(volume: Any, path: Path, cfg: ImageConfig, *, modality: st
     affine = np.asarray(volume.affine.cpu() if hasattr(volume, "affine") else np.eye(4), dtype=np.float64)
     img = nib.Nifti1Image(arr, affine)
     stamp(img, {"pipeline_id": image_pipeline_id(cfg), "modality": modality, "intensity_stats": stats,
-                "fov_lost_fraction": round(float(fov_lost_fraction), 6), "input_flags": input_flags})
+                "fov_lost_fraction": round(float(fov_lost_fraction), 6), "input_flags": input_flags,
+                **({"lesion_descriptors": descriptors} if descriptors is not None else {})})
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))

@@ -72,10 +72,17 @@ class TargetEncoding:
 
 
 def fit_clinical(config: PipelineConfig, train: pd.DataFrame) -> ClinicalPreprocessor | None:
-    """Fit the clinical preprocessor on the training rows (None without a clinical section)."""
-    if config.clinical is None:
+    """Fit the clinical preprocessor on the training rows (None without a clinical section).
+
+    With lesion descriptors (:func:`mmai.data.descriptors.descriptor_names`) its schema gains one
+    numeric column per descriptor (``train`` must carry them: :func:`mmai.data.descriptors.attach_run_descriptors`)."""
+    from mmai.data.descriptors import descriptor_names, extend_schema
+
+    names = descriptor_names(config)
+    if config.clinical is None and not names:
         return None
-    pre = ClinicalPreprocessor(config.clinical, scaling=config.train.scaling, impute=config.train.impute)
+    schema = extend_schema(config.clinical, names, config.source) if names else config.clinical
+    pre = ClinicalPreprocessor(schema, scaling=config.train.scaling, impute=config.train.impute)
     return pre.fit(train, source="training rows")
 
 

@@ -25,6 +25,7 @@ import torch
 
 from mmai.config import PipelineConfig, load_config
 from mmai.data.collate import PadCollate
+from mmai.data.descriptors import attach_run_descriptors, resolve_mask_paths, run_descriptor_state
 from mmai.data.splits import Split, make_splits
 from mmai.engine import distributed as ddp
 from mmai.engine.checkpoint import CheckpointStore
@@ -129,13 +130,13 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     part_metrics, outputs = _evaluate_final(model, config, frames, evals, enc, info)
     metrics.update(part_metrics)
     _check_ranks_agree(metrics, model, info)
-    extra_state: dict[str, Any] = {}
+    extra_state: dict[str, Any] = run_descriptor_state(config)  # which lesion descriptors it used
     if kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows, in state.json
         fit_ds = build_dataset(config, frames["train"], pre=pre, uses_image=uses_image,
                                targets=enc.encode(config, frames["train"]), loader=train_ds.loader)
         out, tgt = predict_outputs(model, shard_loader(fit_ds, tc.batch_size, info, tc.num_workers, collate=collate),
                                    info.device, None, info)
-        extra_state = baseline_state(out, tgt)
+        extra_state.update(baseline_state(out, tgt))
     if info.is_main:  # DONE is written last: a run folder with DONE has its complete state
         oof = oof_frame(config, frames["val"], outputs["val"], enc, split.name) if "val" in outputs else None
         write_run(out_dir, config, model, model_kwargs, enc, pre, metrics, result, oof=oof, loader=train_ds.loader,
@@ -223,6 +224,7 @@ def train(config: PipelineConfig, df: pd.DataFrame, out_dir: Path, *, device: st
     metrics and their mean). ``resume``: continue from the checkpoints (finished folds skipped)."""
     device = resolve_device(device)
     out_dir = Path(out_dir)
+    df = attach_run_descriptors(config, df)  # lesion descriptors as clinical columns (none without a mask)
     with distributed_session(device):
         if config.train.folds > 1:
             return _train_kfold(config, df, out_dir, device=device, resume=resume, progress=progress)
@@ -239,7 +241,7 @@ def train_from_files(config_path: Path, manifest_path: Path, out_dir: Path, *, f
                      resume: bool = False, progress: bool = True, amp: str | None = None) -> dict[str, Any]:
     """``mmai train``: load + validate the config and manifest, train, write RUN_DIR."""
     config = apply_overrides(load_config(config_path), fusion=fusion, epochs=epochs, folds=folds, amp=amp)
-    df = load_manifest(manifest_path, config)
+    df = resolve_mask_paths(config.image, load_manifest(manifest_path, config), Path(manifest_path).parent)
     metrics = train(config, df, Path(out_dir), device=device, resume=resume, progress=progress)
     head = headline(config.task.kind)
     summary = {k: metrics.get(k) for k in ("fusion", "best_epoch", "n_train", "n_val", "n_test", "world_size")}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mmai.clinical.preprocess import ClinicalPreprocessor
 from mmai.config import PipelineConfig, load_config
 from mmai.data.dataset import ImageLoader
+from mmai.data.descriptors import attach_descriptors, names_from_state, resolve_mask_paths
 from mmai.engine.checkpoint import load_weights, read_json
 from mmai.engine.prepare import TargetEncoding
 from mmai.engine.survival import STATE_KEY, horizon_column, survival_probability
@@ -93,6 +94,7 @@ class Predictor:
             raise CheckpointError(f"{run_dir}: the model reads images but config.yaml has image: null")
         self.loader = ImageLoader(self.config.image, device=self.device) if self.config.image is not None else None
         self.input_flags: dict[str, str] = {}  # case_id -> the loader's input flags
+        self.descriptors = names_from_state(self.state)  # lesion descriptors the run takes as clinical columns
 
     def _survival_setup(self) -> tuple[tuple[float, ...], dict[str, Any] | None]:
         """Horizons of ``surv_<t>`` columns and the Breslow baseline (survival runs with task.horizons)."""
@@ -150,6 +152,8 @@ class Predictor:
     def _clinical(self, df: pd.DataFrame, errors: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
         """Per-row clinical transform; rows that fail validation are reported, not fatal."""
         n = len(df)
+        if self.descriptors and self.config.image is not None:  # computed as at training (never from the table)
+            df = attach_descriptors(self.config.image, df, self.descriptors, device=self.device)
         if self.pre is None:
             return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32), [True] * n
         try:
@@ -286,6 +290,7 @@ def _cases(predictor: Predictor, out_csv: Path, manifest_path: Path | None, dico
             raise MmaiError("--clinical goes with --dicom-root; a manifest carries its clinical columns itself")
         df = load_manifest(manifest_path, predictor.config, require_targets=False, check_files=False,
                            check_clinical=False)
+        df = resolve_mask_paths(predictor.config.image, df, Path(manifest_path).parent)
         return shard_rows(df, shard), [], None
     if dicom_root is None:
         raise MmaiError("predict needs --manifest or --dicom-root")

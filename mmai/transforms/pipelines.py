@@ -41,6 +41,7 @@ from monai.transforms import (
 
 from mmai.config import ImageConfig, _to_plain
 from mmai.errors import ConfigError
+from mmai.transforms.descriptors import LesionDescriptorsd
 from mmai.transforms.guards import InputGuardd, ModalityGuardd
 from mmai.transforms.intensity import PercentileNormalized, VolumePercentileNormalized, WindowChannelsd
 from mmai.transforms.roi import AppendMaskd, RoiBoxd, roi_shape
@@ -51,8 +52,10 @@ FG = "fg"
 
 
 # nonfinite / modality_check: an input either passes them unchanged or is refused (a filled
-# volume carries the nonfinite_voxels flag), so they do not change what a pipeline makes
-_NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality", "nonfinite", "modality_check")
+# volume carries the nonfinite_voxels flag), so they do not change what a pipeline makes;
+# descriptors are measured beside the volume, never change it
+_NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality", "nonfinite", "modality_check",
+              "descriptors")
 
 
 def image_pipeline_id(cfg: ImageConfig) -> str:
@@ -132,7 +135,8 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
 
     Order: load, channel first, input guard (one 3D volume, enough voxels per axis, finite voxels;
     ``input_flags`` in the output dict), modality guard, reorient, anti-alias + resample to ``spacing`` (or
-    cut the ``roi`` box), foreground mask, intensity (one channel per window), body crop, fit to
+    cut the ``roi`` box; with a lesion mask, its descriptors in ``lesion_descriptors``), foreground mask,
+    intensity (one channel per window), body crop, fit to
     the grid with the FOV guard (``fov_lost_fraction`` in the output dict), ROI mask channel.
 
     Args:
@@ -163,6 +167,8 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         chain.append(AntiAliasd(KEY, cfg.spacing))
     if cfg.roi is not None and cfg.spacing is not None:
         chain.append(RoiBoxd(KEY, size_mm=cfg.roi.size_mm, spacing=cfg.spacing))
+        if cfg.roi.mask is not None:  # in the scanner's units: before any intensity step
+            chain.append(LesionDescriptorsd(KEY, spacing=cfg.spacing))
     elif cfg.spacing is not None:
         chain.append(Spacingd(KEY, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"))
     it = cfg.intensity
