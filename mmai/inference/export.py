@@ -108,7 +108,7 @@ def export_run(run_dir: Path, *, fmt: str, out: Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise MmaiError(f"--out {out} is an existing folder; give a file path")
-    predictor = Predictor(run_dir, device="cpu")
+    predictor = Predictor(run_dir, device="cpu", ensemble=False)  # a K-fold run: its final model
     check_exportable(predictor.model, run_dir)
     with atomic_path(out) as tmp:
         if fmt == "torchscript":
