@@ -174,7 +174,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         dicom_root=Path(a.dicom_root) if a.dicom_root else None,
         clinical_path=Path(a.clinical) if a.clinical else None,
         explain_dir=Path(a.explain) if a.explain else None,
-        device=a.device, shard=a.shard, progress=not a.quiet, workers=a.workers,
+        device=a.device, shard=a.shard, progress=not a.quiet, workers=a.workers, ensemble=not a.no_ensemble,
     )
     return _finish("predict", summary, some_failed=summary.n_failed > 0)
 
@@ -340,6 +340,8 @@ def _parser_predict(sub: Any) -> None:
                    "(see docs/cli.md); without it every case is predicted with clinical values missing")
     _add_out(s, "file", "predictions CSV")
     s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions)")
+    s.add_argument("--no-ensemble", action="store_true", help="a K-fold run (train --folds K): predict with its "
+                   "final model instead of averaging its K fold models (the default)")
     _add_device(s)
     _add_workers(s, "parallel DICOM header readers for --dicom-root")
     _add_shard(s)
