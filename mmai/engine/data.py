@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mmai.config import PipelineConfig
 from mmai.engine.distributed import DistInfo, shard_indices
 from mmai.engine.rng import worker_init
-from mmai.engine.runspec import prediction_columns
+from mmai.inference.columns import prediction_columns
 from mmai.models.heads import outputs_to_predictions
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ state.json keys itself, the role nnU-Net's plans file plays. A RunSpec holds:
   the training volumes were (``intensity.kind: percentile`` included);
 - the fitted clinical preprocessor, the target encoding, the model constructor (fusion and
   keyword arguments), the survival baseline and horizons;
-- the output column rule (:func:`prediction_columns`, :meth:`RunSpec.output_columns`) shared by
-  predictions.csv and the out-of-fold tables, and the one place a batch becomes model inputs
+- the output column rule (:func:`mmai.inference.columns.prediction_columns`,
+  :meth:`RunSpec.output_columns`) shared by predictions.csv, the out-of-fold tables and
+  ``mmai evaluate``, and the one place a batch becomes model inputs
   (:func:`model_inputs`);
 - for a K-fold run (``mmai train --folds K``, RUN/folds/foldK/), the fold models as ``folds``:
   ``mmai predict`` on such a run averages them (probabilities for classification, value for
@@ -36,30 +37,19 @@ import torch
 from mmai.config import PipelineConfig, load_config
 from mmai.engine.checkpoint import read_json
 from mmai.engine.prepare import TargetEncoding
-from mmai.engine.survival import STATE_KEY, horizon_column, survival_probability
+from mmai.engine.survival import STATE_KEY, survival_probability
 from mmai.errors import CheckpointError
+from mmai.inference.columns import prediction_columns
 
 log = logging.getLogger(__name__)
 
 FOLDS_DIR = "folds"
+#: version of the state.json layout this module writes (keys are only ever added; a run without
+#: the key is version 1)
+STATE_VERSION = 2
 #: columns a caller may add to predictions.csv between ``clinical_present`` and ``model_id``,
 #: copied through from its per-case values (e.g. ``input_flags``: what preprocessing repaired)
 PASSTHROUGH = ("input_flags",)
-
-
-def prediction_columns(kind: str, classes: Sequence[str], horizons: Sequence[float] = ()) -> list[str]:
-    """The prediction columns of a task (between ``case_id`` and the bookkeeping columns).
-
-    Classification: ``prob_<class>`` per class (training-class order) and ``prediction``;
-    regression: ``prediction`` (target units); survival: ``risk`` (log-hazard, higher = earlier
-    event) and ``surv_<t>`` per horizon. The one rule for predictions.csv, val_predictions.csv /
-    oof_predictions.csv (which leave out ``prediction`` of classification) and ``mmai evaluate``.
-    """
-    if kind in ("binary", "multiclass"):
-        return [f"prob_{c}" for c in classes] + ["prediction"]
-    if kind == "regression":
-        return ["prediction"]
-    return ["risk", *[horizon_column(t) for t in horizons]]
 
 
 def model_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -244,7 +234,7 @@ class RunSpec:
             return risk
         return pred
 
-    def rows(self, case_ids: Sequence[str], values: np.ndarray, clinical_present: Sequence[int],
+    def rows(self, case_ids: Sequence[str], values: np.ndarray, clinical_present: Sequence[int] | np.ndarray,
              extra: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
         """predictions.csv rows from :meth:`predictions` values (averaged over the members)."""
         cols = prediction_columns(self.kind, self.encoding.classes, self.horizons)
@@ -263,6 +253,31 @@ class RunSpec:
             row["model_id"] = self.model_id
             rows.append(row)
         return rows
+
+
+def run_state(*, model_id: str, config: PipelineConfig, model: torch.nn.Module, model_kwargs: Mapping[str, Any],
+              encoding: TargetEncoding, clinical: Any, loader: Any, best_epoch: int,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """state.json of a finished run (what :meth:`RunSpec.load` reads back), written by the engine.
+
+    ``loader``: the training ImageLoader (its fitted intensity statistics and the modalities it
+    read); ``extra``: more entries (e.g. the survival baseline under ``survival``)."""
+    import monai
+
+    import mmai
+    from mmai.data.provenance import run_image_state
+
+    return {
+        "runspec_version": STATE_VERSION,
+        "model_id": model_id, "fusion": config.model.fusion, "model_kwargs": dict(model_kwargs),
+        "uses_image": bool(getattr(model, "uses_image", True)),
+        "target": encoding.to_state(), "task": dataclasses.asdict(config.task),
+        "clinical": clinical.to_state() if clinical is not None else None,
+        "image": None if config.image is None else run_image_state(config.image, loader),
+        "best_epoch": best_epoch,
+        "versions": {"mmai": mmai.__version__, "torch": torch.__version__, "monai": monai.__version__},
+        **(extra or {}),
+    }
 
 
 def _image_key(spec: RunSpec) -> tuple[Any, ...]:

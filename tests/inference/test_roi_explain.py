@@ -13,7 +13,7 @@ import pandas as pd
 
 from mmai.cli import main
 from mmai.transforms.roi import mask_center_ras
-from tests.inference.test_raw_input_predict import AFFINE, N, SHAPE, _cohort, _pipeline
+from tests.inference.test_raw_input_predict import AFFINE, SHAPE, N, _cohort, _pipeline
 
 BOX_MM = 30.0
 
