@@ -37,3 +37,29 @@ def test_kfold_run_predicts_the_mean_of_its_fold_models(tmp_path):
     assert set(ens["model_id"]) == {spec.model_id} and "-ens2-" in spec.model_id
     assert set(final["model_id"]) == {RunSpec.load(tmp_path / "run", ensemble=False).model_id}
     assert not set(final["model_id"]) & set(ens["model_id"])
+
+
+def test_kfold_survival_run_averages_log_risk_and_survival_probabilities(tmp_path):
+    import yaml
+
+    rng = np.random.default_rng(0)
+    n = 60
+    age = rng.uniform(30, 80, n)
+    t = rng.exponential(np.exp(-(age - 55) / 15)) * 10
+    pd.DataFrame({"case_id": [f"s{i}" for i in range(n)], "age": age, "time": np.minimum(t, 12.0),
+                  "event": (t < 12.0).astype(int)}).to_csv(tmp_path / "m.csv", index=False)
+    cfg = {"task": {"kind": "survival", "horizons": [2.0, 5.0]}, "image": None,
+           "clinical": {"numeric": [{"name": "age", "range": [0, 120]}]},
+           "model": {"fusion": "clinical_only", "dim": 16, "heads": 2},
+           "train": {"epochs": 3, "batch_size": 16, "folds": 2}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "p.yaml"), "--manifest", str(tmp_path / "m.csv"),
+                 "--out", str(tmp_path / "run"), "--device", "cpu", "-q"]) == 0
+    ens = _predict(tmp_path / "run", tmp_path / "m.csv", tmp_path / "ens.csv")
+    folds = [_predict(tmp_path / "run" / "folds" / f"fold{k}", tmp_path / "m.csv", tmp_path / f"f{k}.csv")
+             for k in range(2)]
+    assert list(ens.columns[:3]) == ["risk", "surv_2", "surv_5"]
+    for col in ("risk", "surv_2", "surv_5"):
+        np.testing.assert_allclose(ens[col], (folds[0][col] + folds[1][col]) / 2, atol=1e-6)
+    assert not np.allclose(folds[0]["surv_5"], folds[1]["surv_5"], atol=1e-4)
+    assert (ens["surv_5"] <= ens["surv_2"] + 1e-9).all()  # still a survival curve
