@@ -243,6 +243,7 @@ def _cases(predictor: Predictor, out_csv: Path, manifest_path: Path | None, dico
 
     df, select_errors, report = predict_cases(dicom_root, clinical_path, predictor.config, progress=progress,
                                               workers=workers)
+    predictor.base_dir = Path(clinical_path).parent if clinical_path is not None else None  # ROI mask paths
     select_errors = [error_row(e["case_id"], e["stage"], e["error"], series=e.get("series", ""))
                      for e in select_errors]
     if shard is not None:
