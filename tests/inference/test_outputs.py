@@ -160,3 +160,22 @@ def test_full_disk_mid_predict_is_one_line_and_a_rerun_resumes_without_loss_or_d
     assert len(df) == 24 and df.index.is_unique
     ref = world.reference()
     np.testing.assert_allclose(df["prob_1"], ref["prob_1"], atol=1e-6)
+
+
+def test_an_internal_error_is_one_line_exit_3_and_the_traceback_only_with_verbose(monkeypatch, tmp_path, capsys):
+    import mmai.cli as cli
+
+    def boom(a):
+        raise RuntimeError("something\nunexpected")
+
+    monkeypatch.setattr(cli, "_cmd_synth", boom)
+    for verbose in ([], ["-v"]):
+        parser = cli.build_parser()
+        monkeypatch.setattr(cli, "build_parser", lambda parser=parser: parser)
+        parser._subparsers._group_actions[0].choices["synth"].set_defaults(func=boom)
+        capsys.readouterr()
+        assert run_cli(["synth", "--out", str(tmp_path / "s"), *verbose]) == 3
+        err = capsys.readouterr().err
+        line = [x for x in err.splitlines() if x.startswith("mmai synth: error:")]
+        assert len(line) == 1 and "internal error: RuntimeError: something | unexpected" in line[0]
+        assert ("Traceback" in err) == bool(verbose)
