@@ -197,6 +197,11 @@ def guard(verb: str, args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space (not a problem of the case being written): stop the run."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def disk_error_message(exc: OSError) -> str:
     """One line for a write failure in the middle of a run."""
     where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""

@@ -211,6 +211,11 @@ class RunSpec:
         except ManifestError:
             return [None] * len(df)
 
+    @staticmethod
+    def model_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(args, kwargs) of ``model``'s call on ``batch`` (:func:`model_inputs`)."""
+        return model_inputs(model, batch)
+
     def output_columns(self, extra: Sequence[str] = ()) -> list[str]:
         """predictions.csv's columns: case_id, the task's columns, clinical_present, ``extra``
         (pass-through columns such as ``input_flags``), model_id."""

@@ -179,3 +179,36 @@ def test_an_internal_error_is_one_line_exit_3_and_the_traceback_only_with_verbos
         line = [x for x in err.splitlines() if x.startswith("mmai synth: error:")]
         assert len(line) == 1 and "internal error: RuntimeError: something | unexpected" in line[0]
         assert ("Traceback" in err) == bool(verbose)
+
+
+def test_full_disk_mid_preprocess_stops_in_one_line_and_the_rerun_completes(tmp_path, monkeypatch, capsys):
+    """A full disk is not the case's fault: preprocess stops (exit 3) instead of listing every
+    remaining case as failed, and the rerun makes the missing volumes only."""
+    import mmai.preprocess as PP
+    from tests.inference.test_raw_input_predict import N, _cohort, _pipeline
+
+    manifest = _cohort(tmp_path, "CT")
+    pipe = _pipeline(tmp_path, "ct_head")
+    real = PP._process_one
+    calls = {"n": 0}
+
+    def full_on_fourth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(PP, "_process_one", full_on_fourth)
+    argv = ["preprocess", "--config", str(pipe), "--input", str(manifest), "--out", str(tmp_path / "pre"), "-q"]
+    capsys.readouterr()
+    assert run_cli(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device" in err[0], err
+    assert len(list((tmp_path / "pre" / "images").glob("*.nii.gz"))) == 3
+    monkeypatch.setattr(PP, "_process_one", real)
+    from mmai.preprocess import run_preprocess
+
+    summary = run_preprocess(config_path=pipe, input_path=manifest, out_dir=tmp_path / "pre", progress=False)
+    assert summary.n_skipped == 3 and summary.n_done == N - 3 and summary.n_failed == 0
+    man = pd.read_csv(tmp_path / "pre" / "manifest.csv")
+    assert len(man) == N and man["case_id"].is_unique
