@@ -118,10 +118,16 @@ class RunSpec:
         single = cls._load_one(run_dir)
         if not ensemble:
             return single
-        fold_dirs = sorted((p for p in (run_dir / FOLDS_DIR).glob("fold*") if (p / "state.json").exists()),
+        fold_dirs = sorted((p for p in (run_dir / FOLDS_DIR).glob("fold*") if p.is_dir()),
                            key=lambda p: (len(p.name), p.name))
         if not fold_dirs:
             return single
+        done = [p for p in fold_dirs if (p / "DONE").exists() and (p / "state.json").exists()]
+        if len(done) != len(fold_dirs) or len(done) != single.config.train.folds:
+            raise CheckpointError(f"{run_dir}: {len(done)} of {single.config.train.folds} cross-validation fold "
+                                  f"models are finished ({run_dir / FOLDS_DIR}); finish training (mmai train "
+                                  "--resume) or predict with the final model alone (--no-ensemble)")
+        fold_dirs = done
         folds = tuple(cls._load_one(p) for p in fold_dirs)
         for f in folds:
             if f.encoding.kind != single.encoding.kind or list(f.encoding.classes) != list(single.encoding.classes):

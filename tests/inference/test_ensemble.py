@@ -63,3 +63,23 @@ def test_kfold_survival_run_averages_log_risk_and_survival_probabilities(tmp_pat
         np.testing.assert_allclose(ens[col], (folds[0][col] + folds[1][col]) / 2, atol=1e-6)
     assert not np.allclose(folds[0]["surv_5"], folds[1]["surv_5"], atol=1e-4)
     assert (ens["surv_5"] <= ens["surv_2"] + 1e-9).all()  # still a survival curve
+
+
+def test_an_unfinished_kfold_run_is_not_silently_a_smaller_ensemble(tmp_path):
+    import shutil
+
+    import pytest
+
+    from mmai.errors import CheckpointError
+
+    manifest = _cohort(tmp_path, "CT")
+    pipe = _pipeline(tmp_path, "ct_head")
+    assert main(["train", "--config", str(pipe), "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+                 "--folds", "2", "--epochs", "1", "--device", "cpu", "-q"]) == 0
+    (tmp_path / "run" / "folds" / "fold1" / "DONE").unlink()  # as if fold1 were still training
+    with pytest.raises(CheckpointError, match="1 of 2 cross-validation fold models are finished"):
+        RunSpec.load(tmp_path / "run")
+    assert not RunSpec.load(tmp_path / "run", ensemble=False).is_ensemble
+    shutil.rmtree(tmp_path / "run" / "folds" / "fold1")
+    with pytest.raises(CheckpointError, match="1 of 2"):
+        RunSpec.load(tmp_path / "run")
