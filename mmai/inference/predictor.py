@@ -4,7 +4,10 @@ Output columns (DESIGN.md): ``case_id``, then ``prob_<class>`` per class and ``p
 (classification), ``prediction`` (regression, in the target's units) or ``risk`` (survival,
 higher = earlier event) plus ``surv_<t>`` (P(no event by t), one per ``task.horizons`` entry),
 then ``clinical_present`` (1: at least one clinical value observed; 0: the model saw the clinical
-modality as missing, e.g. a study with no row in the clinical table) and ``model_id``. Rows are
+modality as missing, e.g. a study with no row in the clinical table), the pass-through columns of
+:attr:`Predictor.extra_columns` (e.g. ``input_flags``) and ``model_id``; the rule is the run
+contract's (:meth:`mmai.engine.runspec.RunSpec.output_columns`). A K-fold run is predicted as
+the mean of its fold models (``ensemble=False``: its final model). Rows are
 appended as each batch finishes, so a killed run resumes where it stopped (a torn last row is
 redone); a case that fails gets a row in ``<out>.errors.csv`` (case_id, stage, series, error) and
 the others go on. With ``--dicom-root`` the clinical join is reported in ``<out>.join.json``.
