@@ -25,8 +25,14 @@ def test_kfold_run_predicts_the_mean_of_its_fold_models(tmp_path):
                  "--folds", "2", "--device", "cpu", "-q"]) == 0
     spec = RunSpec.load(tmp_path / "run")
     assert spec.is_ensemble and len(spec.members) == 2
-    ens = _predict(tmp_path / "run", manifest, tmp_path / "ens.csv")
+    ens = _predict(tmp_path / "run", manifest, tmp_path / "ens.csv", "--explain", str(tmp_path / "ex"))
     folds = [_predict(tmp_path / "run" / "folds" / f"fold{k}", manifest, tmp_path / f"f{k}.csv") for k in range(2)]
+    # the ensemble is explained as one model: its id, one map per case, averaged attributions
+    import json
+
+    info = json.loads((tmp_path / "ex" / "c0_explain.json").read_text())
+    assert info["model_id"] == spec.model_id and "c0_saliency.nii.gz" in info["files"]
+    assert [a["feature"] for a in info["attributions"]] == ["age"]
     final = _predict(tmp_path / "run", manifest, tmp_path / "final.csv", "--no-ensemble")
     assert len(ens) == N
     mean = (folds[0]["prob_1"] + folds[1]["prob_1"]) / 2
