@@ -327,6 +327,9 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
                          .cpu().numpy())
     if sals:
         native, native_affine = native_image(x["path"], predictor.config.image)  # (X, Y, Z), (4, 4)
+        if predictor.config.image.roi is not None and not x.get("roi"):
+            notes.append("maps on the lesion box (the input is a preprocessed box); give the raw scan with its "
+                         "mask/centre columns for maps on the patient's full scan")
         sal_n = _normalise(to_native(_normalise(np.mean(sals, axis=0)), x["affine"], native_affine, native.shape))
         _save_map(sal_n, native_affine, paths["saliency"])
         files.append(paths["saliency"].name)
