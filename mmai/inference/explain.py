@@ -322,7 +322,7 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
             elif att is not None and "one image token" not in " ".join(notes):
                 notes.append("attention map skipped: the model sees the image as one image token, so its "
                              "attention over the image is constant")
-        if spec.clinical is not None and spec.clinical.feature_names:
+        if spec.clinical is not None and list(spec.clinical.feature_names) == list(predictor.pre.feature_names):
             attrs.append(clinical_attributions(model, kind, x["image"], x["present"], values, mask, **kw)[0]
                          .cpu().numpy())
     if sals:
