@@ -212,3 +212,26 @@ def test_full_disk_mid_preprocess_stops_in_one_line_and_the_rerun_completes(tmp_
     assert summary.n_skipped == 3 and summary.n_done == N - 3 and summary.n_failed == 0
     man = pd.read_csv(tmp_path / "pre" / "manifest.csv")
     assert len(man) == N and man["case_id"].is_unique
+
+
+def test_two_predicts_started_together_on_one_output_leave_one_row_per_case(world, tmp_path):  # noqa: F811
+    """The double click of the issue: two `mmai predict` processes on the same --out. One writes,
+    the other is refused in one line naming it; the file holds each case once."""
+    m = pd.read_csv(world.pre / "manifest.csv", dtype=str)
+    m["image"] = [str(world.pre / p) for p in m["image"]]
+    big = pd.concat([m.assign(case_id=m["case_id"] + f"-{k}") for k in range(8)], ignore_index=True)  # 192 cases
+    big.to_csv(tmp_path / "m.csv", index=False)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mmai", "predict", "--run", str(world.run), "--manifest", str(tmp_path / "m.csv"),
+           "--out", str(tmp_path / "p.csv"), "--device", "cpu", "-q"]
+    procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert len(df) == len(big) and df["case_id"].is_unique
+    if codes == [0, 2]:  # they overlapped: the second was refused
+        err = next(e for rc, e in results if rc == 2).strip().splitlines()
+        assert len(err) == 1 and "is being written by mmai predict (pid" in err[0], err
+    else:  # one finished before the other started: the second found every case done
+        assert codes == [0, 0]
