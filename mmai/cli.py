@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmai.outputs import disk_error_message
 
         log.debug("traceback", exc_info=True)
-        sys.stderr.write(f"mmai {args.verb}: error: {disk_error_message(exc)}\n")
+        sys.stderr.write(f"mmai {args.verb}: error: {disk_error_message(exc, args.verb)}\n")
         return 3
     except Exception as exc:  # noqa: BLE001 - no traceback reaches a user; -v logs it
         log.debug("traceback", exc_info=True)

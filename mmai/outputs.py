@@ -202,12 +202,13 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_error_message(exc: OSError) -> str:
-    """One line for a write failure in the middle of a run."""
+def disk_error_message(exc: OSError, verb: str = "") -> str:
+    """One line for a write failure in the middle of a run, saying how to resume it."""
     where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    again = ("run the same command with --resume (training continues from its last checkpoint)" if verb == "train"
+             else "run the same command again (finished cases are kept and skipped)")
     if exc.errno == errno.ENOSPC:
-        return (f"no space left on device{where}; free some space and run the same command again (finished "
-                "cases are kept and skipped)")
+        return f"no space left on device{where}; free some space and {again}"
     if exc.errno == errno.EDQUOT:
-        return f"disk quota exceeded{where}; free some space and run the same command again"
+        return f"disk quota exceeded{where}; free some space and {again}"
     return f"{exc.strerror or type(exc).__name__}{where} (errno {exc.errno})"

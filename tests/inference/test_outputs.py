@@ -235,3 +235,30 @@ def test_two_predicts_started_together_on_one_output_leave_one_row_per_case(worl
         assert len(err) == 1 and "is being written by mmai predict (pid" in err[0], err
     else:  # one finished before the other started: the second found every case done
         assert codes == [0, 0]
+
+
+def test_full_disk_mid_training_is_one_line_and_resume_finishes(tmp_path, monkeypatch, capsys):
+    from mmai.engine.checkpoint import CheckpointStore
+    from tests.inference.test_raw_input_predict import _cohort, _pipeline
+
+    manifest = _cohort(tmp_path, "CT")
+    pipe = _pipeline(tmp_path, "ct_head")
+    real = CheckpointStore.commit
+
+    def full_after_first_epoch(self, epoch, *a, **k):
+        if epoch >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder))
+        return real(self, epoch, *a, **k)
+
+    monkeypatch.setattr(CheckpointStore, "commit", full_after_first_epoch)
+    argv = ["train", "--config", str(pipe), "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+            "--epochs", "3", "--device", "cpu", "-q"]
+    capsys.readouterr()
+    assert run_cli(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device" in err[0] and "--resume" in err[0], err
+    assert not (tmp_path / "run" / "DONE").exists() and not (tmp_path / "run" / ".mmai-train.lock").exists()
+    monkeypatch.setattr(CheckpointStore, "commit", real)
+    assert run_cli([*argv, "--resume"]) == 0
+    assert (tmp_path / "run" / "DONE").exists()
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3  # epochs 1 (kept), 2, 3
