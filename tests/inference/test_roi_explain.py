@@ -68,7 +68,9 @@ def test_roi_run_predicts_a_dicom_root_with_the_table_s_mask_column(tmp_path):
     # which case id the DICOM root gives the study
     assert main(["predict", "--run", str(tmp_path / "run"), "--dicom-root", str(tmp_path / "dicom"), "--out",
                  str(tmp_path / "probe.csv"), "--device", "cpu", "-q"]) == 1  # no mask: the case fails
-    cid = pd.read_csv(tmp_path / "probe.errors.csv")["case_id"].iloc[0]
+    probe = pd.read_csv(tmp_path / "probe.errors.csv")
+    assert "needs the lesion column(s) ['mask']" in probe["error"].iloc[0]
+    cid = probe["case_id"].iloc[0]
     pd.DataFrame({"case_id": [cid], "age": [50.0], "mask": ["dicom_mask.nii.gz"]}).to_csv(tmp_path / "t.csv",
                                                                                            index=False)
     assert main(["predict", "--run", str(tmp_path / "run"), "--dicom-root", str(tmp_path / "dicom"), "--clinical",
