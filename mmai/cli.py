@@ -1,7 +1,9 @@
 """`mmai ...`: the command line. Thin: parse arguments, configure logging, call the library.
 
 Exit status: 0 success; 1 a batch where every case failed (`predict`); 2 bad input, with one line
-`mmai VERB: error: <reason>` (argument errors and any MmaiError); 130 interrupted. Options shared
+`mmai VERB: error: <reason>` (argument errors, any MmaiError, an output that cannot be written or
+that another run is writing); 3 a failure while running (a full disk, an I/O error, an internal
+error), one line too (``-v`` logs the traceback); 130 interrupted. Options shared
 by several verbs (`--out`, `--device`, `--workers`, `--shard`, `--salt-file`) come from one
 helper each. Heavy imports happen inside the handlers so `mmai --help` is instant.
 """
@@ -172,7 +174,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         dicom_root=Path(a.dicom_root) if a.dicom_root else None,
         clinical_path=Path(a.clinical) if a.clinical else None,
         explain_dir=Path(a.explain) if a.explain else None,
-        device=a.device, shard=a.shard, progress=not a.quiet, workers=a.workers,
+        device=a.device, shard=a.shard, progress=not a.quiet, workers=a.workers, ensemble=not a.no_ensemble,
     )
     return _finish("predict", summary, some_failed=summary.n_failed > 0)
 
@@ -338,6 +340,8 @@ def _parser_predict(sub: Any) -> None:
                    "(see docs/cli.md); without it every case is predicted with clinical values missing")
     _add_out(s, "file", "predictions CSV")
     s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions)")
+    s.add_argument("--no-ensemble", action="store_true", help="a K-fold run (train --folds K): predict with its "
+                   "final model instead of averaging its K fold models (the default)")
     _add_device(s)
     _add_workers(s, "parallel DICOM header readers for --dicom-root")
     _add_shard(s)
@@ -452,6 +456,11 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # optional GPU codec
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (multi-line reasons, e.g. lists of cases, joined with ' | ')."""
+    return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
@@ -461,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             from mmai.io.deid import read_salt_file, set_pseudonym_key
 
             set_pseudonym_key(read_salt_file(args.salt_file))
-        return int(args.func(args))
+        from mmai.outputs import guard
+
+        with guard(args.verb, args):  # outputs writable, one writer per output
+            return int(args.func(args))
     except MmaiError as exc:
         sys.stderr.write(f"mmai {args.verb}: error: {exc}\n")
         return 2
@@ -471,6 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"mmai {args.verb}: interrupted\n")
         return 130
+    except OSError as exc:  # a full disk, a folder made read-only mid-run, an I/O error
+        from mmai.outputs import disk_error_message
+
+        log.debug("traceback", exc_info=True)
+        sys.stderr.write(f"mmai {args.verb}: error: {disk_error_message(exc, args.verb)}\n")
+        return 3
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user; -v logs it
+        log.debug("traceback", exc_info=True)
+        sys.stderr.write(f"mmai {args.verb}: error: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                         "(rerun with -v for the traceback and report it)\n")
+        return 3
     finally:
         if salted:
             from mmai.io.deid import set_pseudonym_key

@@ -416,6 +416,9 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Pip
     train = _build(TrainConfig, data.get("train"), "train", source)
     infer = _build(InferConfig, data.get("infer"), "infer", source)
     _check_values(task, image, model, train, source)
+    from mmai.config_ranges import check_ranges
+
+    check_ranges(task, image, model, train, infer, source)
     return PipelineConfig(task=task, clinical=clinical, image=image, model=model, train=train,
                           infer=infer, source=source)
 
@@ -430,6 +433,7 @@ def _check_values(task: TaskConfig, image: ImageConfig | None, model: ModelConfi
         positive(f"train.{name}", getattr(train, name))
     positive("train.lr", train.lr)
     positive("model.dim", model.dim)
+    positive("model.heads", model.heads)
     if model.dim % model.heads:
         raise ConfigError(f"{source}: model.dim ({model.dim}) must be divisible by model.heads ({model.heads})")
     if not 0.0 <= train.val_fraction < 1.0:

@@ -22,8 +22,9 @@ import pandas as pd
 from mmai.engine import metrics as M
 from mmai.engine.metrics_report import compute_metrics
 from mmai.errors import ManifestError
+from mmai.inference.columns import task_of_columns
 from mmai.io.manifest import SPLITS
-from mmai.labels import class_sort_key, label_text
+from mmai.labels import label_text
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +47,9 @@ def _cases(ids: list[str]) -> dict[str, Any]:
 
 
 def infer_task(columns: list[str], source: str = "predictions") -> tuple[str, list[str]]:
-    """Task kind and class names (in prob-column order: sorted labels) from predictions columns.
-
-    Returns:
-        (kind, classes): kind in binary | multiclass | regression | survival; classes [] unless
-        classification.
-    """
-    probs = [c for c in columns if c.startswith("prob_")]
-    if probs and "risk" in columns:
-        raise ManifestError(f"{source}: has both prob_* columns {probs} and a risk column; "
-                            "a predictions file holds one task")
-    if probs:
-        classes = sorted((c[len("prob_"):] for c in probs), key=class_sort_key)
-        if len(classes) < 2:
-            raise ManifestError(f"{source}: classification needs one prob_<class> column per class "
-                                f"(binary: prob_<neg> and prob_<pos>); found only {probs}")
-        return ("binary" if len(classes) == 2 else "multiclass"), classes
-    if "risk" in columns:
-        return "survival", []
-    if "prediction" in columns:
-        return "regression", []
-    raise ManifestError(f"{source}: no recognisable prediction columns: expected prob_<class> "
-                        f"(classification), risk (survival) or prediction (regression); got {list(columns)}")
+    """Task kind and class names from predictions columns (the one rule:
+    :func:`mmai.inference.columns.task_of_columns`)."""
+    return task_of_columns(columns, source)
 
 
 def horizon_columns(columns: list[str], source: str) -> dict[str, float]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from mmai.config import ImageConfig, PipelineConfig, load_config
 from mmai.errors import ConfigError, MmaiError
 from mmai.io.manifest import load_manifest
+from mmai.outputs import is_disk_full
 from mmai.transforms.pipelines import image_pipeline_id
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     failed: set[str] = set()
 
     def fail(cid: str, exc: BaseException) -> None:
+        if is_disk_full(exc):  # not the case's fault: stop (exit 3); the rerun resumes
+            raise exc
         errors.append({"case_id": cid, "stage": "image", "error": f"{type(exc).__name__}: {exc}"})
         failed.add(cid)
         log.warning("case %s failed: %s", cid, exc)

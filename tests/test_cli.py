@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 
 import pytest
@@ -42,7 +43,21 @@ def test_shared_options_come_from_one_helper_each():
                        "--shard": ["preprocess", "predict"], "--device": ["preprocess", "train", "predict"],
                        "--salt-file": ["scan", "convert", "preprocess", "predict"]}.items():
         actions = [_options(v)[opt] for v in verbs]
+        # same type function (None would pass for any plain-string option: compare behaviour too)
         assert len({a.type for a in actions}) == 1, opt
+        assert len({(a.dest, a.nargs, a.metavar) for a in actions}) == 1, opt
+        shared = {"--workers": lambda h: h[h.rindex("("):], "--shard": str, "--salt-file": str,
+                  "--device": lambda h: h.split(" (default")[0]}[opt]  # the helper's own wording
+        assert len({shared(a.help) for a in actions}) == 1, (opt, [a.help for a in actions])
+    for opt, bad in (("--workers", "0"), ("--shard", "3/2")):  # parsed by the helper's type, alike everywhere
+        verbs = ["scan", "convert", "preprocess", "predict", "synth"] if opt == "--workers" else ["preprocess",
+                                                                                                  "predict"]
+        errors = set()
+        for v in verbs:
+            with pytest.raises(argparse.ArgumentTypeError) as info:
+                _options(v)[opt].type(bad)
+            errors.add(str(info.value))
+        assert len(errors) == 1, (opt, errors)
     assert _options("preprocess")["--device"].default == "cpu" and _options("predict")["--device"].default is None
     n_lines = len(inspect.getsource(cli.build_parser).splitlines())
     assert n_lines <= 30, f"build_parser is {n_lines} lines"

@@ -26,9 +26,20 @@ def data():
     return {"a": (y, pa), "b": (y, pb)}, (t, e, risk)
 
 
-def _only_png(folder, name):
+def _drawn(path) -> int:
+    """Coloured pixels of a decoded PNG: the plotted curves/markers (axes, text and background are
+    grey), so an empty or blank figure has none."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    assert rgb.shape[0] >= 150 and rgb.shape[1] >= 150, rgb.shape
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum())
+
+
+def _only_png(folder, name, min_drawn: int = 200):
     assert [p.name for p in folder.iterdir()] == [name]  # no temp files left behind
     assert (folder / name).read_bytes()[:8] == PNG
+    assert _drawn(folder / name) >= min_drawn  # something was plotted, not an empty figure
 
 
 def test_roc_pr_calibration(tmp_path, data):
@@ -54,6 +65,9 @@ def test_training_curves_plot_each_numeric_key(tmp_path):
             {"epoch": 3, "train_loss": 0.6, "val_loss": 0.7, "val_auroc": 0.7, "seconds": 12.0}]
     out = plots.plot_training_curves(rows, tmp_path / "t" / "train.png", title="run")
     _only_png(out.parent, "train.png")
+    one = plots.plot_training_curves([{k: r.get(k) for k in ("epoch", "train_loss")} for r in rows],
+                                     tmp_path / "one.png")
+    assert _drawn(out) > _drawn(one)  # more numeric keys, more curves drawn
     with pytest.raises(MmaiError, match="no rows"):
         plots.plot_training_curves([], tmp_path / "x.png")
     with pytest.raises(MmaiError, match="no numeric key"):

@@ -150,8 +150,10 @@ class ImageLoader:
             arr = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
             return np.ascontiguousarray(arr), np.asarray(img.affine), note
         if self.cfg.roi is not None and roi is None:
-            raise PreprocessError(f"{path}: image.roi pipelines read the lesion box made by `mmai preprocess` "
-                                  "(which reads the mask/centre columns); run it first and use its manifest")
+            cols = [self.cfg.roi.mask] if self.cfg.roi.mask is not None else list(self.cfg.roi.center or ())
+            raise PreprocessError(f"{path}: a raw scan of an image.roi pipeline needs the lesion column(s) {cols} "
+                                  "(in the manifest, or the --clinical table for --dicom-root), or the box made "
+                                  "by `mmai preprocess`")
         if self._chain is None:
             self._chain = preprocess_transforms(self.cfg, device=self.device, stats=self.stats)
         out = apply_chain(self._chain, {KEY: path, **(roi or {})})

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mmai.config import PipelineConfig
 from mmai.engine.distributed import DistInfo, shard_indices
 from mmai.engine.rng import worker_init
+from mmai.inference.columns import prediction_columns
 from mmai.models.heads import outputs_to_predictions
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,14 @@ def oof_frame(config: PipelineConfig, val_df: pd.DataFrame, out: torch.Tensor, e
     for c in targets:
         cols[c] = val_df[c].to_numpy()
     pred = outputs_to_predictions(t.kind, out).numpy()
+    names = prediction_columns(t.kind, enc.classes)  # the predictions.csv rule, without surv_<t>
     if t.kind in ("binary", "multiclass"):
-        for i, c in enumerate(enc.classes):
-            cols[f"prob_{c}"] = pred[:, i]
+        names = names[:-1]  # no argmax column: the out-of-fold table holds the scores
+        pred = pred[:, : len(names)]
     elif t.kind == "regression":
-        cols["prediction"] = pred[:, 0] * enc.std + enc.mean
+        pred = pred[:, :1] * enc.std + enc.mean
     else:
-        cols["risk"] = pred[:, 0]
+        pred = pred[:, :1]
+    for i, c in enumerate(names):
+        cols[c] = pred[:, i]
     return pd.DataFrame(cols)

@@ -3,7 +3,6 @@ plots/, val_predictions.csv, DONE (written last: its presence marks a complete r
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -13,7 +12,6 @@ import pandas as pd
 import torch
 
 from mmai.config import PipelineConfig, dump_config
-from mmai.data.provenance import run_image_state
 from mmai.engine.checkpoint import save_weights
 from mmai.engine.prepare import TargetEncoding
 from mmai.utils import atomic_path, atomic_write_json, atomic_write_text
@@ -37,24 +35,14 @@ def write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, mod
     """Write the run folder (rank 0); ``loader`` (the training ImageLoader) supplies the fitted
     intensity statistics recorded with the image pipeline's provenance; ``extra_state`` entries
     (e.g. the survival baseline) go into state.json with the rest."""
-    import monai
-
-    import mmai
+    from mmai.engine.runspec import run_state
 
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     model_id = f"{config.model.fusion}-{model_digest(model)[:10]}"
     save_weights(state_dict, out_dir / "model.safetensors", metadata={"format": "mmai", "model_id": model_id})
     dump_config(config, out_dir / "config.yaml")
-    state = {
-        "model_id": model_id, "fusion": config.model.fusion, "model_kwargs": model_kwargs,
-        "uses_image": bool(getattr(model, "uses_image", True)),
-        "target": enc.to_state(), "task": dataclasses.asdict(config.task),
-        "clinical": pre.to_state() if pre is not None else None,
-        "image": None if config.image is None else run_image_state(config.image, loader),
-        "best_epoch": result.best_epoch,
-        "versions": {"mmai": mmai.__version__, "torch": torch.__version__, "monai": monai.__version__},
-        **(extra_state or {}),
-    }
+    state = run_state(model_id=model_id, config=config, model=model, model_kwargs=model_kwargs, encoding=enc,
+                      clinical=pre, loader=loader, best_epoch=result.best_epoch, extra=extra_state)
     atomic_write_json(out_dir / "state.json", state)
     atomic_write_json(out_dir / "metrics.json", {"model_id": model_id, **metrics})
     if oof is not None:

@@ -57,9 +57,10 @@ def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
 
 def _forward(model: torch.nn.Module, batch: dict[str, Any], *, return_aux: bool = False) -> Any:
     """The model's outputs (B, n_outputs); with ``return_aux``, ``(outputs, aux dict)``."""
-    extra = {"affine": batch.get("affine")} if getattr(_unwrap(model), "accepts_affine", False) else {}
-    return model(batch.get("image"), batch["image_present"], batch["clinical"], batch["clinical_mask"],
-                 return_aux=return_aux, **extra)
+    from mmai.engine.runspec import model_inputs
+
+    args, kwargs = model_inputs(_unwrap(model), batch)
+    return model(*args, return_aux=return_aux, **kwargs)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -150,6 +150,15 @@ def _match(cases: pd.DataFrame, table: pd.DataFrame, source: str) -> tuple[list[
     return rows, JoinReport(rule="case_id", matched_by={"case_id": sum(r is not None for r in rows)})
 
 
+def _roi_columns(config: PipelineConfig) -> list[str]:
+    """The lesion-box columns of an ``image.roi`` pipeline (mask path or centre), joined like the
+    clinical ones so a DICOM root is predicted with its boxes (relative mask paths: the table's folder)."""
+    roi = config.image.roi if config.image is not None else None
+    if roi is None:
+        return []
+    return [roi.mask] if roi.mask is not None else list(roi.center or ())
+
+
 def join_clinical(cases: pd.DataFrame, table: pd.DataFrame | None, config: PipelineConfig, *,
                   source: str = "clinical table") -> tuple[pd.DataFrame, JoinReport]:
     """Attach the clinical columns of ``table`` to the DICOM ``cases`` (see the module docstring).
@@ -170,7 +179,7 @@ def join_clinical(cases: pd.DataFrame, table: pd.DataFrame | None, config: Pipel
                                unmatched_studies=list(cases["case_id"][:FIRST]))
     check_table(table, config, source)
     rows, report = _match(cases, table, source)
-    for name in names:
+    for name in names + [c for c in _roi_columns(config) if c in table.columns and c not in names]:
         out[name] = [None if r is None else table[name].iloc[r] for r in rows]
     if report.rule == "patient_id" and "case_id" in table.columns:
         n_studies = pd.Series([r for r in rows if r is not None]).value_counts()

@@ -48,6 +48,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from mmai.engine.runspec import model_inputs
 from mmai.errors import MmaiError
 from mmai.inference.explain_geometry import native_image, to_native
 from mmai.models.windows import stitch, upsample_cells
@@ -256,62 +257,100 @@ def explain_cases(predictor: Any, df: pd.DataFrame, out_dir: Path, *, progress: 
 
 
 def _case_inputs(predictor: Any, case: pd.DataFrame) -> dict[str, Any]:
-    """Tensors of one case: clinical values/mask, image (model grid), its affine, the input path."""
+    """Tensors of one case: per model of the run its clinical values/mask, the image (model
+    grid), its affine, the input path."""
     dev = predictor.device
     errors: list[dict[str, str]] = []
-    values, mask, ok = predictor._clinical(case, errors)
+    ok = [True]
+    clinical = []
+    for spec, _ in predictor.members:
+        values, mask, ok = predictor._clinical(case, errors, spec.clinical, ok)
+        clinical.append((torch.from_numpy(values).to(dev), torch.from_numpy(mask).to(dev), mask[0]))
     if not ok[0]:
         raise MmaiError(errors[0]["error"] if errors else "invalid clinical values")
-    out: dict[str, Any] = {"values": torch.from_numpy(values).to(dev), "mask": torch.from_numpy(mask).to(dev),
-                           "observed": mask[0], "image": None, "present": torch.zeros(1, device=dev),
+    out: dict[str, Any] = {"clinical": clinical, "image": None, "present": torch.zeros(1, device=dev),
                            "affine": None, "path": None}
     if not predictor.uses_image:
         return out
-    path = case[predictor.config.image.column].iloc[0]
+    row = case.iloc[0].to_dict()
+    path = row[predictor.config.image.column]
     if isinstance(path, str | list):
-        arr, affine = predictor.loader.load(path)  # (1, D, H, W), (4, 4)
+        roi = predictor.spec.roi_sources(case, predictor.base_dir)[0]
+        arr, affine = predictor.load_image(row, roi)  # (C, D, H, W), (4, 4)
         out.update(image=torch.from_numpy(arr[None]).to(dev), present=torch.ones(1, device=dev), affine=affine,
-                   path=path)
+                   path=path, roi=roi)
     else:  # a missing image: masked out by the model; the pipeline's channels and shape
         out["image"] = torch.zeros((1, *placeholder_shape(predictor.config.image)), device=dev)
     return out
 
 
+def _one_token(model: Any) -> bool:
+    """The model saw the image as one token (e.g. a lesion box): its attention map would be constant."""
+    grid = getattr(model, "last_grid", None)
+    return isinstance(grid, tuple) and int(np.prod(grid)) <= 1
+
+
 def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str, Any]:
-    """Maps, overview and attributions of one case (a one-row frame); returns its ``_explain.json``."""
-    model, kind = predictor.model, predictor.encoding.kind
+    """Maps, overview and attributions of one case (a one-row frame); returns its ``_explain.json``.
+
+    An ensemble (a K-fold run) is explained by the mean of its models' maps and attributions.
+    Maps are written on the input scan's grid: for a lesion-box model read from the raw scan, the
+    box's map placed back into the patient's volume (zero outside the box). A model that sees the
+    image as one token has no attention map (a constant): it is skipped, with the reason in the
+    JSON's ``notes``."""
+    kind = predictor.encoding.kind
     cid = str(case["case_id"].iloc[0])
     paths = case_files(out_dir, cid)
     x = _case_inputs(predictor, case)
-    kw: dict[str, Any] = {}
-    if getattr(model, "accepts_affine", False) and x["affine"] is not None:
-        kw["affine"] = torch.tensor(x["affine"][None], dtype=torch.float32, device=predictor.device)
+    dev = predictor.device
     files: list[str] = []
+    notes: list[str] = []
     geometry: dict[str, Any] = {}
-    if x["affine"] is not None:
-        sal = saliency(model, kind, x["image"], x["present"], x["values"], x["mask"], **kw)[0].cpu().numpy()
-        att = attention_map(model, tuple(x["image"].shape[2:]))
+    sals: list[np.ndarray] = []
+    atts: list[np.ndarray] = []
+    attrs: list[np.ndarray] = []
+    for (spec, model), (values, mask, _) in zip(predictor.members, x["clinical"], strict=True):
+        batch = {"image": x["image"], "image_present": x["present"], "clinical": values, "clinical_mask": mask,
+                 "affine": None if x["affine"] is None else
+                 torch.tensor(np.asarray(x["affine"])[None], dtype=torch.float32, device=dev)}
+        _, kw = model_inputs(model, batch)
+        if x["affine"] is not None:
+            sals.append(saliency(model, kind, x["image"], x["present"], values, mask, **kw)[0].cpu().numpy())
+            att = attention_map(model, tuple(x["image"].shape[2:]))
+            if att is not None and not _one_token(model):
+                atts.append(att[0].cpu().numpy())
+            elif att is not None and "one image token" not in " ".join(notes):
+                notes.append("attention map skipped: the model sees the image as one image token, so its "
+                             "attention over the image is constant")
+        if spec.clinical is not None and list(spec.clinical.feature_names) == list(predictor.pre.feature_names):
+            attrs.append(clinical_attributions(model, kind, x["image"], x["present"], values, mask, **kw)[0]
+                         .cpu().numpy())
+    if sals:
         native, native_affine = native_image(x["path"], predictor.config.image)  # (X, Y, Z), (4, 4)
-        sal_n = _normalise(to_native(sal, x["affine"], native_affine, native.shape))
+        if predictor.config.image.roi is not None and not x.get("roi"):
+            notes.append("maps on the lesion box (the input is a preprocessed box); give the raw scan with its "
+                         "mask/centre columns for maps on the patient's full scan")
+        sal_n = _normalise(to_native(_normalise(np.mean(sals, axis=0)), x["affine"], native_affine, native.shape))
         _save_map(sal_n, native_affine, paths["saliency"])
         files.append(paths["saliency"].name)
-        if att is not None:
-            att_n = _normalise(to_native(att[0].cpu().numpy(), x["affine"], native_affine, native.shape))
+        if atts:
+            att_n = _normalise(to_native(np.mean(atts, axis=0), x["affine"], native_affine, native.shape))
             _save_map(att_n, native_affine, paths["attention"])
             files.append(paths["attention"].name)
         overview_png(native, sal_n, native_affine, paths["overview"], cid)
         files.append(paths["overview"].name)
         geometry = {"shape": list(native.shape), "affine": np.asarray(native_affine).tolist(),
-                    "model_grid_shape": list(x["image"].shape[2:])}
+                    "model_grid_shape": list(x["image"].shape[2:]),
+                    "model_grid_affine": np.asarray(x["affine"]).tolist()}
     attributions = []
     names = predictor.pre.feature_names if predictor.pre is not None else []
-    if names:
-        attr = clinical_attributions(model, kind, x["image"], x["present"], x["values"], x["mask"], **kw)
-        attr_np = attr[0].cpu().numpy()
-        attributions = [{"feature": n, "observed": int(x["observed"][f]), "attribution": float(attr_np[f])}
+    if names and attrs:
+        attr_np = np.mean(attrs, axis=0)
+        observed = x["clinical"][0][2]
+        attributions = [{"feature": n, "observed": int(observed[f]), "attribution": float(attr_np[f])}
                         for f, n in enumerate(names)]
     info = {"case_id": cid, "model_id": predictor.model_id, "files": files, "attributions": attributions,
-            "geometry": geometry}
+            "geometry": geometry, "notes": notes}
     atomic_write_json(paths["explain"], info)  # last: marks the case done
     return info
 

@@ -95,6 +95,7 @@ def export_run(run_dir: Path, *, fmt: str, out: Path) -> Path:
     clinical_mask (B, F) from the run's clinical state; output (B, K) class probabilities or
     (B, 1) value / log-risk, as predictions.csv.
     """
+    from mmai.engine.runspec import RunSpec
     from mmai.inference.predictor import Predictor
 
     if fmt not in ("torchscript", "onnx"):
@@ -108,7 +109,10 @@ def export_run(run_dir: Path, *, fmt: str, out: Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise MmaiError(f"--out {out} is an existing folder; give a file path")
-    predictor = Predictor(run_dir, device="cpu")
+    predictor = Predictor(run_dir, device="cpu", ensemble=False)  # a K-fold run: its final model
+    if RunSpec.load(run_dir).is_ensemble:
+        log.warning("%s is a K-fold run: the export holds its final model (trained on all non-test rows), "
+                    "while `mmai predict` on it averages the fold models", run_dir)
     check_exportable(predictor.model, run_dir)
     with atomic_path(out) as tmp:
         if fmt == "torchscript":

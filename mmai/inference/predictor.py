@@ -4,7 +4,10 @@ Output columns (DESIGN.md): ``case_id``, then ``prob_<class>`` per class and ``p
 (classification), ``prediction`` (regression, in the target's units) or ``risk`` (survival,
 higher = earlier event) plus ``surv_<t>`` (P(no event by t), one per ``task.horizons`` entry),
 then ``clinical_present`` (1: at least one clinical value observed; 0: the model saw the clinical
-modality as missing, e.g. a study with no row in the clinical table) and ``model_id``. Rows are
+modality as missing, e.g. a study with no row in the clinical table), the pass-through columns of
+:attr:`Predictor.extra_columns` (e.g. ``input_flags``) and ``model_id``; the rule is the run
+contract's (:meth:`mmai.engine.runspec.RunSpec.output_columns`). A K-fold run is predicted as
+the mean of its fold models (``ensemble=False``: its final model). Rows are
 appended as each batch finishes, so a killed run resumes where it stopped (a torn last row is
 redone); a case that fails gets a row in ``<out>.errors.csv`` (case_id, stage, series, error) and
 the others go on. With ``--dicom-root`` the clinical join is reported in ``<out>.join.json``.
@@ -23,19 +26,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mmai.clinical.preprocess import ClinicalPreprocessor
-from mmai.config import PipelineConfig, load_config
-from mmai.data.dataset import ImageLoader
-from mmai.data.descriptors import attach_descriptors, names_from_state, resolve_mask_paths
-from mmai.engine.checkpoint import load_weights, read_json
-from mmai.engine.prepare import TargetEncoding
-from mmai.engine.survival import STATE_KEY, horizon_column, survival_probability
-from mmai.errors import CheckpointError, MmaiError
+from mmai.config import PipelineConfig
+from mmai.data.descriptors import attach_descriptors, resolve_mask_paths
+from mmai.engine.runspec import RunSpec, model_inputs
+from mmai.errors import MmaiError
 from mmai.inference.rows import ERROR_COLUMNS, error_row, resume_done
+from mmai.inference.weights import load_matching_weights
 from mmai.io.manifest import load_manifest
-from mmai.models.heads import outputs_to_predictions
-from mmai.models.registry import create_model
-from mmai.transforms.pipelines import image_pipeline_id, placeholder_shape
+from mmai.transforms.pipelines import placeholder_shape
 from mmai.utils import atomic_write_json, resolve_device, shard_rows
 
 log = logging.getLogger(__name__)
@@ -65,123 +63,89 @@ class PredictSummary:
 
 
 class Predictor:
-    """A trained run, ready to predict. Loads only safetensors and JSON (no code execution)."""
+    """A trained run (or a K-fold run's fold ensemble), ready to predict; everything it knows about
+    the run comes from its :class:`~mmai.engine.runspec.RunSpec` (safetensors and JSON only).
 
-    def __init__(self, run_dir: Path, device: str | None = None) -> None:
-        run_dir = Path(run_dir)
-        if not (run_dir / "state.json").exists():
-            raise CheckpointError(f"{run_dir} is not a finished mmai run (no state.json); train it first")
-        self.run_dir = run_dir
-        self.state = read_json(run_dir / "state.json")
-        self.config: PipelineConfig = load_config(run_dir / "config.yaml")
+    Args:
+        run_dir: the run folder.
+        device: cpu, cuda or cuda:N (default: cuda if available).
+        ensemble: average the fold models of a K-fold run (default); False: its final model.
+    """
+
+    #: pass-through columns written between clinical_present and model_id (values: :meth:`_passthrough`)
+    extra_columns: tuple[str, ...] = ("input_flags",)
+
+    def __init__(self, run_dir: Path, device: str | None = None, *, ensemble: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.spec = RunSpec.load(self.run_dir, ensemble=ensemble)
+        self.config: PipelineConfig = self.spec.config
         self.device = resolve_device(device)
-        cstate = self.state.get("clinical")
-        self.pre = ClinicalPreprocessor.from_state(cstate, source=str(run_dir / "state.json")) if cstate else None
-        self.encoding = TargetEncoding.from_state(self.state["target"])
-        specs = list(self.pre.feature_specs) if self.pre is not None else []
-        self.model = create_model(self.state["fusion"], feature_specs=specs, **self.state["model_kwargs"])
-        self.model_id = self.state["model_id"]
-        _load_matching_weights(self.model, run_dir / "model.safetensors", self.model_id, self.state["fusion"])
-        self.model.to(self.device).eval()
-        self.horizons, self.baseline = self._survival_setup()
-        self.uses_image = bool(self.state.get("uses_image", True))
-        img = self.state.get("image")
-        if self.uses_image and self.config.image is not None and img is not None \
-                and img["pipeline_id"] != image_pipeline_id(self.config.image):
-            raise CheckpointError(f"{run_dir}: config.yaml's image section does not match the one the model was "
-                                  "trained with (pipeline id differs); do not edit a run's config.yaml")
-        if self.uses_image and self.config.image is None:
-            raise CheckpointError(f"{run_dir}: the model reads images but config.yaml has image: null")
-        self.loader = ImageLoader(self.config.image, device=self.device) if self.config.image is not None else None
-        self.input_flags: dict[str, str] = {}  # case_id -> the loader's input flags
-        self.descriptors = names_from_state(self.state)  # lesion descriptors the run takes as clinical columns
-
-    def _survival_setup(self) -> tuple[tuple[float, ...], dict[str, Any] | None]:
-        """Horizons of ``surv_<t>`` columns and the Breslow baseline (survival runs with task.horizons)."""
-        horizons = tuple(self.config.task.horizons) if self.encoding.kind == "survival" else ()
-        if not horizons:
-            return (), None
-        bad = [h for h in horizons if not h > 0]
-        if bad:
-            raise CheckpointError(f"{self.run_dir}/config.yaml: task.horizons {bad} must be positive times")
-        base = (self.state.get(STATE_KEY) or {}).get("baseline")
-        if base is None:
-            raise CheckpointError(f"{self.run_dir}/state.json has no Breslow baseline hazard, so surv_<t> cannot "
-                                  "be computed; retrain with this mmai, or remove task.horizons from config.yaml")
-        survival_probability(base, [0.0], horizons)  # a horizon past the training follow-up fails here
-        return horizons, base
-
-    # ------------------------------------------------------------------ columns
+        self.members: list[tuple[RunSpec, torch.nn.Module]] = [(m, m.build_model(self.device))
+                                                                for m in self.spec.members]
+        self.model = self.members[0][1]  # explain/export of a single model
+        self.pre = self.members[0][0].clinical
+        self.encoding = self.spec.encoding
+        self.model_id = self.spec.model_id
+        self.uses_image = self.spec.uses_image
+        self.horizons = self.spec.horizons
+        self.loader = self.spec.image_loader(self.device)
+        self.base_dir: Path | None = None  # folder that relative ROI mask paths are relative to
+        self.input_flags: dict[str, str] = {}  # case_id -> the loader's input flags (mmai.io.input_flags)
+        self.descriptors = self.spec.descriptors  # lesion descriptors the run takes as clinical columns
 
     def columns(self) -> list[str]:
-        kind = self.encoding.kind
-        if kind in ("binary", "multiclass"):
-            cols = [f"prob_{c}" for c in self.encoding.classes] + ["prediction"]
-        elif kind == "regression":
-            cols = ["prediction"]
-        else:
-            cols = ["risk", *[horizon_column(t) for t in self.horizons]]
-        return ["case_id", *cols, "clinical_present", "input_flags", "model_id"]
+        return self.spec.output_columns(self.extra_columns)
 
-    def _rows(self, case_ids: list[str], out: torch.Tensor, clinical_present: np.ndarray) -> list[dict[str, Any]]:
-        kind = self.encoding.kind
-        pred = outputs_to_predictions(kind, out).numpy()
-        surv = survival_probability(self.baseline, pred[:, 0], self.horizons) \
-            if self.horizons and self.baseline is not None else None
-        rows = []
-        for k, (cid, p) in enumerate(zip(case_ids, pred, strict=True)):
-            row: dict[str, Any] = {"case_id": cid}
-            if kind in ("binary", "multiclass"):
-                for c, v in zip(self.encoding.classes, p, strict=True):
-                    row[f"prob_{c}"] = float(v)
-                row["prediction"] = self.encoding.classes[int(np.argmax(p))]
-            elif kind == "regression":
-                row["prediction"] = float(p[0] * self.encoding.std + self.encoding.mean)
-            else:
-                row["risk"] = float(p[0])
-                for t, v in zip(self.horizons, surv[k] if surv is not None else (), strict=True):
-                    row[horizon_column(t)] = float(v)
-            row["model_id"] = self.model_id
-            row["clinical_present"] = int(clinical_present[k])
-            row["input_flags"] = self.input_flags.get(cid, "")  # mmai.io.input_flags: what was repaired
-            rows.append(row)
-        return rows
+    def _passthrough(self, df: pd.DataFrame, keep: list[int]) -> dict[str, list[Any]]:
+        """Values of :attr:`extra_columns` for the kept rows (from ``df``'s columns of that name, else '')."""
+        out = {c: [("" if c not in df.columns or pd.isna(df[c].iloc[i]) else df[c].iloc[i]) for i in keep]
+               for c in self.extra_columns}
+        if "input_flags" in out:  # what the loader repaired, per case (mmai.io.input_flags)
+            out["input_flags"] = [self.input_flags.get(str(df["case_id"].iloc[i]), "") for i in keep]
+        return out
 
     # ------------------------------------------------------------------ prediction
 
-    def _clinical(self, df: pd.DataFrame, errors: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
-        """Per-row clinical transform; rows that fail validation are reported, not fatal."""
+    def _clinical(self, df: pd.DataFrame, errors: list[dict[str, str]], pre: Any = None,
+                  ok: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """Per-row clinical transform by ``pre`` (default: the first model's); rows that fail
+        validation are reported once (rows already marked failed in ``ok`` are not reported again)."""
+        pre = self.pre if pre is None else pre
         n = len(df)
-        if self.descriptors and self.config.image is not None:  # computed as at training (never from the table)
-            df = attach_descriptors(self.config.image, df, self.descriptors, device=self.device)
-        if self.pre is None:
-            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32), [True] * n
+        ok = [True] * n if ok is None else ok
+        if pre is None:
+            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32), ok
         try:
-            v, m = self.pre.transform(df, source="manifest")
-            return v, m, [True] * n
+            v, m = pre.transform(df, source="manifest")
+            return v, m, ok
         except MmaiError:
-            values = np.zeros((n, self.pre.num_features), np.float32)
+            values = np.zeros((n, pre.num_features), np.float32)
             mask = np.zeros_like(values)
-            ok = []
             for i in range(n):
                 try:
-                    values[i : i + 1], mask[i : i + 1] = self.pre.transform(df.iloc[i : i + 1], source="manifest")
-                    ok.append(True)
+                    values[i : i + 1], mask[i : i + 1] = pre.transform(df.iloc[i : i + 1], source="manifest")
                 except MmaiError as exc:
-                    series = str(df["_series"].iloc[i]) if "_series" in df.columns else ""
-                    errors.append(error_row(df["case_id"].iloc[i], "clinical", exc, series=series))
-                    ok.append(False)
+                    if ok[i]:
+                        series = str(df["_series"].iloc[i]) if "_series" in df.columns else ""
+                        errors.append(error_row(df["case_id"].iloc[i], "clinical", exc, series=series))
+                    ok[i] = False
             return values, mask, ok
+
+    def load_image(self, row: dict[str, Any], roi: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+        """One case's model-ready volume (C, D, H, W) and its RAS affine (4, 4), raw or preprocessed."""
+        path = row[self.config.image.column]  # type: ignore[union-attr]
+        return self.loader.load(path if isinstance(path, list) else str(path), roi=roi or None)
 
     def _images(self, df: pd.DataFrame, ok: list[bool], errors: list[dict[str, str]]
                 ) -> tuple[list[np.ndarray | None], list[float], dict[int, np.ndarray]]:
-        """Per row: the model-ready volume (1, D, H, W) or None, and image_present (0 or 1); and the
+        """Per row: the model-ready volume (C, D, H, W) or None, and image_present (0 or 1); and the
         RAS affines (4, 4) of the loaded volumes by row index."""
         images: list[np.ndarray | None] = []
         present: list[float] = []
         affines: dict[int, np.ndarray] = {}  # RAS affines of the loaded images (windowed models place tokens in mm)
         loader, cfg = self.loader, self.config.image
         size = placeholder_shape(cfg) if cfg is not None else ()
+        rois = self.spec.roi_sources(df, self.base_dir)
         for i, row in enumerate(df.to_dict("records")):
             path = row.get(cfg.column) if self.uses_image and cfg is not None else None
             if not ok[i] or not self.uses_image or loader is None:
@@ -193,7 +157,7 @@ class Predictor:
                 present.append(0.0)
                 continue
             try:
-                arr, affines[i] = loader.load(path if isinstance(path, list) else str(path))  # (1, D, H, W), (4, 4)
+                arr, affines[i] = self.load_image(row, rois[i])  # (C, D, H, W), (4, 4)
                 images.append(arr)
                 present.append(1.0)
                 self.input_flags[str(row["case_id"])] = loader.last_flags
@@ -209,8 +173,15 @@ class Predictor:
 
     @torch.no_grad()
     def predict_batch(self, df: pd.DataFrame, errors: list[dict[str, str]]) -> list[dict[str, Any]]:
-        """Predict the rows of a validated manifest chunk; failures are appended to ``errors``."""
-        values, mask, ok = self._clinical(df, errors)
+        """Predict the rows of a validated manifest chunk; failures are appended to ``errors``.
+
+        An ensemble's members each transform the clinical values with their own fitted state and
+        their predictions (probabilities, value, or log-risk and survival probabilities) are averaged."""
+        ok = [True] * len(df)
+        if self.descriptors and self.config.image is not None:  # computed as at training (never from the table)
+            df = attach_descriptors(self.config.image, df, self.descriptors, device=self.device,
+                                    base_dir=self.base_dir)
+        clinical = [self._clinical(df, errors, spec.clinical, ok)[:2] for spec, _ in self.members]
         images, present, affines = self._images(df, ok, errors)
         keep = [i for i in range(len(df)) if ok[i]]
         if not keep:
@@ -221,25 +192,33 @@ class Predictor:
         for i in keep:
             img = images[i] if self.uses_image else None
             by_shape.setdefault(tuple(img.shape) if img is not None else (), []).append(i)
-        out_of: dict[int, torch.Tensor] = {}
-        for rows in by_shape.values():
-            out_of.update(zip(rows, self._forward(rows, images, present, values, mask, affines), strict=True))
-        out = torch.stack([out_of[i] for i in keep])  # (B, n_outputs), manifest order
-        clinical_present = np.asarray(mask[keep].any(axis=1) if mask.shape[1] else np.zeros(len(keep), bool))
-        return self._rows([str(df["case_id"].iloc[i]) for i in keep], out, clinical_present)
+        preds: list[np.ndarray] = []
+        for (spec, model), (values, mask) in zip(self.members, clinical, strict=True):
+            out_of: dict[int, torch.Tensor] = {}
+            for rows in by_shape.values():
+                out_of.update(zip(rows, self._forward(model, rows, images, present, values, mask, affines),
+                                  strict=True))
+            preds.append(spec.predictions(torch.stack([out_of[i] for i in keep])))  # (B, Q), manifest order
+        mask0 = clinical[0][1]
+        clinical_present = np.asarray(mask0[keep].any(axis=1) if mask0.shape[1] else np.zeros(len(keep), bool))
+        return self.spec.rows([str(df["case_id"].iloc[i]) for i in keep], np.mean(preds, axis=0),
+                              clinical_present.astype(int), self._passthrough(df, keep))
 
-    def _forward(self, rows: list[int], images: list[np.ndarray | None], present: list[float], values: np.ndarray,
-                 mask: np.ndarray, affines: dict[int, np.ndarray]) -> torch.Tensor:
+    def _forward(self, model: torch.nn.Module, rows: list[int], images: list[np.ndarray | None],
+                 present: list[float], values: np.ndarray, mask: np.ndarray, affines: dict[int, np.ndarray]
+                 ) -> torch.Tensor:
         """The model's raw outputs (len(rows), n_outputs) on CPU for rows whose volumes share one shape."""
-        image = None
-        if self.uses_image:
-            image = torch.from_numpy(np.stack([img for i in rows if (img := images[i]) is not None])).to(self.device)
-        extra = ({"affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in rows]), dtype=torch.float32,
-                                         device=self.device)} if getattr(self.model, "accepts_affine", False) else {})
-        out = self.model(image, torch.tensor([present[i] for i in rows], device=self.device),
-                         torch.from_numpy(values[rows]).to(self.device), torch.from_numpy(mask[rows]).to(self.device),
-                         **extra)
-        return out.float().cpu()
+        dev = self.device
+        batch: dict[str, Any] = {
+            "image": torch.from_numpy(np.stack([img for i in rows if (img := images[i]) is not None])).to(dev)
+            if self.uses_image else None,
+            "image_present": torch.tensor([present[i] for i in rows], device=dev),
+            "clinical": torch.from_numpy(values[rows]).to(dev), "clinical_mask": torch.from_numpy(mask[rows]).to(dev),
+            "affine": torch.tensor(np.stack([affines.get(i, np.eye(4)) for i in rows]), dtype=torch.float32,
+                                   device=dev),
+        }
+        args, kwargs = model_inputs(model, batch)
+        return model(*args, **kwargs).float().cpu()
 
     def predict_frame(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, str]]]:
         """Predict a whole validated manifest in memory: (predictions, errors)."""
@@ -251,26 +230,7 @@ class Predictor:
         return pd.DataFrame(rows, columns=self.columns()), errors
 
 
-def _load_matching_weights(model: torch.nn.Module, path: Path, model_id: str, fusion: str) -> None:
-    """Load ``path`` into ``model``; a file of another model (other id, keys or shapes) is a one-line error."""
-    from safetensors import safe_open
-
-    state = load_weights(path)
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if meta.get("model_id") and meta["model_id"] != model_id:
-        raise CheckpointError(f"{path} holds model {meta['model_id']!r} but state.json is model {model_id!r}: "
-                              "the weights file comes from another run")
-    want = model.state_dict()
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    shape = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
-    if missing or extra or shape:
-        first = (missing or extra or shape)[0]
-        raise CheckpointError(f"{path} does not fit state.json's {fusion} model: {len(missing)} missing, "
-                              f"{len(extra)} unexpected, {len(shape)} differently shaped tensor(s) (first: "
-                              f"{first!r}); the weights file comes from another model")
-    model.load_state_dict(state)
+_load_matching_weights = load_matching_weights  # the old name
 
 
 def errors_path_for(out_csv: Path) -> Path:
@@ -291,6 +251,7 @@ def _cases(predictor: Predictor, out_csv: Path, manifest_path: Path | None, dico
         df = load_manifest(manifest_path, predictor.config, require_targets=False, check_files=False,
                            check_clinical=False)
         df = resolve_mask_paths(predictor.config.image, df, Path(manifest_path).parent)
+        predictor.base_dir = Path(manifest_path).parent  # relative ROI mask paths, as preprocess reads them
         return shard_rows(df, shard), [], None
     if dicom_root is None:
         raise MmaiError("predict needs --manifest or --dicom-root")
@@ -298,6 +259,7 @@ def _cases(predictor: Predictor, out_csv: Path, manifest_path: Path | None, dico
 
     df, select_errors, report = predict_cases(dicom_root, clinical_path, predictor.config, progress=progress,
                                               workers=workers)
+    predictor.base_dir = Path(clinical_path).parent if clinical_path is not None else None  # ROI mask paths
     select_errors = [error_row(e["case_id"], e["stage"], e["error"], series=e.get("series", ""))
                      for e in select_errors]
     if shard is not None:
@@ -316,12 +278,23 @@ def _write_errors(errors: list[dict[str, str]], err_path: Path) -> None:
         err_path.unlink()
 
 
+def append_rows(fh: Any, writer: csv.DictWriter, rows: list[dict[str, Any]]) -> None:
+    """Append rows and push them to the file (a failure here leaves at most one torn last row,
+    which the next run cuts off and redoes: :func:`mmai.inference.rows.resume_done`)."""
+    writer.writerows(rows)
+    fh.flush()
+
+
 def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | None = None,
                        dicom_root: Path | None = None, clinical_path: Path | None = None,
                        explain_dir: Path | None = None, device: str | None = None,
                        shard: tuple[int, int] | None = None, progress: bool = True,
-                       workers: int = 1) -> PredictSummary:
+                       workers: int = 1, ensemble: bool = True) -> PredictSummary:
     """``mmai predict``: predict every case of a manifest (or DICOM root + optional clinical table).
+
+    A K-fold run averages its fold models (``ensemble=False``: its final model alone). Rows are
+    appended batch by batch; a run stopped by a write failure (a full disk) resumes where it
+    stopped, without losing or repeating a row.
 
     Raises:
         MmaiError: bad input found before any prediction (table-level problems, a bad ``out_csv``,
@@ -330,7 +303,7 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     out_csv = Path(out_csv)
     if out_csv.is_dir():
         raise MmaiError(f"--out {out_csv} is an existing folder; give a file path")
-    predictor = Predictor(run_dir, device=device)
+    predictor = Predictor(run_dir, device=device, ensemble=ensemble)
     df, select_errors, join = _cases(predictor, out_csv, manifest_path, dicom_root, clinical_path, shard, progress,
                                      workers)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -349,8 +322,7 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
         for start in range(0, len(todo), bs):
             chunk = todo.iloc[start : start + bs]
             rows = predictor.predict_batch(chunk, errors)
-            writer.writerows(rows)
-            fh.flush()
+            append_rows(fh, writer, rows)
             n_pred += len(rows)
             bar.update(len(chunk))
     err_path = errors_path_for(out_csv)

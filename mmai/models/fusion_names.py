@@ -8,3 +8,7 @@ from __future__ import annotations
 
 #: every ``--fusion`` / ``model.fusion`` value, the default (cross_attention) first
 FUSIONS: tuple[str, ...] = ("cross_attention", "concat", "early", "late", "film", "image_only", "clinical_only")
+
+#: every ``model.encoder`` value (mmai.models.image_encoders.ENCODERS holds the classes; a test
+#: checks the two agree)
+ENCODER_NAMES: tuple[str, ...] = ("resnet", "densenet")

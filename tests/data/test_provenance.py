@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from mmai.config import ImageConfig, IntensityConfig, config_from_dict
 from mmai.data.dataset import ImageLoader, MultimodalDataset
 from mmai.data.provenance import ProvenanceError, check_input, expected_provenance, read_provenance
+from mmai.errors import PreprocessError
 from mmai.preprocess import preprocess_frame
 from tests.data.real_pixels import ct_series, mr_brain_nifti
 
@@ -74,15 +76,19 @@ def test_percentile_stats_fitted_on_training_cases_only(tmp_path):
     _, man2 = _pre(tmp_path, cfg, srcs[:2], name="pre2", split=["train", "train"])
     stats2 = __import__("json").loads((tmp_path / "pre2" / "preprocess_state.json").read_text())["intensity_stats"]
     assert stats2 == stats
-    # the statistics travel in every volume and into the run state; a raw input uses them
+    # the statistics travel in every volume and into the run state
     loader = ImageLoader(cfg)
     pre_arr, _ = loader.load(str(tmp_path / "pre" / man["image"][0]))
     assert loader.stats == stats
-    raw_arr, _ = loader.load(str(srcs[0]))
-    assert np.allclose(raw_arr, pre_arr, atol=1e-4)
     from mmai.data.provenance import run_image_state
 
-    assert run_image_state(cfg, loader)["intensity_stats"] == stats
+    run_state = run_image_state(cfg, loader)
+    assert run_state["intensity_stats"] == stats
+    # a raw input read by a fresh loader (nothing preprocessed read first) uses the run's statistics
+    with pytest.raises(PreprocessError, match="needs statistics fitted on the training cases"):
+        ImageLoader(cfg).load(str(srcs[0]))
+    raw_arr, _ = ImageLoader(cfg, run_state=json.loads(json.dumps(run_state))).load(str(srcs[0]))
+    assert np.allclose(raw_arr, pre_arr, atol=1e-4)
 
 
 def test_dataset_items_carry_the_affine(tmp_path):

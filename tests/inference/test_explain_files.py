@@ -23,7 +23,8 @@ BOX = (slice(8, 20), slice(10, 22), slice(6, 14))  # the only non-air voxels of 
 
 
 class StubPredictor:
-    """What explain_cases uses of a Predictor: model, encoding, pre, loader, config, _clinical."""
+    """What explain_cases uses of a Predictor: members (spec, model), encoding, pre, load_image, config,
+    _clinical, spec.roi_sources."""
 
     def __init__(self, windows: bool, model_id: str = "m1") -> None:
         torch.manual_seed(0)
@@ -39,11 +40,17 @@ class StubPredictor:
         self.encoding = SimpleNamespace(kind="binary")
         self.pre = SimpleNamespace(feature_names=["age", "crp"])
         self.device, self.uses_image, self.model_id = "cpu", True, model_id
+        self.members = [(SimpleNamespace(clinical=self.pre), self.model)]
+        self.spec = SimpleNamespace(roi_sources=lambda df, base: [None] * len(df))
+        self.base_dir = None
 
-    def _clinical(self, df, errors):
+    def load_image(self, row, roi):
+        return self.loader.load(row["image"], roi=roi)
+
+    def _clinical(self, df, errors, pre=None, ok=None):
         v = df[["age", "crp"]].to_numpy(np.float32)
         m = np.isfinite(v).astype(np.float32)
-        return np.nan_to_num(v), m, [True] * len(df)
+        return np.nan_to_num(v), m, ok if ok is not None else [True] * len(df)
 
 
 def cohort(tmp: Path, n: int = 5) -> pd.DataFrame:

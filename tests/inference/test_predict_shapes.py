@@ -1,6 +1,8 @@
 """A case's prediction never depends on the other cases of its batch: volumes of different
 sizes (``image.size: null``) are predicted in groups of one shape, never padded together."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import torch
@@ -21,9 +23,12 @@ def _stub(images: list[np.ndarray]) -> Predictor:
         torch.nn.init.normal_(p.model.head.fc.weight, std=0.5)
     p.uses_image, p.device = True, "cpu"
     n = len(images)
-    p._clinical = lambda df, errors: (np.ones((n, 2), np.float32), np.ones((n, 2), np.float32), [True] * n)
+    p._clinical = lambda df, errors, pre, ok: (np.ones((n, 2), np.float32), np.ones((n, 2), np.float32), ok)
     p._images = lambda df, ok, errors: (images, [1.0] * n, {i: np.diag([2.0, 2.0, 2.0, 1.0]) for i in range(n)})
-    p._rows = lambda ids, out, present: out
+    member = SimpleNamespace(clinical=None, predictions=lambda out: out.numpy())  # the raw outputs
+    p.members = [(member, p.model)]
+    p.spec = SimpleNamespace(rows=lambda ids, values, present, extra: torch.from_numpy(values))
+    p.extra_columns = ()
     return p
 
 
