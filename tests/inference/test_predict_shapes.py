@@ -28,7 +28,7 @@ def _stub(images: list[np.ndarray]) -> Predictor:
     member = SimpleNamespace(clinical=None, predictions=lambda out: out.numpy())  # the raw outputs
     p.members = [(member, p.model)]
     p.spec = SimpleNamespace(rows=lambda ids, values, present, extra: torch.from_numpy(values))
-    p.extra_columns = ()
+    p.extra_columns, p.descriptors, p.input_flags = (), (), {}
     return p
 
 
