@@ -263,6 +263,7 @@ def _case_inputs(predictor: Any, case: pd.DataFrame) -> dict[str, Any]:
     errors: list[dict[str, str]] = []
     ok = [True]
     clinical = []
+    case = predictor.with_descriptors(case)  # a lesion-mask run's descriptors, as predict computes them
     for spec, _ in predictor.members:
         values, mask, ok = predictor._clinical(case, errors, spec.clinical, ok)
         clinical.append((torch.from_numpy(values).to(dev), torch.from_numpy(mask).to(dev), mask[0]))

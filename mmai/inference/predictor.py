@@ -131,6 +131,13 @@ class Predictor:
                     ok[i] = False
             return values, mask, ok
 
+    def with_descriptors(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` with the run's lesion descriptor columns computed from each case's image and mask,
+        as at training (never read from the table); unchanged for runs without descriptors."""
+        if not self.descriptors or self.config.image is None:
+            return df
+        return attach_descriptors(self.config.image, df, self.descriptors, device=self.device, base_dir=self.base_dir)
+
     def load_image(self, row: dict[str, Any], roi: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
         """One case's model-ready volume (C, D, H, W) and its RAS affine (4, 4), raw or preprocessed."""
         path = row[self.config.image.column]  # type: ignore[union-attr]
@@ -178,9 +185,7 @@ class Predictor:
         An ensemble's members each transform the clinical values with their own fitted state and
         their predictions (probabilities, value, or log-risk and survival probabilities) are averaged."""
         ok = [True] * len(df)
-        if self.descriptors and self.config.image is not None:  # computed as at training (never from the table)
-            df = attach_descriptors(self.config.image, df, self.descriptors, device=self.device,
-                                    base_dir=self.base_dir)
+        df = self.with_descriptors(df)
         clinical = [self._clinical(df, errors, spec.clinical, ok)[:2] for spec, _ in self.members]
         images, present, affines = self._images(df, ok, errors)
         keep = [i for i in range(len(df)) if ok[i]]

@@ -47,6 +47,9 @@ class StubPredictor:
     def load_image(self, row, roi):
         return self.loader.load(row["image"], roi=roi)
 
+    def with_descriptors(self, df):  # no lesion mask: no descriptors
+        return df
+
     def _clinical(self, df, errors, pre=None, ok=None):
         v = df[["age", "crp"]].to_numpy(np.float32)
         m = np.isfinite(v).astype(np.float32)
