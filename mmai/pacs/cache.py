@@ -1,0 +1,92 @@
+"""The local cache of retrieved instances: ``CACHE/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
+
+One file per SOPInstanceUID, written atomically (a killed retrieval leaves no half file) and never
+written twice, so a retrieval that is retried or resumed only adds what is missing. Each study
+folder is a DICOM root that :func:`mmai.inference.dicom_cases.select_cases` reads unchanged. The
+cache is bounded (``max_bytes``): before a study is fetched, the oldest finished study folders are
+removed until the cache is under the bound; a study folder is removed once its study is done unless
+the cache is kept (``keep``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mmai.pacs.retry import PacsError
+
+log = logging.getLogger(__name__)
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def safe_uid(uid: str, what: str) -> str:
+    """A UID usable as a file name (digits and dots only), else a :class:`PacsError` naming it."""
+    text = str(uid).strip()
+    if not _UID.match(text) or len(text) > 64:
+        raise PacsError(f"{what} {text!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+    return text
+
+
+class StudyCache:
+    """Instances by SOPInstanceUID under ``root``, one folder per study (see the module docstring)."""
+
+    def __init__(self, root: Path, *, max_bytes: int, keep: bool = False) -> None:
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.keep = keep
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def study_dir(self, study_uid: str) -> Path:
+        return self.root / safe_uid(study_uid, "StudyInstanceUID")
+
+    def path_for(self, ds: Any) -> Path:
+        """Where an instance (pydicom Dataset) lives: ``<study>/<sop>.dcm``."""
+        return self.study_dir(str(ds.StudyInstanceUID)) / f"{safe_uid(ds.SOPInstanceUID, 'SOPInstanceUID')}.dcm"
+
+    def add(self, ds: Any) -> Path:
+        """Write one instance (with its file meta) unless its SOPInstanceUID is cached already."""
+        path = self.path_for(ds)
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            ds.save_as(tmp, enforce_file_format=True)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def n_instances(self, study_uid: str) -> int:
+        d = self.study_dir(study_uid)
+        return sum(1 for _ in d.glob("*.dcm")) if d.is_dir() else 0
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*.dcm"))
+
+    def make_room(self, busy: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Remove the oldest study folders (except ``busy`` ones) until the cache is under its bound."""
+        total = self.size()
+        if total <= self.max_bytes:
+            return
+        dirs = sorted((d for d in self.root.iterdir() if d.is_dir() and d.name not in busy),
+                      key=lambda d: d.stat().st_mtime)
+        for d in dirs:
+            if total <= self.max_bytes:
+                break
+            freed = sum(f.stat().st_size for f in d.rglob("*.dcm"))
+            shutil.rmtree(d, ignore_errors=True)
+            total -= freed
+            log.debug("cache over %d bytes: removed %s", self.max_bytes, d.name)
+        if total > self.max_bytes:
+            log.warning("the PACS cache %s holds %.1f MB, over its bound of %.1f MB, in studies still in use",
+                        self.root, total / 1e6, self.max_bytes / 1e6)
+
+    def release(self, study_uid: str) -> None:
+        """A study is done: remove its folder unless the cache is kept."""
+        if not self.keep:
+            shutil.rmtree(self.study_dir(study_uid), ignore_errors=True)
