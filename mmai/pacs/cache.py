@@ -90,3 +90,8 @@ class StudyCache:
         """A study is done: remove its folder unless the cache is kept."""
         if not self.keep:
             shutil.rmtree(self.study_dir(study_uid), ignore_errors=True)
+
+    def remove_if_empty(self) -> None:
+        """Remove the cache folder when nothing is left in it (a run that kept nothing leaves no folder)."""
+        if not self.keep and self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()

@@ -53,6 +53,10 @@ class DicomWebSource:
                 raise PacsError(f"{what}: {msg} ({_reason(exc)})") from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise TransientPacsError(f"cannot reach {self.url} ({type(exc).__name__})") from exc
+            except requests.RequestException as exc:  # a broken transfer (chunked encoding, bad content)
+                raise TransientPacsError(f"{type(exc).__name__} from {self.url}: {exc}") from exc
+            except ValueError as exc:  # a response dicomweb-client cannot parse (not DICOM, not JSON)
+                raise PacsError(f"{what}: {self.url} sent a response that is not DICOM ({exc})") from exc
 
         return with_retries(attempt, f"{self} {what}", self.policy)
 
