@@ -77,6 +77,7 @@ class DimseSource:
         ae = AE(ae_title=self.calling)
         t = self.policy.timeout_s
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout, ae.connection_timeout = t, t, t, t
+        ae.maximum_pdu_size = 0  # no limit: the peer may send each instance in one PDU
         return ae
 
     def _associate(self, ae: Any, what: str, **kwargs: Any) -> Any:

@@ -36,7 +36,7 @@ def preprocess_from_pacs(config_path: Path, out_dir: Path, req: PacsRequest, *, 
         raise ConfigError(f"{config_path}: image: null; there is nothing to preprocess")
     source = req.source()
     selection = find_studies(source, req.query, req.studies_file)
-    cases, _ = study_cases(selection.refs, None, config)
+    cases, _ = study_cases(selection.refs, None, config, announce=False)
     cases = shard_rows(cases.drop(columns=[c for c in cases.columns if c not in
                                            ("case_id", "patient_id", SERIES, config.image.column, STUDY)]), shard)
     cache = req.cache(Path(out_dir) / "pacs_cache")

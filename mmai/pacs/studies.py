@@ -66,8 +66,8 @@ def case_id_of(ref: StudyRef) -> tuple[str, str]:
     return f"{pid}-{pseudonym(ref.study_uid)[2:10]}", pid
 
 
-def study_cases(refs: list[StudyRef], clinical_path: Path | None, config: PipelineConfig
-                ) -> tuple[pd.DataFrame, JoinReport]:
+def study_cases(refs: list[StudyRef], clinical_path: Path | None, config: PipelineConfig, *,
+                announce: bool = True) -> tuple[pd.DataFrame, JoinReport]:
     """One row per study: case_id, patient_id (pseudonym), the study UID, the clinical columns joined.
 
     Raises:
@@ -90,9 +90,9 @@ def study_cases(refs: list[StudyRef], clinical_path: Path | None, config: Pipeli
         table = read_table(clinical_path, what="clinical table")
         check_table(table, config, source)
     joined, report = join_clinical(cases, table, config, source=source)
-    if table is None:
+    if table is None and announce:
         log.warning("%s (clinical_present = 0); pass --clinical TABLE to use clinical values", report)
-    else:
+    elif table is not None:
         log.info("%s", report)
     return joined.drop(columns=["_raw_patient_id"]), report
 
