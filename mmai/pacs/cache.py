@@ -61,6 +61,37 @@ class StudyCache:
             tmp.unlink(missing_ok=True)
         return path
 
+    def add_bytes(self, data: bytes) -> Path:
+        """Write one DICOM Part 10 file as received (its UIDs read from its header only).
+
+        Raises:
+            PacsError: the bytes are not a DICOM file with a StudyInstanceUID and SOPInstanceUID.
+        """
+        import io
+
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                                   specific_tags=["StudyInstanceUID", "SOPInstanceUID"])
+        except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+            raise PacsError(f"a retrieved part of {len(data)} bytes is not a DICOM file ({exc})") from exc
+        sop = head.get("SOPInstanceUID") or getattr(head.get("file_meta"), "MediaStorageSOPInstanceUID", None)
+        if not head.get("StudyInstanceUID") or not sop:
+            raise PacsError("a retrieved instance has no StudyInstanceUID or SOPInstanceUID")
+        path = self.study_dir(str(head.StudyInstanceUID)) / f"{safe_uid(str(sop), 'SOPInstanceUID')}.dcm"
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
     def n_instances(self, study_uid: str) -> int:
         d = self.study_dir(study_uid)
         return sum(1 for _ in d.glob("*.dcm")) if d.is_dir() else 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from mmai.pacs.cache import StudyCache
@@ -75,14 +76,25 @@ class DicomWebSource:
             offset += len(page)
 
     def retrieve(self, study_uid: str, cache: StudyCache) -> int:
-        """WADO-RS: every instance of the study into the cache; returns the number of instances."""
+        """WADO-RS: every instance of the study into the cache; returns the number of instances.
+
+        The multipart response is split as it streams and each part (a DICOM Part 10 file) is written
+        to the cache as received, without decoding and re-encoding it (the explicit VR little endian
+        transfer syntax is asked for, so the server decompresses or transcodes if it must).
+        """
 
         def fetch() -> int:
-            n = 0
-            for ds in self.client.iter_study(study_uid):
-                cache.add(ds)
-                n += 1
-            return n
+            import requests
+
+            url = f"{self.url}/studies/{study_uid}"
+            accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+            with requests.get(url, headers={"Accept": accept}, stream=True, timeout=self.policy.timeout_s) as resp:
+                resp.raise_for_status()
+                n = 0
+                for body in _parts(resp):
+                    cache.add_bytes(body)
+                    n += 1
+                return n
 
         return self._call(fetch, f"retrieve study {study_uid}")
 
@@ -99,6 +111,36 @@ class DicomWebSource:
                 reasons = [str(item.get("FailureReason", "?")) for item in failed]
                 raise PacsError(f"{self} refused {len(failed)} instance(s) of study {study} (failure reason "
                                 f"{', '.join(reasons)})")
+
+
+def _parts(resp: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The bodies of a ``multipart/related`` response (RFC 2046), as they arrive; a single
+    ``application/dicom`` body is yielded as is."""
+    ctype = resp.headers.get("Content-Type", "")
+    if ctype.startswith("application/dicom"):
+        yield resp.content
+        return
+    m = re.search(r'boundary="?([^";]+)"?', ctype)
+    if not ctype.startswith("multipart/related") or not m:
+        raise PacsError(f"WADO-RS answered with Content-Type {ctype!r}, not multipart/related DICOM")
+    delim = b"\r\n--" + m.group(1).encode()
+    buf = b"\r\n"  # the first delimiter has no CRLF before it
+    scan = 0
+    for data in resp.iter_content(chunk_size=chunk):
+        buf += data
+        while True:
+            start = buf.find(delim)
+            if start < 0:
+                break
+            end = buf.find(delim, max(start + len(delim), scan))
+            if end < 0:
+                scan = max(len(buf) - len(delim), 0)
+                break
+            part = buf[start + len(delim):end]
+            head, sep, body = part.partition(b"\r\n\r\n")
+            if sep:
+                yield body
+            buf, scan = buf[end:], 0
 
 
 def _reason(exc: Exception) -> str:

@@ -196,9 +196,19 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
 
 
 def _headers(files: list[str]) -> list[Any]:
+    """Evidence for the SR: the first file's full header (patient and study modules are copied from it)
+    and, for the others, their UIDs (a cache file is named by its SOPInstanceUID, so no other read)."""
     import pydicom
+    from pydicom import Dataset
 
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    out = [first]
+    for f in files[1:]:
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
+        ds.SOPClassUID, ds.SOPInstanceUID = first.SOPClassUID, Path(f).stem
+        out.append(ds)
+    return out
 
 
 def _close(source: Any) -> None:
