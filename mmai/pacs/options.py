@@ -111,12 +111,9 @@ def predict(a: argparse.Namespace) -> Any:
 
     if a.manifest or a.dicom_root:
         raise MmaiError("predict takes one source: --manifest, --dicom-root, --dicomweb or --dimse")
-    if a.explain:
-        raise MmaiError("--explain with a PACS source is not supported yet; retrieve with --keep-cache and "
-                        "run mmai predict --dicom-root CACHE/<study> --explain DIR")
     return predict_from_pacs(Path(a.run), Path(a.out), request_from_args(a),
                              clinical_path=Path(a.clinical) if a.clinical else None, device=a.device,
-                             shard=a.shard, progress=not a.quiet)
+                             shard=a.shard, progress=not a.quiet, explain_dir=Path(a.explain) if a.explain else None)
 
 
 def preprocess(a: argparse.Namespace) -> Any:

@@ -85,8 +85,10 @@ def _prev_rows(out_csv: Path) -> dict[str, dict[str, Any]]:
 
 def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinical_path: Path | None = None,
                       device: str | None = None, shard: tuple[int, int] | None = None,
-                      progress: bool = True) -> PredictSummary:
-    """Predict the studies a PACS search selects; store one result SR per study when asked.
+                      progress: bool = True, explain_dir: Path | None = None) -> PredictSummary:
+    """Predict the studies a PACS search selects; store one result SR per study when asked (with
+    ``explain_dir``: the explanation file set of each study there, and its saliency as a Parametric
+    Map stored beside the SR).
 
     Raises:
         MmaiError: bad options, an unreachable PACS at search time (after the retries), a run that does
@@ -158,10 +160,10 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
                 cache.release(study)
                 bar.update(1)
                 continue
+            chunk = pd.DataFrame([{**rec, image_col: files, SERIES: series}]).drop(columns=[STUDY])
             if case_id in done:
                 row = prev[case_id]
             else:
-                chunk = pd.DataFrame([{**rec, image_col: files, SERIES: series}]).drop(columns=[STUDY])
                 rows = predictor.predict_batch(chunk, errors)
                 if not rows:
                     cache.release(study)
@@ -171,15 +173,21 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
                 writer.writerow(row)
                 fh.flush()
                 n_pred += 1
+            if explain_dir is not None:
+                from mmai.inference.explain import explain_cases
+
+                explain_cases(predictor, chunk, Path(explain_dir), progress=False)
             if sink is not None and ledger is not None:
                 try:
-                    source_headers = _headers(files)
-                    sr = build_sr(row, source_headers, model_id=predictor.model_id, version=__version__,
-                                  kind=predictor.encoding.kind)
-                    sink[0].store([sr])
-                    ledger.add(study, str(sr.SOPInstanceUID), sink[1])
+                    objects = [build_sr(row, _headers(files), model_id=predictor.model_id, version=__version__,
+                                        kind=predictor.encoding.kind)]
+                    if explain_dir is not None:
+                        objects += _saliency_map(Path(explain_dir), case_id, files, predictor.model_id, __version__)
+                    sink[0].store(objects)
+                    for obj in objects:
+                        ledger.add(study, str(obj.SOPInstanceUID), sink[1])
                     n_stored += 1
-                except MmaiError as exc:
+                except (MmaiError, ValueError) as exc:  # ValueError: highdicom refused the content
                     errors.append(error_row(case_id, "store", exc, series=series))
             cache.release(study)
             bar.update(1)
@@ -209,6 +217,20 @@ def _headers(files: list[str]) -> list[Any]:
         ds.SOPClassUID, ds.SOPInstanceUID = first.SOPClassUID, Path(f).stem
         out.append(ds)
     return out
+
+
+def _saliency_map(explain_dir: Path, case_id: str, files: list[str], model_id: str, version: str) -> list[Any]:
+    """The study's saliency as a Parametric Map over the source instances ([] when explain made none)."""
+    import pydicom
+
+    from mmai.inference.explain import case_files
+    from mmai.pacs.pmap import build_parametric_map, sample_on_series
+
+    path = case_files(explain_dir, case_id)["saliency"]
+    if not path.exists():
+        return []
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    return [build_parametric_map(sample_on_series(path, headers), headers, model_id=model_id, version=version)]
 
 
 def _close(source: Any) -> None:

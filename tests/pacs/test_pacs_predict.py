@@ -112,10 +112,15 @@ def test_dry_run_writes_sr_files_with_only_source_identifiers(pacs, world, tmp_p
     n_before = len(pacs.instances())
     out = tmp_path / "p.csv"
     assert world.predict(out, "--dicomweb", pacs.dicomweb, "--query", "PatientID=P0003", "--store-results",
-                         "--dry-run") == 0
+                         "--dry-run", "--explain", str(tmp_path / "explain")) == 0
     assert len(pacs.instances()) == n_before  # nothing sent
-    files = list((tmp_path / "p.dicom").rglob("*.dcm"))
-    assert len(files) == 1
+    objects = {pydicom.dcmread(f, stop_before_pixels=True).Modality: f for f in (tmp_path / "p.dicom").rglob("*.dcm")}
+    assert sorted(objects) == ["OT", "SR"]  # the SR and the saliency parametric map
+    pm = pydicom.dcmread(objects["OT"])
+    n_src = len(list((world.cohort / "images" / "case0003").glob("*.dcm")))
+    assert pm.NumberOfFrames == n_src and 0 < float(np.asarray(pm.pixel_array).max()) <= 1.0
+    assert list((tmp_path / "explain").glob("*_saliency.nii.gz"))
+    files = [objects["SR"]]
     sr = pydicom.dcmread(files[0])
     src = pydicom.dcmread(next((world.cohort / "images" / "case0003").glob("*.dcm")), stop_before_pixels=True)
     assert sr.SOPInstanceUID == derived_uid(src.StudyInstanceUID, pd.read_csv(out)["model_id"][0], "sr")

@@ -164,3 +164,29 @@ def test_pacs_options_need_a_pacs_and_one_source(tmp_path, capsys):
     assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     rc = main(["preprocess", "--config", "x.yaml", "--out", str(tmp_path / "o")])
     assert rc == 2 and "needs --input" in capsys.readouterr().err
+
+
+def test_parametric_map_samples_each_source_pixel(tmp_path):
+    """Sampling the series' own volume (mmai's reader: RAS grid) at every source pixel gives back each
+    instance's pixels: the geometry of the parametric map is the source series', pixel for pixel."""
+    import nibabel as nib
+
+    from mmai.config import load_config
+    from mmai.inference.explain_geometry import native_image
+    from mmai.pacs.pmap import build_parametric_map, sample_on_series
+    from tests.test_end_to_end import ROOT
+
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n", "4", "-q"]) == 0
+    files = sorted(str(f) for f in (tmp_path / "c" / "images" / "case0002").glob("*.dcm"))
+    arr, affine = native_image(files, load_config(ROOT / "pipelines" / "demo.yaml").image)
+    nib.save(nib.Nifti1Image(arr, affine), tmp_path / "vol.nii.gz")
+    headers = [pydicom.dcmread(f) for f in files]
+    frames = sample_on_series(tmp_path / "vol.nii.gz", headers)
+    want = np.stack([h.pixel_array * float(h.get("RescaleSlope", 1)) + float(h.get("RescaleIntercept", 0))
+                     for h in headers])
+    assert frames.shape == want.shape
+    np.testing.assert_allclose(frames, want, atol=1e-3)
+    pm = build_parametric_map(frames / max(1.0, float(frames.max())), [pydicom.dcmread(f, stop_before_pixels=True)
+                                                                       for f in files], model_id="m-1", version="9")
+    assert pm.NumberOfFrames == len(files) and pm.SOPInstanceUID == derived_uid(headers[0].StudyInstanceUID, "m-1", "pm")
+    assert pm.PatientID == headers[0].PatientID and pm.FrameOfReferenceUID == headers[0].FrameOfReferenceUID
