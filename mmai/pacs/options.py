@@ -122,5 +122,8 @@ def preprocess(a: argparse.Namespace) -> Any:
 
     if a.input:
         raise MmaiError("preprocess takes one source: --input, --dicomweb or --dimse")
+    if a.shard is not None:
+        raise MmaiError("preprocess --shard with a PACS source is not supported; split the studies with "
+                        "--studies FILE per process instead")
     return preprocess_from_pacs(Path(a.config), Path(a.out), request_from_args(a), device=a.device,
                                 workers=a.workers, shard=a.shard, progress=not a.quiet)

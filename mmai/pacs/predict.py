@@ -95,7 +95,7 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
             not load, or a table-level problem of the clinical table; per-study failures are error rows.
     """
     from mmai import __version__
-    from mmai.pacs.sr import build_sr, derived_uid
+    from mmai.pacs.sr import derived_uid
 
     out_csv = Path(out_csv)
     predictor = Predictor(run_dir, device=device)
@@ -122,81 +122,85 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
     records = cases.to_dict("records")
     todo = [r for r in records if not finished(r)]
     cache = req.cache(out_csv.with_name(out_csv.name.removesuffix(".csv") + ".cache"))
-    n_pred = n_stored = 0
+    n_pred = 0
     new_file = not out_csv.exists() or out_csv.stat().st_size == 0
     image_col = predictor.config.image.column if predictor.config.image is not None else "image"
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmai-pacs-fetch") as pool, \
-            out_csv.open("a", newline="") as fh, \
-            tqdm(total=len(todo), desc="predict (PACS)", unit="study", disable=not progress) as bar:
-        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
-        if new_file:
-            writer.writeheader()
+    sending: list[Future] = []
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmai-pacs-fetch") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmai-pacs-store") as storer, \
+                out_csv.open("a", newline="") as fh, \
+                tqdm(total=len(todo), desc="predict (PACS)", unit="study", disable=not progress) as bar:
+            writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+            if new_file:
+                writer.writeheader()
 
-        def fetch(k: int) -> Future | None:
-            if k >= len(todo):
-                return None
-            cache.make_room(busy={todo[k][STUDY]} | ({todo[k - 1][STUDY]} if k else set()))
-            return pool.submit(source.retrieve, todo[k][STUDY], cache)
+            def fetch(k: int) -> Future | None:
+                if k >= len(todo):
+                    return None
+                cache.make_room(busy={todo[k][STUDY]} | ({todo[k - 1][STUDY]} if k else set()))
+                return pool.submit(source.retrieve, todo[k][STUDY], cache)
 
-        nxt = fetch(0)
-        for k, rec in enumerate(todo):
-            fut, nxt = nxt, fetch(k + 1)
-            study, case_id = rec[STUDY], rec["case_id"]
-            try:
-                if fut is not None:
-                    fut.result()
-            except (MmaiError, OSError, ValueError) as exc:
-                errors.append(error_row(case_id, "retrieve", exc, series=f"study {study}"))
-                cache.release(study)
-                bar.update(1)
-                continue
-            try:
-                files, series, sel_errors = pick_series(cache.study_dir(study), predictor.config)
-            except MmaiError as exc:
-                sel_errors = [{"case_id": case_id, "stage": "select", "series": f"study {study}", "error": str(exc)}]
-            if sel_errors:
-                errors += [error_row(case_id, e["stage"], e["error"], series=e.get("series", ""))
-                           for e in sel_errors]
-                cache.release(study)
-                bar.update(1)
-                continue
-            chunk = pd.DataFrame([{**rec, image_col: files, SERIES: series}]).drop(columns=[STUDY])
-            if case_id in done:
-                row = prev[case_id]
-            else:
-                rows = predictor.predict_batch(chunk, errors)
-                if not rows:
+            nxt = fetch(0)
+            for k, rec in enumerate(todo):
+                fut, nxt = nxt, fetch(k + 1)
+                study, case_id = rec[STUDY], rec["case_id"]
+                try:
+                    if fut is not None:
+                        fut.result()
+                except (MmaiError, OSError, ValueError) as exc:
+                    errors.append(error_row(case_id, "retrieve", exc, series=f"study {study}"))
                     cache.release(study)
                     bar.update(1)
                     continue
-                row = rows[0]
-                writer.writerow(row)
-                fh.flush()
-                n_pred += 1
-            if explain_dir is not None:
-                from mmai.inference.explain import explain_cases
-
-                explain_cases(predictor, chunk, Path(explain_dir), progress=False)
-            if sink is not None and ledger is not None:
                 try:
-                    objects = [build_sr(row, _headers(files), model_id=predictor.model_id, version=__version__,
-                                        kind=predictor.encoding.kind)]
-                    if explain_dir is not None:
-                        objects += _saliency_map(Path(explain_dir), case_id, files, predictor.model_id, __version__)
-                    sink[0].store(objects)
-                    for obj in objects:
-                        ledger.add(study, str(obj.SOPInstanceUID), sink[1])
-                    n_stored += 1
-                except (MmaiError, ValueError) as exc:  # ValueError: highdicom refused the content
-                    errors.append(error_row(case_id, "store", exc, series=series))
-            cache.release(study)
-            bar.update(1)
-    _close(source)
+                    files, series, sel_errors = pick_series(cache.study_dir(study), predictor.config)
+                except MmaiError as exc:
+                    sel_errors = [{"case_id": case_id, "stage": "select", "series": f"study {study}", "error": str(exc)}]
+                if sel_errors:
+                    errors += [error_row(case_id, e["stage"], e["error"], series=e.get("series", ""))
+                               for e in sel_errors]
+                    cache.release(study)
+                    bar.update(1)
+                    continue
+                chunk = pd.DataFrame([{**rec, image_col: files, SERIES: series}]).drop(columns=[STUDY])
+                if case_id in done:
+                    row = prev[case_id]
+                else:
+                    rows = predictor.predict_batch(chunk, errors)
+                    if not rows:
+                        cache.release(study)
+                        bar.update(1)
+                        continue
+                    row = rows[0]
+                    writer.writerow(row)
+                    fh.flush()
+                    n_pred += 1
+                if explain_dir is not None:
+                    from mmai.inference.explain import explain_cases
+
+                    explain_cases(predictor, chunk, Path(explain_dir), progress=False)
+                if sink is not None and ledger is not None:
+                    try:  # what needs the cached files is read now; building and sending overlap the next study
+                        headers = _headers(files)
+                        pmap = (_saliency_map(Path(explain_dir), case_id, files, predictor.model_id, __version__)
+                                if explain_dir is not None else [])
+                    except (MmaiError, OSError, ValueError) as exc:
+                        errors.append(error_row(case_id, "store", exc, series=series))
+                    else:
+                        sending.append(storer.submit(_send, sink, ledger, study, row, headers, pmap, predictor,
+                                                     __version__))
+                        sending = _collect(sending, errors, block=False)
+                cache.release(study)
+                bar.update(1)
+            sending = _collect(sending, errors, block=True)
+    finally:
+        _close(source)
     cache.remove_if_empty()
     err_path = errors_path_for(out_csv)
     _write_errors(errors, err_path)
     if sink is not None:
-        log.info("%d result SR(s) stored to %s", n_stored, sink[1])
+        log.info("%d result object(s) recorded as stored to %s", len(ledger.done) if ledger else 0, sink[1])
     n_skipped = len(records) - len(todo)
     return PredictSummary(n_cases=len(records) + len(selection.errors), n_predicted=n_pred, n_skipped=n_skipped,
                           n_failed=len(errors), out=str(out_csv), errors=str(err_path) if errors else None,
@@ -217,6 +221,36 @@ def _headers(files: list[str]) -> list[Any]:
         ds.SOPClassUID, ds.SOPInstanceUID = first.SOPClassUID, Path(f).stem
         out.append(ds)
     return out
+
+
+def _send(sink: tuple[Any, str], ledger: Ledger, study: str, row: dict[str, Any], headers: list[Any],
+          extra: list[Any], predictor: Predictor, version: str) -> dict[str, str] | None:
+    """Build the study's SR, send it (with ``extra`` objects), record it; an error row on failure.
+    Runs on the one store thread, so the ledger has one writer."""
+    from mmai.pacs.sr import build_sr
+
+    try:
+        objects = [build_sr(row, headers, model_id=predictor.model_id, version=version,
+                            kind=predictor.encoding.kind), *extra]
+        sink[0].store(objects)
+    except (MmaiError, ValueError) as exc:  # ValueError: highdicom refused the content
+        return error_row(row["case_id"], "store", exc, series=f"series {headers[0].SeriesInstanceUID}")
+    for obj in objects:
+        ledger.add(study, str(obj.SOPInstanceUID), sink[1])
+    return None
+
+
+def _collect(pending: list[Future], errors: list[dict[str, str]], *, block: bool) -> list[Future]:
+    """Move the error rows of finished sends into ``errors``; the sends still running (all, if ``block``)."""
+    left = []
+    for fut in pending:
+        if block or fut.done():
+            err = fut.result()
+            if err is not None:
+                errors.append(err)
+        else:
+            left.append(fut)
+    return left
 
 
 def _saliency_map(explain_dir: Path, case_id: str, files: list[str], model_id: str, version: str) -> list[Any]:

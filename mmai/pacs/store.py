@@ -61,6 +61,10 @@ class Ledger:
         self.path = Path(path)
         self.done: set[tuple[str, str, str]] = set()
         if self.path.exists() and self.path.stat().st_size:
+            data = self.path.read_bytes()
+            if not data.endswith(b"\n"):  # a kill while writing the last row: drop it (that object is resent)
+                with self.path.open("r+b") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
             with self.path.open(newline="") as fh:
                 for row in csv.DictReader(fh):
                     if row.get("destination") is not None:

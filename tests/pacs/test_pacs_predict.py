@@ -153,3 +153,34 @@ def test_preprocess_from_pacs_matches_the_folder(pacs, world, tmp_path):
     b = np.asarray(nib.load(ref / ref_man.loc[case, "image"]).dataobj)
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert not (out / "pacs_cache").exists()
+
+
+def test_a_study_that_fails_to_retrieve_is_an_error_row(pacs, world, folder, tmp_path, monkeypatch):
+    from mmai.pacs import dicomweb
+    from mmai.pacs.retry import PacsError
+
+    lost = study_of_case(world.cohort)["case0005"]
+    real = dicomweb.DicomWebSource.retrieve
+    calls: list[str] = []
+
+    def flaky(self, study_uid, cache):
+        calls.append(study_uid)
+        if study_uid == lost:
+            raise PacsError(f"{self} retrieve study {study_uid}: HTTP 404 (gave up after 1 attempt(s))")
+        return real(self, study_uid, cache)
+
+    monkeypatch.setattr(dicomweb.DicomWebSource, "retrieve", flaky)
+    out = tmp_path / "p.csv"
+    args = ["--dicomweb", pacs.dicomweb, "--query", "ModalitiesInStudy=CT", "--clinical", str(world.cohort / "clinical.csv")]
+    assert world.predict(out, *args) == 0
+    got = pd.read_csv(out).set_index("case_id").sort_index()
+    assert "case0005" not in got.index and len(got) == 23
+    _check_same(got, folder.drop(index="case0005"))
+    err = pd.read_csv(tmp_path / "p.errors.csv")
+    assert list(err["case_id"]) == ["case0005"] and err["stage"][0] == "retrieve"
+    assert err["series"][0] == f"study {lost}" and "HTTP 404" in err["error"][0]
+    # the rerun fetches only the study that failed
+    calls.clear()
+    monkeypatch.setattr(dicomweb.DicomWebSource, "retrieve", lambda self, s, c: (calls.append(s), real(self, s, c))[1])
+    assert world.predict(out, *args) == 0
+    assert calls == [lost] and len(pd.read_csv(out)) == 24 and not (tmp_path / "p.errors.csv").exists()

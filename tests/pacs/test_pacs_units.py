@@ -190,3 +190,16 @@ def test_parametric_map_samples_each_source_pixel(tmp_path):
                                                                        for f in files], model_id="m-1", version="9")
     assert pm.NumberOfFrames == len(files) and pm.SOPInstanceUID == derived_uid(headers[0].StudyInstanceUID, "m-1", "pm")
     assert pm.PatientID == headers[0].PatientID and pm.FrameOfReferenceUID == headers[0].FrameOfReferenceUID
+
+
+def test_ledger_survives_a_torn_last_row(tmp_path):
+    from mmai.pacs.store import Ledger
+
+    path = tmp_path / "p.stored.csv"
+    led = Ledger(path)
+    led.add("1.2", "2.25.1", "DICOMweb http://x")
+    path.write_bytes(path.read_bytes() + b"1.3,2.25.2,DICOMw")  # killed while writing
+    again = Ledger(path)
+    assert again.has("1.2", "2.25.1", "DICOMweb http://x") and len(again.done) == 1
+    again.add("1.3", "2.25.2", "DICOMweb http://x")
+    assert Ledger(path).done == {("1.2", "2.25.1", "DICOMweb http://x"), ("1.3", "2.25.2", "DICOMweb http://x")}
