@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from mmai.pacs.cache import StudyCache
@@ -68,8 +69,8 @@ class DicomWebSource:
         found: list[StudyRef] = []
         offset = 0
         while True:
-            page = self._call(lambda o=offset: self.client.search_for_studies(
-                search_filters=dict(filters), fields=list(STUDY_FIELDS), limit=PAGE, offset=o), "search")
+            page = self._call(partial(self.client.search_for_studies, search_filters=dict(filters),
+                                      fields=list(STUDY_FIELDS), limit=PAGE, offset=offset), "search")
             found += [StudyRef.from_dataset(Dataset.from_json(d)) for d in page]
             if len(page) < PAGE:
                 return found
@@ -104,7 +105,7 @@ class DicomWebSource:
         for ds in datasets:
             by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
         for study, group in by_study.items():
-            resp = self._call(lambda g=group, s=study: self.client.store_instances(g, study_instance_uid=s),
+            resp = self._call(partial(self.client.store_instances, group, study_instance_uid=study),
                               f"store {len(group)} instance(s) in study {study}")
             failed = resp.get("FailedSOPSequence") if resp is not None else None
             if failed:

@@ -96,7 +96,7 @@ class DimseSource:
     def find(self, filters: dict[str, str]) -> list[StudyRef]:
         """C-FIND at STUDY level (Study Root) with the matching keys."""
         from pydicom import Dataset
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore[attr-defined]
 
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
@@ -139,7 +139,7 @@ class DimseSource:
 
     def _get(self, study_uid: str, cache: StudyCache) -> int:
         from pynetdicom import build_role, evt
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET  # type: ignore[attr-defined]
 
         ae = self._ae()
         ae.add_requested_context(GET)
@@ -191,7 +191,7 @@ class DimseSource:
         log.info("storage SCP %s listening on %s:%s for C-MOVE", self.calling, host, self.move_port)
 
     def _move(self, study_uid: str, cache: StudyCache) -> int:
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE  # type: ignore[attr-defined]
 
         self._start_scp()
         before = cache.n_instances(study_uid)

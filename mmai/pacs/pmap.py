@@ -7,6 +7,11 @@ PixelSpacing, the directions from ImageOrientationPatient), which is turned into
 map voxel indices with the inverse affine; trilinear, 0 outside the map. The result has one frame
 per source instance, so a viewer lays it over the source series pixel for pixel. UIDs are derived
 like the SR's (:func:`mmai.pacs.sr.derived_uid`, kinds ``pm`` and ``pm-series``).
+
+For viewers that show neither SR content nor parametric maps, :func:`build_overlay` makes a
+Secondary Capture: the source slice where the map peaks, in greyscale (its own window, else the
+1st-99th percentile), with the map blended over it in the ``hot`` colour map where it exceeds
+0.2; no text is burned in (``BurnedInAnnotation`` NO). Kinds ``sc`` and ``sc-series``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from mmai.pacs.retry import PacsError
 from mmai.pacs.sr import derived_uid
 
 PM_SERIES_NUMBER = 9902
+SC_SERIES_NUMBER = 9903
 
 
 def sample_on_series(map_path: Path, headers: Sequence[Any]) -> np.ndarray:
@@ -74,3 +80,36 @@ def build_parametric_map(values: np.ndarray, headers: Sequence[Any], *, model_id
         content_description="mmai saliency map"[:64])
     pm.SeriesDescription = f"mmai saliency {model_id}"[:64]
     return pm
+
+
+def build_overlay(values: np.ndarray, files: Sequence[str], *, model_id: str, version: str) -> Any:
+    """A Secondary Capture (RGB) of the source slice where ``values`` (n_instances, Rows, Columns) peaks,
+    the map over it; ``files`` are the source instances in the order of ``values``' frames."""
+    import highdicom as hd
+    import pydicom
+    from matplotlib import colormaps
+
+    k = int(np.argmax(values.reshape(len(values), -1).max(axis=1)))
+    ref = pydicom.dcmread(files[k])
+    img = ref.pixel_array.astype(np.float32) * float(ref.get("RescaleSlope", 1)) + float(ref.get("RescaleIntercept", 0))
+    if "WindowCenter" in ref and "WindowWidth" in ref:
+        wc = float(np.atleast_1d(ref.WindowCenter)[0])
+        ww = max(float(np.atleast_1d(ref.WindowWidth)[0]), 1e-6)
+        lo, hi = wc - ww / 2, wc + ww / 2
+    else:
+        lo, hi = (float(v) for v in np.percentile(img, [1, 99]))
+    grey = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    m = np.clip(values[k], 0, 1)
+    alpha = np.where(m > 0.2, 0.6 * m, 0.0)[..., None]
+    rgb = (1 - alpha) * grey[..., None] + alpha * colormaps["hot"](m)[..., :3]
+    study = str(ref.StudyInstanceUID)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref, pixel_array=(rgb * 255).round().astype(np.uint8), photometric_interpretation="RGB",
+        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=derived_uid(study, model_id, "sc-series"),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=derived_uid(study, model_id, "sc"), instance_number=1,
+        manufacturer="mmai", pixel_spacing=tuple(float(v) for v in ref.PixelSpacing) if "PixelSpacing" in ref else None,
+        patient_orientation=("L", "P"))
+    sc.BurnedInAnnotation = "NO"
+    sc.SeriesDescription = f"mmai saliency overlay {model_id}"[:64]
+    sc.SoftwareVersions = f"mmai {version}"
+    return sc

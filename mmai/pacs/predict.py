@@ -214,7 +214,7 @@ def _headers(files: list[str]) -> list[Any]:
     from pydicom import Dataset
 
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    out = [first]
+    out: list[Any] = [first]
     for f in files[1:]:
         ds = Dataset()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
@@ -254,17 +254,20 @@ def _collect(pending: list[Future], errors: list[dict[str, str]], *, block: bool
 
 
 def _saliency_map(explain_dir: Path, case_id: str, files: list[str], model_id: str, version: str) -> list[Any]:
-    """The study's saliency as a Parametric Map over the source instances ([] when explain made none)."""
+    """The study's saliency as a Parametric Map over the source instances and a Secondary Capture
+    overlay ([] when explain made no map)."""
     import pydicom
 
     from mmai.inference.explain import case_files
-    from mmai.pacs.pmap import build_parametric_map, sample_on_series
+    from mmai.pacs.pmap import build_overlay, build_parametric_map, sample_on_series
 
     path = case_files(explain_dir, case_id)["saliency"]
     if not path.exists():
         return []
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    return [build_parametric_map(sample_on_series(path, headers), headers, model_id=model_id, version=version)]
+    values = sample_on_series(path, headers)
+    return [build_parametric_map(values, headers, model_id=model_id, version=version),
+            build_overlay(values, files, model_id=model_id, version=version)]
 
 
 def _close(source: Any) -> None:

@@ -90,7 +90,7 @@ def build_sr(row: dict[str, Any], source: Sequence[Any], *, model_id: str, versi
         else:
             items.append(hd.sr.NumContentItem(name, float(value), unit, relationship_type=contains))
     root = hd.sr.ContainerContentItem(Code("18748-4", "LN", "Diagnostic imaging report"))
-    root.ContentSequence = items
+    root.ContentSequence = items  # type: ignore[assignment]  # pydicom turns the list into a Sequence
     sr = hd.sr.ComprehensiveSR(
         evidence=list(source), content=root,
         series_instance_uid=derived_uid(study, model_id, "sr-series"), series_number=SR_SERIES_NUMBER,

@@ -114,9 +114,11 @@ def test_dry_run_writes_sr_files_with_only_source_identifiers(pacs, world, tmp_p
     assert world.predict(out, "--dicomweb", pacs.dicomweb, "--query", "PatientID=P0003", "--store-results",
                          "--dry-run", "--explain", str(tmp_path / "explain")) == 0
     assert len(pacs.instances()) == n_before  # nothing sent
-    objects = {pydicom.dcmread(f, stop_before_pixels=True).Modality: f for f in (tmp_path / "p.dicom").rglob("*.dcm")}
-    assert sorted(objects) == ["OT", "SR"]  # the SR and the saliency parametric map
-    pm = pydicom.dcmread(objects["OT"])
+    kinds = {"1.2.840.10008.5.1.4.1.1.88.33": "SR", "1.2.840.10008.5.1.4.1.1.30": "PM", "1.2.840.10008.5.1.4.1.1.7": "SC"}
+    objects = {kinds[str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID)]: f
+               for f in (tmp_path / "p.dicom").rglob("*.dcm")}
+    assert sorted(objects) == ["PM", "SC", "SR"]  # the SR, the saliency parametric map and its overlay
+    pm = pydicom.dcmread(objects["PM"])
     n_src = len(list((world.cohort / "images" / "case0003").glob("*.dcm")))
     assert pm.NumberOfFrames == n_src and 0 < float(np.asarray(pm.pixel_array).max()) <= 1.0
     assert list((tmp_path / "explain").glob("*_saliency.nii.gz"))
@@ -184,3 +186,13 @@ def test_a_study_that_fails_to_retrieve_is_an_error_row(pacs, world, folder, tmp
     monkeypatch.setattr(dicomweb.DicomWebSource, "retrieve", lambda self, s, c: (calls.append(s), real(self, s, c))[1])
     assert world.predict(out, *args) == 0
     assert calls == [lost] and len(pd.read_csv(out)) == 24 and not (tmp_path / "p.errors.csv").exists()
+
+
+def test_explain_stores_sr_parametric_map_and_overlay_once(pacs, world, tmp_path):
+    n_before = len(pacs.instances())
+    args = ["--dicomweb", pacs.dicomweb, "--query", "PatientID=P0004", "--store-results"]
+    assert world.predict(tmp_path / "a.csv", *args, "--explain", str(tmp_path / "ea")) == 0
+    added = len(pacs.instances()) - n_before
+    assert added in (2, 3)  # the PM and the overlay, plus the SR unless an earlier test stored it already
+    assert world.predict(tmp_path / "b.csv", *args, "--explain", str(tmp_path / "eb")) == 0
+    assert len(pacs.instances()) - n_before == added  # the same UIDs: replaced, not added

@@ -173,7 +173,7 @@ def test_parametric_map_samples_each_source_pixel(tmp_path):
 
     from mmai.config import load_config
     from mmai.inference.explain_geometry import native_image
-    from mmai.pacs.pmap import build_parametric_map, sample_on_series
+    from mmai.pacs.pmap import build_overlay, build_parametric_map, sample_on_series
     from tests.test_end_to_end import ROOT
 
     assert main(["synth", "--out", str(tmp_path / "c"), "--n", "4", "-q"]) == 0
@@ -190,6 +190,15 @@ def test_parametric_map_samples_each_source_pixel(tmp_path):
                                                                        for f in files], model_id="m-1", version="9")
     assert pm.NumberOfFrames == len(files) and pm.SOPInstanceUID == derived_uid(headers[0].StudyInstanceUID, "m-1", "pm")
     assert pm.PatientID == headers[0].PatientID and pm.FrameOfReferenceUID == headers[0].FrameOfReferenceUID
+    # the overlay: the peak slice (a blob in frame 7), RGB, red where the map is high
+    peak = np.zeros_like(frames)
+    peak[7, 40:44, 30:34] = 0.6
+    sc = build_overlay(peak, files, model_id="m-1", version="9")
+    rgb = sc.pixel_array.astype(int)
+    assert rgb.shape == (*frames.shape[1:], 3) and sc.SOPInstanceUID == derived_uid(headers[0].StudyInstanceUID, "m-1", "sc")
+    assert rgb[41, 31, 0] > rgb[41, 31, 2] + 50  # hot colour over the blob
+    assert abs(int(rgb[5, 5, 0]) - int(rgb[5, 5, 2])) <= 1  # grey elsewhere
+    assert sc.PatientID == headers[0].PatientID and sc.BurnedInAnnotation == "NO"
 
 
 def test_ledger_survives_a_torn_last_row(tmp_path):
