@@ -5,7 +5,9 @@ written twice, so a retrieval that is retried or resumed only adds what is missi
 folder is a DICOM root that :func:`mmai.inference.dicom_cases.select_cases` reads unchanged. The
 cache is bounded (``max_bytes``): before a study is fetched, the oldest finished study folders are
 removed until the cache is under the bound; a study folder is removed once its study is done unless
-the cache is kept (``keep``).
+the cache is kept (``keep``). Instances mmai made itself (``Manufacturer`` ``mmai`` and the SOP
+class of a result: Comprehensive SR, Parametric Map, Secondary Capture, as an earlier run stored
+them) are not cached, so results never become inputs of the series selection.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from mmai.pacs.retry import PacsError
 
 log = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+OWN_MANUFACTURER = "mmai"  # the Manufacturer of every object mmai stores (mmai.pacs.sr, mmai.pacs.pmap)
+OWN_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.7"})
+
+
+def is_own_result(ds: Any) -> bool:
+    """True for a result object mmai stored (its manufacturer and one of its result SOP classes)."""
+    return str(ds.get("Manufacturer", "")) == OWN_MANUFACTURER and str(ds.get("SOPClassUID", "")) in OWN_CLASSES
 
 
 def safe_uid(uid: str, what: str) -> str:
@@ -47,8 +56,11 @@ class StudyCache:
         """Where an instance (pydicom Dataset) lives: ``<study>/<sop>.dcm``."""
         return self.study_dir(str(ds.StudyInstanceUID)) / f"{safe_uid(ds.SOPInstanceUID, 'SOPInstanceUID')}.dcm"
 
-    def add(self, ds: Any) -> Path:
-        """Write one instance (with its file meta) unless its SOPInstanceUID is cached already."""
+    def add(self, ds: Any) -> Path | None:
+        """Write one instance (with its file meta) unless its SOPInstanceUID is cached already or mmai
+        made it (then None)."""
+        if is_own_result(ds):
+            return None
         path = self.path_for(ds)
         if path.exists():
             return path
@@ -61,8 +73,9 @@ class StudyCache:
             tmp.unlink(missing_ok=True)
         return path
 
-    def add_bytes(self, data: bytes) -> Path:
-        """Write one DICOM Part 10 file as received (its UIDs read from its header only).
+    def add_bytes(self, data: bytes) -> Path | None:
+        """Write one DICOM Part 10 file as received (its UIDs read from its header only); None for an
+        instance mmai made.
 
         Raises:
             PacsError: the bytes are not a DICOM file with a StudyInstanceUID and SOPInstanceUID.
@@ -74,9 +87,11 @@ class StudyCache:
 
         try:
             head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
-                                   specific_tags=["StudyInstanceUID", "SOPInstanceUID"])
+                                   specific_tags=["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "Manufacturer"])
         except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
             raise PacsError(f"a retrieved part of {len(data)} bytes is not a DICOM file ({exc})") from exc
+        if is_own_result(head):
+            return None
         sop = head.get("SOPInstanceUID") or getattr(head.get("file_meta"), "MediaStorageSOPInstanceUID", None)
         if not head.get("StudyInstanceUID") or not sop:
             raise PacsError("a retrieved instance has no StudyInstanceUID or SOPInstanceUID")

@@ -103,11 +103,12 @@ def build_overlay(values: np.ndarray, files: Sequence[str], *, model_id: str, ve
     alpha = np.where(m > 0.2, 0.6 * m, 0.0)[..., None]
     rgb = (1 - alpha) * grey[..., None] + alpha * colormaps["hot"](m)[..., :3]
     study = str(ref.StudyInstanceUID)
+    spacing: Any = (float(ref.PixelSpacing[0]), float(ref.PixelSpacing[1])) if "PixelSpacing" in ref else None
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref, pixel_array=(rgb * 255).round().astype(np.uint8), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=derived_uid(study, model_id, "sc-series"),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=derived_uid(study, model_id, "sc"), instance_number=1,
-        manufacturer="mmai", pixel_spacing=tuple(float(v) for v in ref.PixelSpacing) if "PixelSpacing" in ref else None,
+        manufacturer="mmai", pixel_spacing=spacing,
         patient_orientation=("L", "P"))
     sc.BurnedInAnnotation = "NO"
     sc.SeriesDescription = f"mmai saliency overlay {model_id}"[:64]

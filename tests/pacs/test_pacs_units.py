@@ -107,9 +107,14 @@ def test_cache_is_keyed_by_sop_uid_and_bounded(tmp_path):
     first = [_instance(a, a + ".1", k, rows=32) for k in range(3)]
     paths = [cache.add(ds) for ds in first]
     assert [p.name for p in paths] == [f"{ds.SOPInstanceUID}.dcm" for ds in first]
+    own = _instance(a, a + ".9", 0)
+    own.Manufacturer = "mmai"  # an image mmai wrote (mmai synth) is an input ...
+    assert cache.add(own) is not None and cache.n_instances(a) == 4
+    own.SOPClassUID, own.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.30", _uid()  # ... a result it stored is not
+    assert cache.add(own) is None and cache.n_instances(a) == 4
     mtime = paths[0].stat().st_mtime_ns
     cache.add(first[0])  # again: not rewritten
-    assert paths[0].stat().st_mtime_ns == mtime and cache.n_instances(a) == 3
+    assert paths[0].stat().st_mtime_ns == mtime and cache.n_instances(a) == 4
     for k in range(3):
         cache.add(_instance(b, b + ".1", k, rows=32))
     assert cache.size() > 10_000
