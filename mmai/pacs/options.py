@@ -61,10 +61,10 @@ def add_pacs_options(p: argparse.ArgumentParser, *, results: bool) -> None:
                    help="retrieve by C-MOVE to mmai's own storage SCP listening on PORT (the PACS must know "
                    "--calling-aet at this host and port); default: C-GET")
     g.add_argument("--cache", metavar="DIR", help="folder of retrieved instances (default: beside --out)")
-    g.add_argument("--cache-max-gb", type=_positive, default=10.0, help="cache bound in GiB (default 10)")
+    g.add_argument("--cache-max-gb", type=_positive, default=10.0, metavar="G", help="cache bound in GiB (default 10)")
     g.add_argument("--keep-cache", action="store_true", help="keep retrieved studies (default: each study's "
                    "files are removed once it is done)")
-    g.add_argument("--retries", type=_retries, default=3, help="retries of a timed-out or refused PACS operation, "
+    g.add_argument("--retries", type=_retries, default=3, metavar="N", help="retries of a timed-out or refused PACS operation, "
                    "with exponential backoff (default 3)")
     g.add_argument("--pacs-timeout", type=_positive, default=30.0, metavar="S",
                    help="seconds each PACS request / association may take (default 30)")
