@@ -99,6 +99,12 @@ def _add_salt(p: argparse.ArgumentParser) -> None:
                    "else a public salt, with a warning; docs/cli.md)")
 
 
+def _add_pacs(p: argparse.ArgumentParser, results: bool) -> None:
+    from mmai.pacs.options import add_pacs_options  # argparse only
+
+    add_pacs_options(p, results=results)
+
+
 # --------------------------------------------------------------------------- handlers
 
 
@@ -138,8 +144,16 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(a: argparse.Namespace) -> int:
+    from mmai.pacs.options import uses_pacs
     from mmai.preprocess import run_preprocess
 
+    if uses_pacs(a):  # --dicomweb / --dimse (docs/pacs.md)
+        from mmai.pacs.options import preprocess as pacs_preprocess
+
+        pacs_summary = pacs_preprocess(a)
+        return _finish("preprocess", pacs_summary, some_failed=pacs_summary.n_failed > 0)
+    if not a.input:
+        raise MmaiError("preprocess needs --input (a DICOM root or a manifest), --dicomweb URL or --dimse AET@HOST:PORT")
     summary = run_preprocess(
         config_path=Path(a.config), input_path=Path(a.input), out_dir=Path(a.out),
         device=a.device, workers=a.workers, shard=a.shard, progress=not a.quiet,
@@ -165,7 +179,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from mmai.inference.predictor import predict_from_files
+    from mmai.pacs.options import uses_pacs
 
+    if uses_pacs(a):  # --dicomweb / --dimse (docs/pacs.md)
+        from mmai.pacs.options import predict as pacs_predict
+
+        pacs_summary = pacs_predict(a)
+        return _finish("predict", pacs_summary, some_failed=pacs_summary.n_failed > 0)
     if bool(a.manifest) == bool(a.dicom_root):
         raise MmaiError("predict needs exactly one of --manifest or --dicom-root")
     summary = predict_from_files(
@@ -298,12 +318,13 @@ def _parser_preprocess(sub: Any) -> None:
                        "write OUT/images/<case_id>.nii.gz, OUT/manifest.csv and OUT/errors.csv. "
                        "Finished cases are skipped on re-run; one bad case never stops the others.")
     s.add_argument("--config", required=True, help="pipeline YAML")
-    s.add_argument("--input", required=True, help="a DICOM root folder or a manifest CSV/Parquet/JSON")
+    s.add_argument("--input", help="a DICOM root folder or a manifest CSV/Parquet/JSON (or --dicomweb / --dimse)")
     _add_out(s, "dir", "output folder")
     _add_device(s, "cpu")
     _add_workers(s, "parallel case workers")
     _add_shard(s)
     _add_salt(s)
+    _add_pacs(s, results=False)
     _add_common(s)
     s.set_defaults(func=_cmd_preprocess)
 
@@ -346,6 +367,7 @@ def _parser_predict(sub: Any) -> None:
     _add_workers(s, "parallel DICOM header readers for --dicom-root")
     _add_shard(s)
     _add_salt(s)
+    _add_pacs(s, results=True)
     _add_common(s)
     s.set_defaults(func=_cmd_predict)
 
