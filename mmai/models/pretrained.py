@@ -323,12 +323,12 @@ def apply_pretrained(model: nn.Module, config: Any) -> dict[str, Any] | None:
     from mmai.transforms.pipelines import image_channels, image_pipeline_id
 
     path = resolve_source(mc.pretrained, config.source)
-    tensors, fmt, meta = read_checkpoint(path)
     notes: list[str] = []
     pid = image_pipeline_id(config.image) if config.image is not None else None
-    if fmt == "mmai_pretrain":
-        notes = check_pretrain_meta(meta, encoder=mc.encoder, widths=list(mc.widths), pipeline_id=pid,
-                                    source=str(path))
+    if (path / PRETRAIN_META).is_file():  # compatibility first, then the weights
+        notes = check_pretrain_meta(_read_json(path / PRETRAIN_META), encoder=mc.encoder, widths=list(mc.widths),
+                                    pipeline_id=pid, source=str(path))
+    tensors, fmt, meta = read_checkpoint(path)
     channels = image_channels(config.image) if config.image is not None else 1
     report = load_into(encoder, tensors, source=str(path), fmt=fmt, image_channels=channels)
     report.notes = notes + ([f"bundle {meta}"] if fmt == "monai_bundle" and meta else [])
