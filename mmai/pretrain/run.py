@@ -171,7 +171,7 @@ def _epoch(eng: Any, epoch: int, state: TrainState, roi: Any, background: float)
         _optimizer_step(eng)
         state.step += 1
         b = int(x.shape[0])
-        sums += torch.tensor([float(loss), float(parts["inpaint"]), float(parts["contrastive"])],
+        sums += torch.tensor([float(loss.detach()), float(parts["inpaint"]), float(parts["contrastive"])],
                              dtype=torch.float64) * b
         n += b
     total = all_sum([*sums.tolist(), float(n)], eng.info)

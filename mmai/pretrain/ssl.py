@@ -7,7 +7,7 @@ a volume together and pushing other volumes away), adapted to mmai's 3D CNN enco
     v1, v2 = augment(x), augment(x)                    # flips, intensity scale/shift, noise
     m1, m2 = cut_cuboids(v1), cut_cuboids(v2)          # mask_fraction of the voxels hidden
     f      = encoder.forward_features([m1; m2])        # (2B, C, d, h, w)
-    r      = decoder(f)                                # (2B, C_in, D, H, W)
+    r      = decoder(f)                                # (2B, C_in, D, H, W) (convs to D/2, then upsampled)
     z      = projection(mean_dhw(f))                   # (2B, 64)
     loss   = L1(r, [v1; v2]) + contrastive_weight * NT-Xent(z[:B], z[B:])
 
@@ -49,7 +49,8 @@ class SSLModel(nn.Module):
         encoder: an :class:`~mmai.models.image_encoders.ImageEncoder`.
         in_channels: image channels C_in (the decoder's output).
         widths: decoder channels, coarse to fine (e.g. the encoder widths reversed, minus the last).
-        stages: upsampling stages (log2 of the encoder's reduction: 4 for ``resnet``, 5 for ``resnet10``..).
+        stages: upsampling stages to half resolution (log2 of the encoder's reduction minus 1: 3 for
+            ``resnet``, 4 for ``resnet10``..).
         proj_dim: width of the contrastive embedding.
     """
 
@@ -70,15 +71,19 @@ class SSLModel(nn.Module):
         self.proj = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, C_in, D, H, W) -> reconstruction (N, C_in, D, H, W) and embedding (N, proj_dim)."""
+        """(N, C_in, D, H, W) -> reconstruction (N, C_in, D, H, W) and embedding (N, proj_dim).
+
+        The decoder's convolutions stop at half resolution (a full-resolution 3x3x3 stage would
+        cost three encoders on CPU); the last step is a 1x1x1 convolution and trilinear upsampling."""
         f = self.encoder.forward_features(x)  # (N, C, d, h, w)
         full = torch.tensor(x.shape[2:], dtype=torch.float64)
         n = len(self.up)
         r = f
         for i, block in enumerate(self.up):
-            size = [max(1, int(s)) for s in torch.ceil(full / 2 ** (n - 1 - i)).tolist()]
-            r = block(r, size)  # (N, w_i, D / 2^(n-1-i), ...)
-        return self.out(r), self.proj(f.mean(dim=(2, 3, 4)))
+            size = [max(1, int(s)) for s in torch.ceil(full / 2 ** (n - i)).tolist()]
+            r = block(r, size)  # (N, w_i, D / 2^(n-i), ...)
+        r = F.interpolate(self.out(r), size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+        return r, self.proj(f.mean(dim=(2, 3, 4)))  # (N, C_in, D, H, W), (N, proj_dim)
 
 
 def build_ssl_model(encoder: ImageEncoder, in_channels: int, widths: Sequence[int]) -> SSLModel:
@@ -89,7 +94,7 @@ def build_ssl_model(encoder: ImageEncoder, in_channels: int, widths: Sequence[in
     with torch.no_grad():
         d = int(encoder.forward_features(probe).shape[2])
     encoder.train(was)
-    stages = max(1, round(math.log2(32 / max(1, d))))
+    stages = max(1, round(math.log2(32 / max(1, d))) - 1)  # up to half resolution
     return SSLModel(encoder, in_channels, list(reversed([int(w) for w in widths]))[1:] or [int(widths[0])], stages)
 
 
@@ -119,12 +124,14 @@ def cut_cuboids(x: torch.Tensor, fraction: float, size: float) -> tuple[torch.Te
     b, _, *shape = x.shape
     edge = [max(1, int(round(s * size))) for s in shape]
     mask = torch.zeros(b, 1, *shape, dtype=torch.bool)
-    per_box = math.prod(edge) / math.prod(shape)
-    n_boxes = max(1, math.ceil(fraction / per_box * 4))  # overlaps: more boxes than the area needs (stops early)
+    per_box = min(0.999, math.prod(edge) / math.prod(shape))
+    # boxes fall independently: k boxes cover about 1 - (1 - per_box)^k; stamp that many, then top up
+    first = max(1, math.ceil(math.log(1 - fraction) / math.log(1 - per_box)))
+    n_boxes = first * 3
     starts = [torch.randint(0, max(1, s - e + 1), (b, n_boxes)) for s, e in zip(shape, edge, strict=True)]
     for i in range(b):
         for k in range(n_boxes):
-            if mask[i].float().mean() >= fraction:
+            if k >= first and mask[i].float().mean() >= fraction:
                 break
             z, y, w = (int(st[i, k]) for st in starts)
             mask[i, :, z : z + edge[0], y : y + edge[1], w : w + edge[2]] = True
