@@ -66,6 +66,19 @@ def test_pretrain_lowers_its_loss_resumes_exactly_and_loads_into_train(cohort, t
     enc = load_file(str(full / "encoder.safetensors"))
     assert rep["format"] == "mmai_pretrain" and rep["n_matched"] == len(enc)
     assert rep["n_missing"] == 0 and rep["n_unexpected"] == 0 and rep["lr_multiplier"] == 0.5
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    conv = "image.encoder.net.layer1.0.conv1.weight"
+    assert not torch.equal(trained[conv], enc["net.layer1.0.conv1.weight"])  # fine-tuned at lr x 0.5
+
+    # freeze_pretrained: true: the encoder's weights leave training exactly as pretrained
+    cfg["model"].update(freeze_pretrained=True)
+    train_yaml.write_text(yaml.safe_dump(cfg))
+    run_cli(["train", "--config", str(train_yaml), "--manifest", str(manifest), "--out", str(tmp_path / "frozen"),
+             "--fusion", "image_only", "--device", "cpu", "-q"])
+    frozen = load_file(str(tmp_path / "frozen" / "model.safetensors"))
+    weights_ = [k for k in enc if k.endswith("weight") and enc[k].dim() == 5]
+    assert weights_ and all(torch.equal(frozen[f"image.encoder.{k}"], enc[k]) for k in weights_)
+    assert metrics(tmp_path / "frozen")["pretrained"]["frozen"] is True
 
 
 def test_pretrain_output_of_another_encoder_is_refused(cohort, tmp_path):
@@ -95,3 +108,17 @@ def test_pretrain_cli_needs_images(cohort, tmp_path, capsys):
     code = main(["pretrain", "--config", str(pipe), "--manifest", str(tmp_path / "m.csv"), "--out",
                  str(tmp_path / "o"), "-q"])
     assert code != 0 and "at least 2 cases with an image" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_pretrains_with_ddp(cohort, tmp_path):
+    from tests.engine.test_ddp import _torchrun
+
+    _, pipe, manifest = cohort
+    yml = _pretrain_yaml(pipe, tmp_path, epochs=1, batch_size=4)
+    out = tmp_path / "ddp"
+    _torchrun(["-m", "mmai", "pretrain", "--config", str(yml), "--manifest", str(manifest), "--out", str(out),
+               "--device", "cpu", "--threads", "1", "-q"], tmp_path)
+    meta = json.loads((out / "pretrain.json").read_text())
+    assert meta["world_size"] == 2 and meta["n_volumes"] == 48
+    assert [r["world_size"] for r in log_rows(out)] == [2]
