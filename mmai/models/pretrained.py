@@ -110,7 +110,7 @@ def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, An
         for name in ("model.safetensors", "model.pt", "model.pth"):
             if (models / name).exists():
                 tensors = _strip_module(_unwrap(_read_file(models / name), models / name))
-                info = {k: meta[k] for k in ("name", "version") if k in meta}
+                info: dict[str, Any] = {k: meta[k] for k in ("name", "version") if k in meta}
                 info["weights"] = f"models/{name}"
                 return tensors, "monai_bundle", info
         if (models / "model.ts").exists():
@@ -354,7 +354,7 @@ def param_groups(model: nn.Module, lr: float, multiplier: float) -> list[dict[st
     """Optimizer groups: the other parameters at ``lr`` first, then the pretrained ones (see
     :func:`apply_pretrained`) at ``lr * multiplier`` (named ``pretrained``). Frozen parameters
     (``requires_grad`` false) are left out."""
-    marked = getattr(model, "pretrained_params", frozenset())
+    marked: frozenset[str] = getattr(model, "pretrained_params", frozenset())
     rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in marked]
     pre = [p for n, p in model.named_parameters() if p.requires_grad and n in marked]
     groups: list[dict[str, Any]] = [{"params": rest, "lr": lr, "name": "default"}]
