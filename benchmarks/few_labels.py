@@ -98,6 +98,36 @@ def run_pretrain(cfg: PipelineConfig, pool: pd.DataFrame, out: Path) -> dict[str
     return summary
 
 
+def feature_probe(cfg: PipelineConfig, df: pd.DataFrame, pre_dir: Path, seed: int = 0) -> dict[str, float]:
+    """How much of the lesion radius a frozen encoder's pooled features hold: 5-fold cross-validated
+    R^2 of a ridge regression (features -> true radius) on the pool, for the pretrained encoder and
+    for the same encoder at random initialisation (no labels of the outcome involved)."""
+    import torch
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import cross_val_score
+
+    from mmai.engine.prepare import build_dataset
+    from mmai.models.image_encoders import create_encoder
+    from mmai.models.pretrained import load_into, read_checkpoint
+
+    ds = build_dataset(cfg, df, pre=None, targets=None, uses_image=True)
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])  # (N, 1, D, H, W)
+    y = df["lesion_radius_mm"].to_numpy(float)
+    out: dict[str, float] = {}
+    for arm in ("random_init", "pretrained"):
+        torch.manual_seed(seed)
+        enc = create_encoder(cfg.model.encoder, in_channels=x.shape[1], widths=cfg.model.widths)
+        if arm == "pretrained":
+            tensors, fmt, _ = read_checkpoint(pre_dir)
+            load_into(enc, tensors, source=str(pre_dir), fmt=fmt)
+        enc.eval()
+        with torch.no_grad():
+            feats = torch.cat([enc(x[i : i + 64]) for i in range(0, len(x), 64)]).numpy()  # (N, C)
+        ridge = RidgeCV(alphas=np.logspace(-3, 3, 13))
+        out[f"probe_r2_{arm}"] = round(float(cross_val_score(ridge, feats, y, cv=5, scoring="r2").mean()), 4)
+    return out
+
+
 def train_one(cfg: PipelineConfig, df: pd.DataFrame, out: Path, fusion: str, seed: int,
               pretrained: Path | None, pretrained_lr: float) -> float:
     from mmai.engine.trainer import headline, train
@@ -147,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folder = root / f"{a.task}_n{a.n}_seed0"
         pre_dir = folder / f"pretrain_e{a.pretrain_epochs}"
         pre_summary = run_pretrain(cfg, pool, pre_dir)
+        pre_summary.update(feature_probe(cfg, pool, pre_dir))
+        log.info("feature probe: %s", pre_summary)
         values: dict[str, dict[str, dict[str, list[float]]]] = {}
         for n_lab in a.labels:
             per = values.setdefault(str(n_lab), {})
