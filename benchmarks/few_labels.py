@@ -19,6 +19,9 @@ Bayes figure that of the true probabilities (truth.json).
     .venv/bin/python benchmarks/few_labels.py [--n 800] [--labels 100 200 400] [--seeds 0 1 2]
         [--epochs 30] [--pretrain-epochs 20] [--pretrained-lr 1.0] [--quick] [--out DIR]
 
+With ``--out``, finished runs (and the pretraining) are reused by a later invocation with the same
+recipe, so a long measurement can be split (e.g. ``--labels 400 --seeds 0`` on its own).
+
 Last line: ``{"task": .., "oracle_image": .., "bayes_test": .., "results": {"100": {"image_only":
 {"scratch": {"mean": .., "std": .., "values": [..]}, "pretrained": {...}, "gain": ..}, ...}, ...},
 "pretrain": {...}, "seconds": ..}``
@@ -132,6 +135,8 @@ def train_one(cfg: PipelineConfig, df: pd.DataFrame, out: Path, fusion: str, see
               pretrained: Path | None, pretrained_lr: float) -> float:
     from mmai.engine.trainer import headline, train
 
+    if (out / "DONE").exists():  # finished by an earlier invocation with the same --out (same recipe)
+        return float(json.loads((out / "metrics.json").read_text())["test"][headline(cfg.task.kind)])
     if out.exists():
         shutil.rmtree(out)
     model = dataclasses.replace(cfg.model, fusion=fusion, pretrained=str(pretrained) if pretrained else None,
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in a.seeds:
                 lab = pool.sample(n=n_lab, random_state=seed)
                 sub = pd.concat([lab, test], ignore_index=True)
-                runs = folder / "runs" / f"L{n_lab}_s{seed}"
+                runs = folder / f"runs_e{a.epochs}_p{a.pretrain_epochs}_lr{a.pretrained_lr:g}" / f"L{n_lab}_s{seed}"
                 for fusion in a.models:
                     for arm, src in (("scratch", None), ("pretrained", pre_dir)):
                         t = time.time()
