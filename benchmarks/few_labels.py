@@ -53,11 +53,12 @@ log = logging.getLogger("benchmarks.few_labels")
 IMAGE_MODELS = ("image_only", "cross_attention")
 
 
-def base_config(task: str, epochs: int, pretrain_epochs: int) -> PipelineConfig:
+def base_config(task: str, epochs: int, pretrain_epochs: int, contrastive_weight: float = 0.0) -> PipelineConfig:
     """The demo pipeline for ``task`` with ``epochs`` of training and the pretraining settings."""
     cfg = demo_config(epochs)
     return cfg.replace(task=TaskConfig(kind="binary" if task == "binary" else "survival"),
-                       pretrain=PretrainConfig(epochs=pretrain_epochs, batch_size=16, lr=2e-3))
+                       pretrain=PretrainConfig(epochs=pretrain_epochs, batch_size=16, lr=2e-3,
+                                               contrastive_weight=contrastive_weight))
 
 
 def cohort(root: Path, cfg: PipelineConfig, task: str, n: int, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--epochs", type=int, default=30, help="training epochs of every supervised run")
     ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--pretrained-lr", type=float, default=1.0, help="model.pretrained_lr of the fine-tunes")
+    ap.add_argument("--contrastive-weight", type=float, default=0.0,
+                    help="pretrain.contrastive_weight (default 0: inpainting only, the better recipe here, see "
+                    "docs/benchmarks.md)")
     ap.add_argument("--models", nargs="+", default=list(IMAGE_MODELS), choices=list(IMAGE_MODELS))
     ap.add_argument("--quick", action="store_true", help="n=240, labels 60 120, one seed, 3 + 3 epochs (smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="keep cohorts and runs here (default: a temp dir)")
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.quick:
         a.n, a.labels, a.seeds, a.epochs, a.pretrain_epochs = 240, [60, 120], [0], 3, 3
     t0 = time.time()
-    cfg = base_config(a.task, a.epochs, a.pretrain_epochs)
+    cfg = base_config(a.task, a.epochs, a.pretrain_epochs, a.contrastive_weight)
     with tempfile.TemporaryDirectory() as tmp:
         root = a.out or Path(tmp)
         df, truth = cohort(root, cfg, a.task, a.n, 0)
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if max(a.labels) > len(pool):
             raise SystemExit(f"--labels {max(a.labels)} > {len(pool)} pool patients; raise --n")
         folder = root / f"{a.task}_n{a.n}_seed0"
-        pre_dir = folder / f"pretrain_e{a.pretrain_epochs}"
+        tag = f"p{a.pretrain_epochs}_c{a.contrastive_weight:g}"
+        pre_dir = folder / f"pretrain_{tag}"
         pre_summary = run_pretrain(cfg, pool, pre_dir)
         pre_summary.update(feature_probe(cfg, pool, pre_dir))
         log.info("feature probe: %s", pre_summary)
@@ -190,11 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in a.seeds:
                 lab = pool.sample(n=n_lab, random_state=seed)
                 sub = pd.concat([lab, test], ignore_index=True)
-                runs = folder / f"runs_e{a.epochs}_p{a.pretrain_epochs}_lr{a.pretrained_lr:g}" / f"L{n_lab}_s{seed}"
+                runs = folder / f"runs_e{a.epochs}" / f"L{n_lab}_s{seed}"
                 for fusion in a.models:
                     for arm, src in (("scratch", None), ("pretrained", pre_dir)):
                         t = time.time()
-                        v = train_one(cfg, sub, runs / f"{fusion}_{arm}", fusion, seed, src, a.pretrained_lr)
+                        name = f"{fusion}_scratch" if src is None else f"{fusion}_pretrained_{tag}_lr{a.pretrained_lr:g}"
+                        v = train_one(cfg, sub, runs / name, fusion, seed, src, a.pretrained_lr)
                         per.setdefault(fusion, {}).setdefault(arm, []).append(v)
                         log.info("L=%d seed %d %s %s: %.4f (%.0f s)", n_lab, seed, fusion, arm, v, time.time() - t)
                 v = train_one(cfg, sub, runs / "clinical_only", "clinical_only", seed, None, 1.0)
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[n_lab][model] = entry
     out = {"task": a.task, "metric": truth["metric"], "n": a.n, "n_test": len(test), "n_pool": len(pool),
            "labels": a.labels, "seeds": a.seeds, "epochs": a.epochs, "pretrain_epochs": a.pretrain_epochs,
-           "pretrained_lr": a.pretrained_lr, "oracle_image": round(oracle_image(test, a.task), 4),
+           "pretrained_lr": a.pretrained_lr, "contrastive_weight": a.contrastive_weight,
+           "oracle_image": round(oracle_image(test, a.task), 4),
            "bayes_test": round(float(truth["bayes_test"]), 4), "pretrain": pre_summary, "results": results,
            "quick": a.quick, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(out))
