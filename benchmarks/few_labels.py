@@ -133,7 +133,7 @@ def feature_probe(cfg: PipelineConfig, df: pd.DataFrame, pre_dir: Path, seed: in
 
 
 def train_one(cfg: PipelineConfig, df: pd.DataFrame, out: Path, fusion: str, seed: int,
-              pretrained: Path | None, pretrained_lr: float) -> float:
+              pretrained: Path | None, pretrained_lr: float, freeze: bool = False) -> float:
     from mmai.engine.trainer import headline, train
 
     if (out / "DONE").exists():  # finished by an earlier invocation with the same --out (same recipe)
@@ -141,7 +141,8 @@ def train_one(cfg: PipelineConfig, df: pd.DataFrame, out: Path, fusion: str, see
     if out.exists():
         shutil.rmtree(out)
     model = dataclasses.replace(cfg.model, fusion=fusion, pretrained=str(pretrained) if pretrained else None,
-                                pretrained_lr=pretrained_lr if pretrained else 1.0)
+                                pretrained_lr=pretrained_lr if pretrained else 1.0,
+                                freeze_pretrained=bool(freeze and pretrained))
     mcfg = cfg.replace(model=model, train=dataclasses.replace(cfg.train, seed=seed))
     m = train(mcfg, df, out, device="cpu", progress=False)
     return float(m["test"][headline(cfg.task.kind)])
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--epochs", type=int, default=30, help="training epochs of every supervised run")
     ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--pretrained-lr", type=float, default=1.0, help="model.pretrained_lr of the fine-tunes")
+    ap.add_argument("--freeze", action="store_true", help="model.freeze_pretrained: true in the pretrained arm")
     ap.add_argument("--contrastive-weight", type=float, default=0.0,
                     help="pretrain.contrastive_weight (default 0: inpainting only, the better recipe here, see "
                     "docs/benchmarks.md)")
@@ -199,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for fusion in a.models:
                     for arm, src in (("scratch", None), ("pretrained", pre_dir)):
                         t = time.time()
-                        name = f"{fusion}_scratch" if src is None else f"{fusion}_pretrained_{tag}_lr{a.pretrained_lr:g}"
-                        v = train_one(cfg, sub, runs / name, fusion, seed, src, a.pretrained_lr)
+                        name = (f"{fusion}_scratch" if src is None else
+                                f"{fusion}_pretrained_{tag}_lr{a.pretrained_lr:g}" + ("_frozen" if a.freeze else ""))
+                        v = train_one(cfg, sub, runs / name, fusion, seed, src, a.pretrained_lr, a.freeze)
                         per.setdefault(fusion, {}).setdefault(arm, []).append(v)
                         log.info("L=%d seed %d %s %s: %.4f (%.0f s)", n_lab, seed, fusion, arm, v, time.time() - t)
                 v = train_one(cfg, sub, runs / "clinical_only", "clinical_only", seed, None, 1.0)
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[n_lab][model] = entry
     out = {"task": a.task, "metric": truth["metric"], "n": a.n, "n_test": len(test), "n_pool": len(pool),
            "labels": a.labels, "seeds": a.seeds, "epochs": a.epochs, "pretrain_epochs": a.pretrain_epochs,
-           "pretrained_lr": a.pretrained_lr, "contrastive_weight": a.contrastive_weight,
+           "pretrained_lr": a.pretrained_lr, "freeze": a.freeze, "contrastive_weight": a.contrastive_weight,
            "oracle_image": round(oracle_image(test, a.task), 4),
            "bayes_test": round(float(truth["bayes_test"]), 4), "pretrain": pre_summary, "results": results,
            "quick": a.quick, "seconds": round(time.time() - t0, 1)}
