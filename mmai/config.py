@@ -256,7 +256,7 @@ class PretrainConfig:
     ``epochs``, ``batch_size``, ``lr`` of the pretraining run (AdamW, cosine schedule; seed and
     weight decay from ``train``); ``mask_fraction`` of each view's voxels hidden by random cuboids
     of ``mask_size`` (fraction of each axis) for the inpainting loss; ``contrastive_weight`` of the
-    NT-Xent term between two augmented views at ``temperature`` (0 = inpainting only).
+    NT-Xent term between two augmented views at ``temperature`` (0, the default = inpainting only).
     """
 
     epochs: int = 20
@@ -264,7 +264,7 @@ class PretrainConfig:
     lr: float = 1e-3
     mask_fraction: float = 0.4
     mask_size: float = 0.25
-    contrastive_weight: float = 0.5
+    contrastive_weight: float = 0.0  # measured: NT-Xent discarded lesion size (docs/benchmarks.md "Few labels")
     temperature: float = 0.5
 
 

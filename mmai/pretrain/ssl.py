@@ -9,7 +9,7 @@ a volume together and pushing other volumes away), adapted to mmai's 3D CNN enco
     f      = encoder.forward_features([m1; m2])        # (2B, C, d, h, w)
     r      = decoder(f)                                # (2B, C_in, D, H, W) (convs to D/2, then upsampled)
     z      = projection(mean_dhw(f))                   # (2B, 64)
-    loss   = L1(r, [v1; v2]) + contrastive_weight * NT-Xent(z[:B], z[B:])
+    loss   = L1(r, [v1; v2]) + contrastive_weight * NT-Xent(z[:B], z[B:])   # weight 0 by default
 
 Only the encoder is kept (``encoder.safetensors``); the decoder and projection are thrown away.
 All randomness comes from torch's global generator (saved in every checkpoint), so a resumed

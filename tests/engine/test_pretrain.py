@@ -16,7 +16,7 @@ from tests.engine.conftest import assert_same_weights, log_rows, metrics, run_cl
 
 def _pretrain_yaml(pipe, tmp_path, **pretrain):
     cfg = yaml.safe_load(pipe.read_text())
-    cfg["pretrain"] = {"epochs": 2, "batch_size": 8, "lr": 0.003, **pretrain}
+    cfg["pretrain"] = {"epochs": 2, "batch_size": 8, "lr": 0.003, "contrastive_weight": 0.5, **pretrain}
     out = tmp_path / "pre.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out
