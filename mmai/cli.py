@@ -342,7 +342,7 @@ def _parser_train(sub: Any) -> None:
 
 def _parser_pretrain(sub: Any) -> None:
     s = sub.add_parser("pretrain", help="self-supervised pretraining of the image encoder on unlabelled images",
-                       description="Masked-volume inpainting + contrastive views on the manifest's images (no "
+                       description="Masked-volume inpainting (+ optional contrastive views) on the manifest's images (no "
                        "labels needed); writes DIR/encoder.safetensors + DIR/pretrain.json for model.pretrained: DIR.")
     s.add_argument("--config", required=True, help="pipeline YAML (image, model.encoder/widths, pretrain: section)")
     s.add_argument("--manifest", required=True, help="manifest CSV of the unlabelled cases (case_id, image)")
