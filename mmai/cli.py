@@ -177,6 +177,19 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from mmai.pretrain.run import pretrain_from_files
+
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    result = pretrain_from_files(Path(a.config), Path(a.manifest), Path(a.out), epochs=a.epochs, device=a.device,
+                                 resume=a.resume, progress=not a.quiet)
+    log.info("%s", result)
+    return 0
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from mmai.inference.predictor import predict_from_files
     from mmai.pacs.options import uses_pacs
@@ -350,6 +363,21 @@ def _parser_train(sub: Any) -> None:
     s.set_defaults(func=_cmd_train)
 
 
+def _parser_pretrain(sub: Any) -> None:
+    s = sub.add_parser("pretrain", help="self-supervised pretraining of the image encoder on unlabelled images",
+                       description="Masked-volume inpainting (+ optional contrastive views) on the manifest's images (no "
+                       "labels needed); writes DIR/encoder.safetensors + DIR/pretrain.json for model.pretrained: DIR.")
+    s.add_argument("--config", required=True, help="pipeline YAML (image, model.encoder/widths, pretrain: section)")
+    s.add_argument("--manifest", required=True, help="manifest CSV of the unlabelled cases (case_id, image)")
+    _add_out(s, "dir", "pretraining folder to write")
+    s.add_argument("--epochs", type=int, default=None, help="override pretrain.epochs")
+    _add_device(s)
+    s.add_argument("--resume", action="store_true", help="continue exactly from DIR's last checkpoint")
+    s.add_argument("--threads", type=_workers, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
+    _add_common(s)
+    s.set_defaults(func=_cmd_pretrain)
+
+
 def _parser_predict(sub: Any) -> None:
     s = sub.add_parser("predict", help="batch inference with a trained run",
                        description="Predict every case of a manifest (or a DICOM root plus a clinical "
@@ -452,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     _parser_convert(sub)
     _parser_preprocess(sub)
     _parser_train(sub)
+    _parser_pretrain(sub)
     _parser_predict(sub)
     _parser_evaluate(sub)
     _parser_clinical_schema(sub)

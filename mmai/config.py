@@ -204,6 +204,9 @@ class ModelConfig:
     aux_weight: float = 0.5
     windows: WindowsConfig | None = None
     bidirectional: bool = False
+    pretrained: str | None = None  # image encoder weights: file or folder (mmai/models/pretrained.py)
+    pretrained_lr: float = 1.0  # learning-rate multiplier of the pretrained encoder's parameters
+    freeze_pretrained: bool | int = False  # true: frozen throughout; N: frozen for the first N epochs
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """``mmai pretrain``: self-supervised encoder pretraining (docs/models.md "Pretraining").
+
+    ``epochs``, ``batch_size``, ``lr`` of the pretraining run (AdamW, cosine schedule; seed and
+    weight decay from ``train``); ``mask_fraction`` of each view's voxels hidden by random cuboids
+    of ``mask_size`` (fraction of each axis) for the inpainting loss; ``contrastive_weight`` of the
+    NT-Xent term between two augmented views at ``temperature`` (0, the default = inpainting only).
+    """
+
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    mask_fraction: float = 0.4
+    mask_size: float = 0.25
+    contrastive_weight: float = 0.0  # measured: NT-Xent discarded lesion size (docs/benchmarks.md "Few labels")
+    temperature: float = 0.5
+
+
+@dataclass(frozen=True)
 class InferConfig:
     """Inference settings."""
 
@@ -277,6 +299,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -390,7 +413,7 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-_SECTIONS = ("task", "clinical", "image", "model", "train", "infer")
+_SECTIONS = ("task", "clinical", "image", "model", "train", "infer", "pretrain")
 
 
 def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> PipelineConfig:
@@ -415,12 +438,38 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Pip
         raise ConfigError(f"{source}: model.fusion = {model.fusion!r} is not allowed; choose one of {list(FUSIONS)}")
     train = _build(TrainConfig, data.get("train"), "train", source)
     infer = _build(InferConfig, data.get("infer"), "infer", source)
+    pretrain = _build(PretrainConfig, data.get("pretrain"), "pretrain", source)
     _check_values(task, image, model, train, source)
     from mmai.config_ranges import check_ranges
 
     check_ranges(task, image, model, train, infer, source)
+    _check_pretrain(model, pretrain, source)
     return PipelineConfig(task=task, clinical=clinical, image=image, model=model, train=train,
-                          infer=infer, source=source)
+                          infer=infer, pretrain=pretrain, source=source)
+
+
+def _check_pretrain(model: ModelConfig, pre: PretrainConfig, source: str) -> None:
+    """Ranges of model.pretrained_lr / freeze_pretrained and of the pretrain section."""
+    if model.pretrained is not None and not model.pretrained.strip():
+        raise ConfigError(f"{source}: model.pretrained must be a path (file or folder), got an empty string")
+    if not model.pretrained_lr > 0:
+        raise ConfigError(f"{source}: model.pretrained_lr must be > 0 (a multiplier of train.lr), got "
+                          f"{model.pretrained_lr!r}; use model.freeze_pretrained to freeze")
+    fp = model.freeze_pretrained
+    if not isinstance(fp, bool) and fp < 0:
+        raise ConfigError(f"{source}: model.freeze_pretrained must be true, false or a number of epochs >= 0, "
+                          f"got {fp!r}")
+    for name in ("epochs", "batch_size"):
+        if getattr(pre, name) < 1:
+            raise ConfigError(f"{source}: pretrain.{name} must be >= 1, got {getattr(pre, name)!r}")
+    if not pre.lr > 0:
+        raise ConfigError(f"{source}: pretrain.lr must be > 0, got {pre.lr!r}")
+    for name in ("mask_fraction", "mask_size"):
+        if not 0.0 < getattr(pre, name) < 1.0:
+            raise ConfigError(f"{source}: pretrain.{name} must be in (0, 1), got {getattr(pre, name)!r}")
+    if pre.contrastive_weight < 0 or not pre.temperature > 0:
+        raise ConfigError(f"{source}: pretrain.contrastive_weight must be >= 0 and pretrain.temperature > 0, got "
+                          f"{pre.contrastive_weight!r} / {pre.temperature!r}")
 
 
 def _check_values(task: TaskConfig, image: ImageConfig | None, model: ModelConfig, train: TrainConfig,

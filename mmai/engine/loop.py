@@ -46,6 +46,7 @@ from mmai.engine.trainer import (
 )
 from mmai.errors import ConfigError
 from mmai.models.heads import task_loss
+from mmai.models.pretrained import frozen_for, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,13 @@ def build_engine(model: torch.nn.Module, raw: torch.nn.Module, config: PipelineC
     """AdamW + the LR schedule (a torch ``LambdaLR``), EMA, AMP (with a GradScaler for fp16)."""
     tc = config.train
     # foreach: one fused kernel per step over all tensors (torch's default on CUDA, not on CPU)
-    opt = torch.optim.AdamW(raw.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
+    # model.pretrained: the loaded encoder parameters in their own group (lr x model.pretrained_lr)
+    groups = param_groups(raw, tc.lr, config.model.pretrained_lr)
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / tc.accumulate))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(config, steps_per_epoch))
+    factor = lr_schedule(config, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor] + [
+        frozen_for(config.model.freeze_pretrained, steps_per_epoch, factor)] * (len(groups) - 1))
     ema = EMA(raw, tc.ema) if tc.ema > 0 else None
     amp = AMP_DTYPES[str(tc.amp)]
     device_type = info.device.split(":")[0]

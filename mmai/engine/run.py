@@ -39,6 +39,7 @@ from mmai.engine.trainer import evaluate_outputs, headline, predict_outputs
 from mmai.errors import CheckpointError, ConfigError
 from mmai.io.manifest import load_manifest
 from mmai.models.heads import n_outputs_for
+from mmai.models.pretrained import apply_pretrained
 from mmai.models.registry import create_model
 from mmai.transforms.pipelines import augment_transforms, background_value, image_channels
 from mmai.utils import atomic_write_json, resolve_device, seed_everything
@@ -100,6 +101,7 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     enc = TargetEncoding.fit(config, frames["train"])
     pre = fit_clinical(config, frames["train"])
     model, model_kwargs = _build_model(config, kind, len(enc.classes), pre)
+    pretrained = apply_pretrained(model, config)  # model.pretrained (None when unset)
     uses_image = bool(model.uses_image)
     data_seed = tc.seed + info.rank  # ranks augment differently; one process: the configured seed
     aug = augment_transforms(config.image, seed=data_seed) if uses_image and config.image else None
@@ -127,6 +129,8 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "n_train": len(frames["train"]),
                                "n_val": len(frames["val"]), "n_test": len(frames["test"]),
                                "fusion": config.model.fusion, "split": split.name, "world_size": info.world}
+    if pretrained is not None:
+        metrics["pretrained"] = pretrained
     part_metrics, outputs = _evaluate_final(model, config, frames, evals, enc, info)
     metrics.update(part_metrics)
     _check_ranks_agree(metrics, model, info)

@@ -11,4 +11,4 @@ FUSIONS: tuple[str, ...] = ("cross_attention", "concat", "early", "late", "film"
 
 #: every ``model.encoder`` value (mmai.models.image_encoders.ENCODERS holds the classes; a test
 #: checks the two agree)
-ENCODER_NAMES: tuple[str, ...] = ("resnet", "densenet")
+ENCODER_NAMES: tuple[str, ...] = ("resnet", "densenet", "resnet10", "resnet18", "resnet34", "resnet50")

@@ -1,0 +1,236 @@
+"""Label efficiency: does self-supervised pretraining (``mmai pretrain``) help when labels are few?
+
+One ``mmai synth`` NIfTI cohort (binary: the lesion volume is in the image only; the clinical
+score in the table) is preprocessed with the demo pipeline (9 mm, 32x32x24). Its held-out
+``split == test`` patients score every model and are never used for fitting, selection or
+pretraining. From the other patients (the pool):
+
+1. ``mmai pretrain`` runs once on the images of the whole pool, without labels (the labelled
+   subsets below are drawn from the same pool: their images are unlabelled data too);
+2. for each labelled size L (default 100 / 200 / 400) and seed, L pool patients are drawn
+   (seeded) and ``image_only`` and ``cross_attention`` are trained on them from scratch and from
+   the pretrained encoder (``model.pretrained: DIR``; optional ``--pretrained-lr``), plus
+   ``clinical_only`` as the reference the fusion must beat;
+3. each run's test AUROC (C-index for ``--task survival``) comes from its metrics.json.
+
+The image-only oracle is the same metric of the true lesion radius on the test patients, the
+Bayes figure that of the true probabilities (truth.json).
+
+    .venv/bin/python benchmarks/few_labels.py [--n 600] [--labels 100 200 400] [--seeds 0 1]
+        [--epochs 24] [--pretrain-epochs 10] [--contrastive-weight 0] [--pretrained-lr 1.0] [--freeze]
+        [--models image_only cross_attention] [--quick] [--out DIR]
+
+The default run's pieces added up to about 45 minutes on the shared 2-core host while other jobs
+ran (load average 8-12; pretraining 3 min, then 50-145 s per supervised run), one torch thread;
+``--quick`` is a 3-minute smoke run.
+
+With ``--out``, finished runs (and the pretraining) are reused by a later invocation with the same
+recipe, so a long measurement can be split (e.g. ``--labels 400 --seeds 0`` on its own).
+
+Last line: ``{"task": .., "oracle_image": .., "bayes_test": .., "results": {"100": {"image_only":
+{"scratch": {"mean": .., "std": .., "values": [..]}, "pretrained": {...}, "gain": ..}, ...}, ...},
+"pretrain": {...}, "seconds": ..}``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmai.config import PipelineConfig, PretrainConfig, TaskConfig  # noqa: E402
+from mmai.demo import demo_config  # noqa: E402
+from mmai.engine.metrics import auroc, c_index  # noqa: E402
+
+log = logging.getLogger("benchmarks.few_labels")
+IMAGE_MODELS = ("image_only", "cross_attention")
+
+
+def base_config(task: str, epochs: int, pretrain_epochs: int, contrastive_weight: float = 0.0) -> PipelineConfig:
+    """The demo pipeline for ``task`` with ``epochs`` of training and the pretraining settings."""
+    cfg = demo_config(epochs)
+    return cfg.replace(task=TaskConfig(kind="binary" if task == "binary" else "survival"),
+                       pretrain=PretrainConfig(epochs=pretrain_epochs, batch_size=16, lr=2e-3,
+                                               contrastive_weight=contrastive_weight))
+
+
+def cohort(root: Path, cfg: PipelineConfig, task: str, n: int, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The preprocessed manifest (validated) and truth.json of a synth cohort (reused when present)."""
+    from mmai.io.manifest import load_manifest
+    from mmai.preprocess import preprocess_frame
+    from mmai.synth import SynthSpec, write_cohort
+
+    folder = root / f"{task}_n{n}_seed{seed}"
+    if not (folder / "cohort" / "truth.json").exists():
+        write_cohort(folder / "cohort", SynthSpec(n=n, task=task, seed=seed, fmt="nifti"), progress=False, workers=2)
+    if not (folder / "preprocessed" / "manifest.csv").exists():
+        raw = load_manifest(folder / "cohort" / "manifest.csv", cfg)
+        preprocess_frame(raw, cfg, folder / "preprocessed", workers=1, progress=False)
+    df = load_manifest(folder / "preprocessed" / "manifest.csv", cfg)
+    truth = json.loads((folder / "cohort" / "truth.json").read_text())
+    radius = pd.read_csv(folder / "cohort" / "truth.csv", dtype={"case_id": str})[["case_id", "lesion_radius_mm"]]
+    return df.merge(radius, on="case_id", how="left"), truth
+
+
+def oracle_image(test: pd.DataFrame, task: str) -> float:
+    """The test metric of the true lesion radius alone (the image's whole information)."""
+    r = test["lesion_radius_mm"].to_numpy(float)
+    if task == "binary":
+        return float(auroc(test["label"].to_numpy(int), r))
+    return float(c_index(test["time"].to_numpy(float), test["event"].to_numpy(int), r))
+
+
+def run_pretrain(cfg: PipelineConfig, pool: pd.DataFrame, out: Path) -> dict[str, Any]:
+    from mmai.pretrain.run import pretrain, pretrain_config
+
+    if (out / "pretrain.json").exists():
+        return json.loads((out / "pretrain.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out.parent / "unlabelled.csv"
+    pool[["case_id", "patient_id", cfg.image.column if cfg.image else "image"]].to_csv(manifest, index=False)
+    t = time.time()
+    summary = pretrain(pretrain_config(cfg), manifest, out, device="cpu", progress=False)
+    summary["seconds"] = round(time.time() - t, 1)
+    log.info("pretraining: %s", summary)
+    return summary
+
+
+def feature_probe(cfg: PipelineConfig, df: pd.DataFrame, pre_dir: Path, seed: int = 0) -> dict[str, float]:
+    """How much of the lesion radius a frozen encoder's pooled features hold: 5-fold cross-validated
+    R^2 of a ridge regression (features -> true radius) on the pool, for the pretrained encoder and
+    for the same encoder at random initialisation (no labels of the outcome involved)."""
+    import torch
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import cross_val_score
+
+    from mmai.engine.prepare import build_dataset
+    from mmai.models.image_encoders import create_encoder
+    from mmai.models.pretrained import load_into, read_checkpoint
+
+    ds = build_dataset(cfg, df, pre=None, targets=None, uses_image=True)
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])  # (N, 1, D, H, W)
+    y = df["lesion_radius_mm"].to_numpy(float)
+    out: dict[str, float] = {}
+    for arm in ("random_init", "pretrained"):
+        torch.manual_seed(seed)
+        enc = create_encoder(cfg.model.encoder, in_channels=x.shape[1], widths=cfg.model.widths)
+        if arm == "pretrained":
+            tensors, fmt, _ = read_checkpoint(pre_dir)
+            load_into(enc, tensors, source=str(pre_dir), fmt=fmt)
+        enc.eval()
+        with torch.no_grad():
+            feats = torch.cat([enc(x[i : i + 64]) for i in range(0, len(x), 64)]).numpy()  # (N, C)
+        ridge = RidgeCV(alphas=np.logspace(-3, 3, 13))
+        out[f"probe_r2_{arm}"] = round(float(cross_val_score(ridge, feats, y, cv=5, scoring="r2").mean()), 4)
+    return out
+
+
+def train_one(cfg: PipelineConfig, df: pd.DataFrame, out: Path, fusion: str, seed: int,
+              pretrained: Path | None, pretrained_lr: float, freeze: bool = False) -> float:
+    from mmai.engine.trainer import headline, train
+
+    if (out / "DONE").exists():  # finished by an earlier invocation with the same --out (same recipe)
+        return float(json.loads((out / "metrics.json").read_text())["test"][headline(cfg.task.kind)])
+    if out.exists():
+        shutil.rmtree(out)
+    model = dataclasses.replace(cfg.model, fusion=fusion, pretrained=str(pretrained) if pretrained else None,
+                                pretrained_lr=pretrained_lr if pretrained else 1.0,
+                                freeze_pretrained=bool(freeze and pretrained))
+    mcfg = cfg.replace(model=model, train=dataclasses.replace(cfg.train, seed=seed))
+    m = train(mcfg, df, out, device="cpu", progress=False)
+    return float(m["test"][headline(cfg.task.kind)])
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    v = np.asarray(values, float)
+    return {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4) if len(v) > 1 else 0.0,
+            "min": round(float(v.min()), 4), "max": round(float(v.max()), 4), "values": [round(float(x), 4) for x in v]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="binary", choices=["binary", "survival"])
+    ap.add_argument("--n", type=int, default=600, help="patients in the cohort (25%% held out for test)")
+    ap.add_argument("--labels", type=int, nargs="+", default=[100, 200, 400], help="labelled pool sizes")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--epochs", type=int, default=24, help="training epochs of every supervised run")
+    ap.add_argument("--pretrain-epochs", type=int, default=10)
+    ap.add_argument("--pretrained-lr", type=float, default=1.0, help="model.pretrained_lr of the fine-tunes")
+    ap.add_argument("--freeze", action="store_true", help="model.freeze_pretrained: true in the pretrained arm")
+    ap.add_argument("--contrastive-weight", type=float, default=0.0,
+                    help="pretrain.contrastive_weight (default 0: inpainting only, the better recipe here, see "
+                    "docs/benchmarks.md)")
+    ap.add_argument("--models", nargs="+", default=list(IMAGE_MODELS), choices=list(IMAGE_MODELS))
+    ap.add_argument("--quick", action="store_true", help="n=240, labels 60 120, one seed, 3 + 3 epochs (smoke run)")
+    ap.add_argument("--out", type=Path, default=None, help="keep cohorts and runs here (default: a temp dir)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("mmai", "monai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if a.quick:
+        a.n, a.labels, a.seeds, a.epochs, a.pretrain_epochs = 240, [60, 120], [0], 3, 3
+    t0 = time.time()
+    cfg = base_config(a.task, a.epochs, a.pretrain_epochs, a.contrastive_weight)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = a.out or Path(tmp)
+        df, truth = cohort(root, cfg, a.task, a.n, 0)
+        test = df[df["split"] == "test"].reset_index(drop=True)
+        pool = df[df["split"] != "test"].reset_index(drop=True)
+        if max(a.labels) > len(pool):
+            raise SystemExit(f"--labels {max(a.labels)} > {len(pool)} pool patients; raise --n")
+        folder = root / f"{a.task}_n{a.n}_seed0"
+        tag = f"p{a.pretrain_epochs}_c{a.contrastive_weight:g}"
+        pre_dir = folder / f"pretrain_{tag}"
+        pre_summary = run_pretrain(cfg, pool, pre_dir)
+        pre_summary.update(feature_probe(cfg, pool, pre_dir))
+        log.info("feature probe: %s", pre_summary)
+        values: dict[str, dict[str, dict[str, list[float]]]] = {}
+        for n_lab in a.labels:
+            per = values.setdefault(str(n_lab), {})
+            for seed in a.seeds:
+                lab = pool.sample(n=n_lab, random_state=seed)
+                sub = pd.concat([lab, test], ignore_index=True)
+                runs = folder / f"runs_e{a.epochs}" / f"L{n_lab}_s{seed}"
+                for fusion in a.models:
+                    for arm, src in (("scratch", None), ("pretrained", pre_dir)):
+                        t = time.time()
+                        name = (f"{fusion}_scratch" if src is None else
+                                f"{fusion}_pretrained_{tag}_lr{a.pretrained_lr:g}" + ("_frozen" if a.freeze else ""))
+                        v = train_one(cfg, sub, runs / name, fusion, seed, src, a.pretrained_lr, a.freeze)
+                        per.setdefault(fusion, {}).setdefault(arm, []).append(v)
+                        log.info("L=%d seed %d %s %s: %.4f (%.0f s)", n_lab, seed, fusion, arm, v, time.time() - t)
+                v = train_one(cfg, sub, runs / "clinical_only", "clinical_only", seed, None, 1.0)
+                per.setdefault("clinical_only", {}).setdefault("scratch", []).append(v)
+    results: dict[str, Any] = {}
+    for n_lab, per in values.items():
+        results[n_lab] = {}
+        for model, arms in per.items():
+            entry: dict[str, Any] = {arm: spread(v) for arm, v in arms.items()}
+            if "pretrained" in arms:
+                gains = np.asarray(arms["pretrained"]) - np.asarray(arms["scratch"])
+                entry["gain"] = spread(list(gains))
+            results[n_lab][model] = entry
+    out = {"task": a.task, "metric": truth["metric"], "n": a.n, "n_test": len(test), "n_pool": len(pool),
+           "labels": a.labels, "seeds": a.seeds, "epochs": a.epochs, "pretrain_epochs": a.pretrain_epochs,
+           "pretrained_lr": a.pretrained_lr, "freeze": a.freeze, "contrastive_weight": a.contrastive_weight,
+           "oracle_image": round(oracle_image(test, a.task), 4),
+           "bayes_test": round(float(truth["bayes_test"]), 4), "pretrain": pre_summary, "results": results,
+           "quick": a.quick, "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
