@@ -48,7 +48,7 @@ def test_value_out_of_range_names_the_key(tmp_path, section, values, key):
 
 def test_unknown_encoder_lists_the_allowed_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"model.encoder = 'vit' is not allowed; choose one of \['resnet', "
-                                          r"'densenet'\]"):
+                                          r"'densenet', 'resnet10', 'resnet18', 'resnet34', 'resnet50'\]"):
         _load(tmp_path, "model", {"encoder": "vit"})
 
 

@@ -223,5 +223,5 @@ def test_clinical_only_is_trained_by_mmai_train_for_every_task(tmp_path, kind, e
     assert len(pred) == n and list(pred.columns)[0] == "case_id" and list(pred.columns)[-1] == "model_id"
     expected = {"binary": ["prob_0", "prob_1", "prediction"], "multiclass": ["prob_0", "prob_1", "prob_2", "prediction"],
                 "regression": ["prediction"], "survival": ["risk"]}[kind]
-    assert list(pred.columns)[1:-1] == [*expected, "clinical_present"]
+    assert list(pred.columns)[1:-1] == [*expected, "clinical_present", "input_flags"]
     assert np.isfinite(pred[expected].to_numpy(dtype=float)).all()
