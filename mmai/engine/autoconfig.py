@@ -37,8 +37,9 @@ TARGET_STEPS = 600
 MIN_EPOCHS, MAX_EPOCHS = 20, 200
 #: EMA horizon (1 / (1 - decay)) as a fraction of all optimisation steps of the run
 EMA_FRACTION = 1 / 6
-#: a lesion box is BOX_MARGIN x the 95th percentile lesion extent, cut on a BOX_VOXELS^3 grid
-BOX_MARGIN = 3.0
+#: a lesion box is BOX_MARGIN x the 95th percentile lesion extent (longest bounding-box side),
+#: cut on a BOX_VOXELS^3 grid: the fullres recipe's 24 mm box at 1.5 mm for nodules up to 16 mm
+BOX_MARGIN = 1.5
 BOX_VOXELS = 16
 SPACING_STEP = 0.25  # mm: automatic box spacings are multiples of this (exact, reproducible)
 SMALL_WIDTHS = (8, 16, 32, 64)

@@ -119,27 +119,27 @@ def test_lesion_box_from_masks_and_back_from_preprocessed_volumes(tmp_path):
     cfg = config_from_dict({"task": {"kind": "binary"}, "image": {"roi": {"mask": "lesion_mask"}}}, "t")
     p95 = float(np.percentile([max(2 * (1 + i % 3), 4) for i in range(10)], 95))  # 6 mm
     resolved, made = resolve_image(cfg, df, base_dir=tmp_path)
-    box = 3 * p95  # 18 mm -> 16 voxels of 1.125 -> 1.25 mm -> 20 mm
-    assert resolved.image.spacing == (1.25, 1.25, 1.25)
-    assert resolved.image.roi.size_mm == (20.0, 20.0, 20.0) and box <= 20.0
+    box = 1.5 * p95  # 9 mm -> 16 voxels of 0.5625 -> 0.75 mm -> 12 mm
+    assert resolved.image.spacing == (0.75, 0.75, 0.75)
+    assert resolved.image.roi.size_mm == (12.0, 12.0, 12.0) and box <= 12.0
     assert {c.key for c in made} == {"image.spacing", "image.roi.size_mm"}
     # written spacing wins; the box becomes a whole number of those voxels
     written = config_from_dict({"image": {"spacing": [2, 2, 3], "roi": {"mask": "lesion_mask"}}}, "t")
     res2, _ = resolve_image(written, df, base_dir=tmp_path)
-    assert res2.image.spacing == (2.0, 2.0, 3.0) and res2.image.roi.size_mm == (18.0, 18.0, 18.0)
+    assert res2.image.spacing == (2.0, 2.0, 3.0) and res2.image.roi.size_mm == (10.0, 10.0, 9.0)
     # a box of volumes cut by `mmai preprocess` is read back, so the pipeline id stays theirs
     from mmai.data.dataset import save_preprocessed
 
     pre = tmp_path / "pre.nii.gz"
-    vol = np.zeros((2, 16, 16, 16), np.float32)
+    vol = np.zeros((2, 16, 16, 16), np.float32)  # what preprocessing cut: 16 voxels of 0.75 mm
     import torch
     from monai.data import MetaTensor
 
-    save_preprocessed(MetaTensor(torch.as_tensor(vol), affine=torch.diag(torch.tensor([1.25, 1.25, 1.25, 1.0]))),
+    save_preprocessed(MetaTensor(torch.as_tensor(vol), affine=torch.diag(torch.tensor([0.75, 0.75, 0.75, 1.0]))),
                       pre, resolved.image)
     dfp = df.assign(image=str(pre))
     res3, rec = autoconfigure(cfg, dfp)
-    assert res3.image.spacing == (1.25, 1.25, 1.25) and res3.image.roi.size_mm == (20.0, 20.0, 20.0)
+    assert res3.image.spacing == (0.75, 0.75, 0.75) and res3.image.roi.size_mm == (12.0, 12.0, 12.0)
     from mmai.transforms.pipelines import image_pipeline_id
 
     assert image_pipeline_id(res3.image) == image_pipeline_id(resolved.image)
