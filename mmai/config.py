@@ -231,7 +231,7 @@ class TrainConfig:
     accumulate: int = 1
     scaling: Literal["robust", "standard"] = "robust"
     impute: Literal["median", "mean"] = "median"
-    select_metric: Literal["auto", "loss"] = "auto"
+    select_metric: Literal["auto", "loss", "metric"] = "auto"
     ema: float = 0.0
     num_workers: int = 0
     scheduler: Literal["cosine", "constant"] = "cosine"

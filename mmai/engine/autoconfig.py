@@ -305,6 +305,8 @@ def resolve_select_metric(kind: str, select_metric: str, n_val: int, n_minority:
         return "loss", "train.select_metric: loss"
     if kind == "regression":
         return "loss", "regression selects on the validation loss"
+    if select_metric == "metric":
+        return "metric", "train.select_metric: metric"
     if n_val == 0:
         return "loss", "no validation rows: the training loss"
     small = n_val < SMALL_VAL_CASES or (n_minority is not None and n_minority < SMALL_VAL_EVENTS)
