@@ -114,11 +114,12 @@ def _image_rules(r: _Resolver, fp: Fingerprint) -> None:
     image = r.config.image
     if image is None or image.roi is None:
         return
-    pre = (fp.image or {}).get("preprocessed")
-    if pre and not (r.config.is_explicit("image.spacing") and r.config.is_explicit("image.roi.size_mm")):
+    seen = fp.image or {}
+    if seen.get("preprocessed") and not (r.config.is_explicit("image.spacing")
+                                         and r.config.is_explicit("image.roi.size_mm")):
         # the box was cut by `mmai preprocess` (with these rules, or with the written values):
         # read it back so the pipeline id, and so the volumes, stay the ones preprocessed
-        shape, zooms = fp.image["preprocessed_shape"], fp.image["preprocessed_spacing_mm"]
+        shape, zooms = seen["preprocessed_shape"], seen["preprocessed_spacing_mm"]
         spacing = tuple(_snap(z) for z in zooms)
         r.set("image.spacing", spacing, "the voxel size of the volumes `mmai preprocess` cut")
         sp = r.get("image.spacing")

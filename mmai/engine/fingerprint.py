@@ -105,7 +105,7 @@ def _image_summary(paths: list[Any], k: int) -> dict[str, Any] | None:
         if not is_nifti(p):
             continue
         try:
-            img = nib.load(p)
+            img: Any = nib.load(p)
         except (OSError, ValueError) as exc:
             log.debug("fingerprint: cannot read %s: %s", p, exc)
             continue
@@ -142,7 +142,7 @@ def _lesion_summary(paths: list[Any], base_dir: Path | None, k: int) -> dict[str
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path
         try:
-            img = nib.load(str(path))
+            img: Any = nib.load(str(path))
             mask = np.asanyarray(img.dataobj) > 0
         except (OSError, ValueError) as exc:
             log.debug("fingerprint: cannot read mask %s: %s", path, exc)
@@ -151,7 +151,7 @@ def _lesion_summary(paths: list[Any], base_dir: Path | None, k: int) -> dict[str
             mask = mask.reshape(mask.shape[:3] + (-1,)).any(-1)
         if not mask.any():
             continue
-        zooms = np.array(_voxel_sizes(np.asarray(img.affine)))
+        zooms = np.array(_voxel_sizes(np.asarray(img.affine)), dtype=float)
         idx = np.nonzero(mask)
         sides = np.array([(int(i.max()) - int(i.min()) + 1) for i in idx]) * zooms
         extents.append(float(sides.max()))
