@@ -249,3 +249,31 @@ def test_fold_spread_in_metrics(tmp_path):
         assert auroc["mean"] == pytest.approx(np.mean(want))
         assert auroc["sd"] == pytest.approx(np.std(want, ddof=1))
     assert "brier" in cv["spread"]["val"] and "loss" in cv["spread"]["val"]
+
+
+def test_preprocess_cuts_the_automatic_box(tmp_path):
+    """`mmai preprocess` sizes a box the YAML leaves out from the training masks (test rows'
+    masks ignored); training reads the same box back from the volumes."""
+    from mmai.io.manifest import validate_manifest as validate
+    from mmai.preprocess import preprocess_frame
+
+    df = lesion_cohort(tmp_path, n=6)
+    huge = tmp_path / "huge.nii.gz"  # a test case's mask may not size the box
+    nib.save(nib.Nifti1Image(np.ones((20, 22, 12), np.uint8), np.diag([1.0, 1.0, 2.0, 1.0])), str(huge))
+    df["split"] = ["train"] * 5 + ["test"]
+    df.loc[5, "lesion_mask"] = str(huge)
+    cfg = config_from_dict({"task": {"kind": "binary"}, "clinical": CLINICAL,
+                            "image": {"roi": {"mask": "lesion_mask"}}}, "t")
+    frame = validate(df, cfg, base_dir=tmp_path, source="m", require_targets=False)
+    summary = preprocess_frame(frame, cfg, tmp_path / "pre", progress=False, base_dir=tmp_path)
+    assert summary.n_failed == 0
+    out = pd.read_csv(tmp_path / "pre" / "manifest.csv")
+    img = nib.load(str(tmp_path / "pre" / out["image"][0]))
+    p95 = float(np.percentile([max(2 * (1 + i % 3), 4) for i in range(5)], 95))
+    s = np.ceil(1.5 * p95 / 16 / 0.25) * 0.25
+    assert img.shape[:3] == (16, 16, 16) and np.allclose(img.header.get_zooms()[:3], s)
+    out["image"] = [str(tmp_path / "pre" / p) for p in out["image"]]
+    resolved, _ = autoconfigure(cfg, validate(out, cfg, base_dir=tmp_path, source="pre"))
+    from mmai.data.provenance import check_input, expected_provenance
+
+    check_input(out["image"][0], expected_provenance(resolved.image))  # same pipeline id
