@@ -174,10 +174,19 @@ def test_rules_for_small_and_large_cohorts():
 
 
 def test_batch_size_never_leaves_one_case():
+    from mmai.data.splits import make_splits
+    from mmai.engine.autoconfig import _batch_size
+
+    for n in range(2, 800):
+        bs = _batch_size(8, [n, n + 9])  # every split (folds + final) at once
+        assert n % _batch_size(16, [n]) != 1 and n % bs != 1 and (n + 9) % bs != 1
     cfg = clinical_config()
-    for n in range(150, 260):  # n_train = 0.85 n: some land on 16 k + 1
-        resolved, rec = autoconfigure(cfg, clinical_frame(n, seed=n))
-        assert rec["fingerprint"]["n_train"] % resolved.train.batch_size != 1, n
+    for n in range(280, 330):  # a cohort whose training split is 16 k + 1 cases
+        df = clinical_frame(n, seed=n)
+        if len(make_splits(df, kind="binary", val_fraction=0.15)[0].train) % 16 == 1:
+            break
+    resolved, rec = autoconfigure(cfg, df)
+    assert rec["fingerprint"]["n_train"] % 16 == 1 and resolved.train.batch_size in (15, 17)
 
 
 def test_written_values_win():
