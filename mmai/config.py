@@ -248,7 +248,7 @@ class TrainConfig:
     accumulate: int = 1
     scaling: Literal["robust", "standard"] = "robust"
     impute: Literal["median", "mean"] = "median"
-    select_metric: Literal["auto", "loss"] = "auto"
+    select_metric: Literal["auto", "loss", "metric"] = "auto"
     ema: float = 0.0
     num_workers: int = 0
     scheduler: Literal["cosine", "constant"] = "cosine"
@@ -301,12 +301,15 @@ class PipelineConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     source: str = "<dict>"
+    # dotted key paths the user wrote (``train.epochs``, ``image.roi.mask``, ...): what mmai's
+    # self-configuring defaults (mmai.engine.autoconfig) never change; not part of to_dict
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict that :func:`config_from_dict` turns back into an equal config."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "source":
+            if f.name in ("source", "explicit"):
                 continue
             value = getattr(self, f.name)
             if f.name == "clinical":
@@ -319,6 +322,22 @@ class PipelineConfig:
 
     def replace(self, **sections: Any) -> PipelineConfig:
         return dataclasses.replace(self, **sections)
+
+    def is_explicit(self, path: str) -> bool:
+        """Whether the user wrote ``path`` (``train.epochs``), or wrote a section above it as a
+        value rather than a mapping (``image: null`` covers ``image.roi.size_mm``)."""
+        if path in self.explicit:
+            return True
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            head = ".".join(parts[:i])
+            if head in self.explicit and not any(p.startswith(head + ".") for p in self.explicit):
+                return True
+        return False
+
+    def mark_explicit(self, *paths: str) -> PipelineConfig:
+        """The config with ``paths`` counted as written by the user (e.g. command-line overrides)."""
+        return dataclasses.replace(self, explicit=self.explicit | frozenset(paths))
 
 
 def _to_plain(value: Any) -> Any:
@@ -445,7 +464,7 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Pip
     check_ranges(task, image, model, train, infer, source)
     _check_pretrain(model, pretrain, source)
     return PipelineConfig(task=task, clinical=clinical, image=image, model=model, train=train,
-                          infer=infer, pretrain=pretrain, source=source)
+                          infer=infer, pretrain=pretrain, source=source, explicit=frozenset(_key_paths(data)))
 
 
 def _check_pretrain(model: ModelConfig, pre: PretrainConfig, source: str) -> None:
@@ -470,6 +489,17 @@ def _check_pretrain(model: ModelConfig, pre: PretrainConfig, source: str) -> Non
     if pre.contrastive_weight < 0 or not pre.temperature > 0:
         raise ConfigError(f"{source}: pretrain.contrastive_weight must be >= 0 and pretrain.temperature > 0, got "
                           f"{pre.contrastive_weight!r} / {pre.temperature!r}")
+
+
+def _key_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key path of a nested mapping (``{"train": {"epochs": 3}}`` -> train, train.epochs)."""
+    out: list[str] = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, dict):
+            out.extend(_key_paths(value, path + "."))
+    return out
 
 
 def _check_values(task: TaskConfig, image: ImageConfig | None, model: ModelConfig, train: TrainConfig,

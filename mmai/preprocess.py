@@ -144,6 +144,10 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
 
     if config.image is None:
         raise ConfigError(f"{config.source}: image: null; there is nothing to preprocess")
+    from mmai.engine.autoconfig import resolve_image
+
+    config, _ = resolve_image(config, df, base_dir=base_dir)  # a lesion box the YAML does not size
+    assert config.image is not None  # resolve_image keeps the image section
     col = config.image.column
     pid = image_pipeline_id(config.image)
     rois = roi_sources(config.image, df, base_dir)

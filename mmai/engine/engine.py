@@ -35,6 +35,7 @@ class Engine:
     kind: str
     classes: list[str]
     last_lr: float = 0.0
+    select_metric: str = "auto"  # what keep-best compares: "loss", or "auto" (the headline metric)
     params: list[torch.nn.Parameter] = dataclasses.field(default_factory=list)  # clipped each step
 
     def __post_init__(self) -> None:

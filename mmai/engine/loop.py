@@ -75,8 +75,11 @@ def lr_schedule(config: PipelineConfig, steps_per_epoch: int) -> Any:
 
 def build_engine(model: torch.nn.Module, raw: torch.nn.Module, config: PipelineConfig, train_loader: DataLoader,
                  val_loader: DataLoader | None, *, info: DistInfo, kind: str, classes: list[str],
-                 generator: torch.Generator | None = None, train_ds: Any = None) -> Engine:
-    """AdamW + the LR schedule (a torch ``LambdaLR``), EMA, AMP (with a GradScaler for fp16)."""
+                 generator: torch.Generator | None = None, train_ds: Any = None,
+                 select_metric: str | None = None) -> Engine:
+    """AdamW + the LR schedule (a torch ``LambdaLR``), EMA, AMP (with a GradScaler for fp16).
+    ``select_metric``: what best-epoch selection compares on this split (``loss`` or ``auto``,
+    see :func:`mmai.engine.autoconfig.resolve_select_metric`); default ``train.select_metric``."""
     tc = config.train
     # foreach: one fused kernel per step over all tensors (torch's default on CUDA, not on CPU)
     # model.pretrained: the loaded encoder parameters in their own group (lr x model.pretrained_lr)
@@ -97,7 +100,8 @@ def build_engine(model: torch.nn.Module, raw: torch.nn.Module, config: PipelineC
     scaler = torch.amp.GradScaler(device_type) if amp is torch.float16 else None
     return Engine(model=model, raw=raw, opt=opt, sched=sched, ema=ema, amp=amp, scaler=scaler,
                   train_loader=train_loader, val_loader=val_loader, generator=generator, train_ds=train_ds,
-                  info=info, config=config, kind=kind, classes=classes)
+                  info=info, config=config, kind=kind, classes=classes,
+                  select_metric=select_metric or tc.select_metric)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -178,7 +182,7 @@ def validate(eng: Engine) -> dict[str, Any]:
 def keep_best_and_check_stop(eng: Engine, state: TrainState, row: dict[str, Any]) -> None:
     """Update the best epoch and weights and the early-stopping counter (every rank computes the
     same numbers; rank 0's stop flag is broadcast so no rank can wait for another forever)."""
-    score = selection_score(row, eng.kind, eng.config.train.select_metric)
+    score = selection_score(row, eng.kind, eng.select_metric)
     if score < state.best_score - 1e-5:
         state.best_score, state.best_epoch, state.bad_epochs = score, row["epoch"], 0
         state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}

@@ -28,6 +28,7 @@ from mmai.data.collate import PadCollate
 from mmai.data.descriptors import attach_run_descriptors, resolve_mask_paths, run_descriptor_state
 from mmai.data.splits import Split, make_splits
 from mmai.engine import distributed as ddp
+from mmai.engine.autoconfig import autoconfigure, resolve_select_metric, val_minority
 from mmai.engine.checkpoint import CheckpointStore
 from mmai.engine.data import oof_frame, shard_loader, train_loader
 from mmai.engine.distributed import DistInfo, distributed_session
@@ -86,14 +87,17 @@ def _evaluate_final(model: torch.nn.Module, config: PipelineConfig, frames: dict
 
 
 def train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir: Path, *, device: str,
-                resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fit preprocessing + model on one split; write the run folder; return metrics."""
+                resume: bool = False, progress: bool = True, autoconfig: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Fit preprocessing + model on one split; write the run folder; return metrics.
+    ``autoconfig``: the record of the self-configured settings (into metrics.json and state.json)."""
     with distributed_session(device) as info:
-        return _train_split(config, df, split, Path(out_dir), info=info, resume=resume, progress=progress)
+        return _train_split(config, df, split, Path(out_dir), info=info, resume=resume, progress=progress,
+                            autoconfig=autoconfig)
 
 
 def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir: Path, *, info: DistInfo,
-                 resume: bool, progress: bool) -> dict[str, Any]:
+                 resume: bool, progress: bool, autoconfig: dict[str, Any] | None = None) -> dict[str, Any]:
     seed_everything(config.train.seed)
     kind, tc = config.task.kind, config.train
     frames = {name: df.iloc[idx].reset_index(drop=True)
@@ -119,8 +123,12 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     collate = PadCollate(background_value(config.image)) if uses_image and config.image else None
     loader, generator = train_loader(train_ds, tc.batch_size, info, tc.seed, tc.num_workers, collate=collate)
     evals = {p: shard_loader(ds, tc.batch_size, info, tc.num_workers, collate=collate) for p, ds in datasets.items()}
+    select, why = resolve_select_metric(kind, tc.select_metric, len(frames["val"]),
+                                        val_minority(kind, enc.encode(config, frames["val"])))
+    log.info("%s: best epoch selected on the validation %s (%s)", split.name, "loss" if select == "loss" else
+             headline(kind), why)
     eng = build_engine(wrapped, model, config, loader, evals.get("val"), info=info, kind=kind, classes=enc.classes,
-                       generator=generator, train_ds=train_ds)
+                       generator=generator, train_ds=train_ds, select_metric="loss" if select == "loss" else "auto")
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     result = fit(eng, ckpt_dir=out_dir / "ckpt", resume=resume, log_path=out_dir / "log.jsonl", progress=progress,
@@ -128,13 +136,19 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     model.load_state_dict(result.best_state)
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "n_train": len(frames["train"]),
                                "n_val": len(frames["val"]), "n_test": len(frames["test"]),
-                               "fusion": config.model.fusion, "split": split.name, "world_size": info.world}
+                               "fusion": config.model.fusion, "split": split.name, "world_size": info.world,
+                               "selection": {"on": "val_loss" if select == "loss" else f"val_{headline(kind)}",
+                                             "reason": why}}
     if pretrained is not None:
         metrics["pretrained"] = pretrained
+    if autoconfig is not None:
+        metrics["autoconfig"] = autoconfig
     part_metrics, outputs = _evaluate_final(model, config, frames, evals, enc, info)
     metrics.update(part_metrics)
     _check_ranks_agree(metrics, model, info)
     extra_state: dict[str, Any] = run_descriptor_state(config)  # which lesion descriptors it used
+    if autoconfig is not None:
+        extra_state["autoconfig"] = autoconfig
     if kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows, in state.json
         fit_ds = build_dataset(config, frames["train"], pre=pre, uses_image=uses_image,
                                targets=enc.encode(config, frames["train"]), loader=train_ds.loader)
@@ -178,11 +192,13 @@ def apply_overrides(config: PipelineConfig, *, fusion: str | None = None, epochs
         if amp not in ("bf16", "fp16", "off"):
             raise ConfigError(f"--amp {amp!r} is not allowed; choose bf16, fp16 or off")
         train = dataclasses.replace(train, amp=amp)  # type: ignore[arg-type]  # checked just above
-    return config.replace(model=model, train=train)
+    written = [k for k, v in (("model.fusion", fusion), ("train.epochs", epochs), ("train.folds", folds),
+                              ("train.amp", amp)) if v is not None]
+    return config.replace(model=model, train=train).mark_explicit(*written)
 
 
 def _run_fold(config: PipelineConfig, df: pd.DataFrame, split: Split, fold_dir: Path, *, device: str,
-              resume: bool, progress: bool) -> dict[str, Any]:
+              resume: bool, progress: bool, autoconfig: dict[str, Any] | None = None) -> dict[str, Any]:
     """One cross-validation fold: skipped when finished (resume), continued from its checkpoint
     when it has one, else trained from the start."""
     if resume and (fold_dir / "DONE").exists():
@@ -190,26 +206,27 @@ def _run_fold(config: PipelineConfig, df: pd.DataFrame, split: Split, fold_dir: 
         return json.loads((fold_dir / "metrics.json").read_text())
     log.info("cross-validation %s: %d train / %d val", split.name, len(split.train), len(split.val))
     return train_split(config, df, split, fold_dir, device=device, progress=progress,
-                       resume=resume and CheckpointStore(fold_dir / "ckpt").exists())
+                       resume=resume and CheckpointStore(fold_dir / "ckpt").exists(), autoconfig=autoconfig)
 
 
 def _train_kfold(config: PipelineConfig, df: pd.DataFrame, out_dir: Path, *, device: str, resume: bool,
-                 progress: bool) -> dict[str, Any]:
+                 progress: bool, autoconfig: dict[str, Any] | None = None) -> dict[str, Any]:
     t = config.task
     splits = make_splits(df, kind=t.kind, target=t.target, event=t.event, folds=config.train.folds,
                          val_fraction=config.train.val_fraction, seed=config.train.seed)
     if resume and not any((out_dir / "folds" / s.name).exists() for s in splits):
         raise CheckpointError(f"--resume: no cross-validation folds in {out_dir / 'folds'}")
-    cv = [_run_fold(config, df, s, out_dir / "folds" / s.name, device=device, resume=resume, progress=progress)
-          for s in splits]
+    cv = [_run_fold(config, df, s, out_dir / "folds" / s.name, device=device, resume=resume, progress=progress,
+                    autoconfig=autoconfig) for s in splits]
     final = make_splits(df, kind=t.kind, target=t.target, event=t.event, folds=1,
                         val_fraction=config.train.val_fraction, seed=config.train.seed)[0]
     metrics = train_split(config, df, final, out_dir, device=device, progress=progress,
-                          resume=resume and CheckpointStore(out_dir / "ckpt").exists())
+                          resume=resume and CheckpointStore(out_dir / "ckpt").exists(), autoconfig=autoconfig)
     head = headline(t.kind)
     vals = [v for v in (m.get("val", {}).get(head) for m in cv) if v is not None]
     metrics["cv"] = {"folds": [m.get("val") for m in cv], f"mean_{head}": float(np.mean(vals)) if vals else None,
-                     f"std_{head}": float(np.std(vals)) if vals else None}
+                     f"std_{head}": float(np.std(vals)) if vals else None,
+                     "spread": fold_spread(cv)}
     if ddp.current().is_main:
         atomic_write_json(out_dir / "metrics.json", {**json.loads((out_dir / "metrics.json").read_text()),
                                                      "cv": metrics["cv"]})
@@ -220,24 +237,55 @@ def _train_kfold(config: PipelineConfig, df: pd.DataFrame, out_dir: Path, *, dev
     return metrics
 
 
+def fold_spread(cv: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Spread over folds of every numeric headline metric: ``{part: {metric: {"mean", "sd",
+    "folds": [per fold]}}}`` for the folds' validation rows and, where the manifest has them,
+    the test rows (each fold model scored on the same test patients). ``sd`` is the sample
+    standard deviation (ddof = 1; None for one fold)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for part in ("val", "test"):
+        rows = [m.get(part) or {} for m in cv]
+        if not any(rows):
+            continue
+        names = [k for k, v in rows[0].items() if isinstance(v, int | float) and not isinstance(v, bool)
+                 and k not in ("n_boot", "seed", "n")]
+        table: dict[str, dict[str, Any]] = {}
+        for name in names:
+            vals = [r.get(name) for r in rows]
+            got = np.array([v for v in vals if isinstance(v, int | float)], dtype=float)
+            table[name] = {"mean": float(got.mean()) if len(got) else None,
+                           "sd": float(got.std(ddof=1)) if len(got) > 1 else None,
+                           "folds": [None if v is None else float(v) for v in vals]}
+        out[part] = table
+    return out
+
+
 def train(config: PipelineConfig, df: pd.DataFrame, out_dir: Path, *, device: str | None = None,
-          resume: bool = False, progress: bool = True) -> dict[str, Any]:
+          resume: bool = False, progress: bool = True, base_dir: Path | None = None) -> dict[str, Any]:
     """Train on a validated manifest. With train.folds = K > 1, first K cross-validation runs
     (RUN_DIR/folds/foldK/, their validation predictions gathered in RUN_DIR/oof_predictions.csv),
     then the final model on all non-test rows; metrics.json gains ``cv`` (per-fold validation
-    metrics and their mean). ``resume``: continue from the checkpoints (finished folds skipped)."""
+    metrics, their mean, and ``spread``: mean, sd and per-fold values of every metric, see
+    :func:`fold_spread`). ``resume``: continue from the checkpoints (finished folds skipped).
+
+    Settings the config does not write are chosen from the training split's fingerprint first
+    (:func:`mmai.engine.autoconfig.autoconfigure`; ``base_dir``: the manifest's folder, for
+    relative lesion-mask paths); the resolved config is what RUN_DIR/config.yaml holds."""
     device = resolve_device(device)
     out_dir = Path(out_dir)
+    config, record = autoconfigure(config, df, base_dir=base_dir)  # before the descriptors: it may size the box
     df = attach_run_descriptors(config, df)  # lesion descriptors as clinical columns (none without a mask)
     with distributed_session(device):
         if config.train.folds > 1:
-            return _train_kfold(config, df, out_dir, device=device, resume=resume, progress=progress)
+            return _train_kfold(config, df, out_dir, device=device, resume=resume, progress=progress,
+                                autoconfig=record)
         t = config.task
         split = make_splits(df, kind=t.kind, target=t.target, event=t.event, folds=1,
                             val_fraction=config.train.val_fraction, seed=config.train.seed)[0]
         if resume and not CheckpointStore(out_dir / "ckpt").exists():
             raise CheckpointError(f"--resume: no checkpoint in {out_dir / 'ckpt'}")
-        return train_split(config, df, split, out_dir, device=device, resume=resume, progress=progress)
+        return train_split(config, df, split, out_dir, device=device, resume=resume, progress=progress,
+                           autoconfig=record)
 
 
 def train_from_files(config_path: Path, manifest_path: Path, out_dir: Path, *, fusion: str | None = None,
@@ -246,7 +294,8 @@ def train_from_files(config_path: Path, manifest_path: Path, out_dir: Path, *, f
     """``mmai train``: load + validate the config and manifest, train, write RUN_DIR."""
     config = apply_overrides(load_config(config_path), fusion=fusion, epochs=epochs, folds=folds, amp=amp)
     df = resolve_mask_paths(config.image, load_manifest(manifest_path, config), Path(manifest_path).parent)
-    metrics = train(config, df, Path(out_dir), device=device, resume=resume, progress=progress)
+    metrics = train(config, df, Path(out_dir), device=device, resume=resume, progress=progress,
+                    base_dir=Path(manifest_path).parent)
     head = headline(config.task.kind)
     summary = {k: metrics.get(k) for k in ("fusion", "best_epoch", "n_train", "n_val", "n_test", "world_size")}
     for part in ("val", "test"):

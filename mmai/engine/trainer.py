@@ -134,13 +134,15 @@ def headline(kind: str) -> str:
 
 
 def selection_score(row: dict[str, Any], kind: str, select_metric: str) -> float:
-    """Lower is better. ``auto``: minus the validation AUROC / C-index (ranking metrics are not
-    thrown off by a few over-confident predictions the way the loss is), the validation loss for
-    regression; ``loss``: the validation loss. Without validation rows: the training loss."""
+    """Lower is better. ``auto`` / ``metric``: minus the validation AUROC / C-index (ranking
+    metrics are not thrown off by a few over-confident predictions the way the loss is), the
+    validation loss for regression; ``loss``: the validation loss. Without validation rows: the
+    training loss. (What ``auto`` means for a small validation set is decided per split by
+    :func:`mmai.engine.autoconfig.resolve_select_metric`, which passes ``loss`` here.)"""
     if "val_loss" not in row:
         return float(row["train_loss"])
     head = headline(kind)
-    if select_metric == "auto" and kind != "regression" and row.get(f"val_{head}") is not None:
+    if select_metric in ("auto", "metric") and kind != "regression" and row.get(f"val_{head}") is not None:
         return -float(row[f"val_{head}"])
     return float(row["val_loss"])
 
