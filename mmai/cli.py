@@ -339,7 +339,9 @@ def _parser_predict(sub: Any) -> None:
     _add_out(s, "file", "predictions CSV")
     s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions)")
     _add_device(s)
-    _add_workers(s, "parallel DICOM header readers for --dicom-root")
+    s.add_argument("--workers", type=_workers, default=None,
+                   help="processes that read and preprocess the next studies while the model runs, and DICOM "
+                   "header readers for --dicom-root (>= 1; 1: in place; default: the usable cores, at most 8)")
     _add_shard(s)
     _add_salt(s)
     _add_common(s)
@@ -453,6 +455,9 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m mmai -- predict --run ...` (torchrun would take --run itself)
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     salted = bool(getattr(args, "salt_file", None))

@@ -140,6 +140,16 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
 
     if config.image is None:
         raise ConfigError(f"{config.source}: image: null; there is nothing to preprocess")
+    from mmai.inference.ranks import preprocess_ranked, rank_job
+
+    job = rank_job(shard)  # under torchrun: this process's share, merged into OUT/manifest.csv by rank 0
+    if job is not None:
+        fit = None
+        if config.image.intensity.kind == "percentile":
+            def fit() -> Any:
+                return _fit_stats(config, df, roi_sources(config.image, df, base_dir), out_dir, None, progress)
+        return preprocess_ranked(job, preprocess_frame, df, config, out_dir, fit_stats=fit, device=device,
+                                 workers=workers, progress=progress, prior_errors=prior_errors, base_dir=base_dir)
     col = config.image.column
     pid = image_pipeline_id(config.image)
     rois = roi_sources(config.image, df, base_dir)
