@@ -31,7 +31,6 @@ this process (the MONAI pipeline). The last line is JSON:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -137,8 +136,17 @@ def run_monai(run: Path, pipe: Path, folders: list[Path], out: Path) -> float:
     """The MONAI-tutorial pipeline (module docstring) over the studies -> seconds."""
     from monai.data import DataLoader, Dataset
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (Compose, ConcatItemsd, CropForegroundd, DeleteItemsd, EnsureChannelFirstd,
-                                  LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Compose,
+        ConcatItemsd,
+        CropForegroundd,
+        DeleteItemsd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     from mmai.inference.predictor import Predictor
 

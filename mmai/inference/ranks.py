@@ -167,9 +167,8 @@ def predict_ranked(job: RankJob, predict: Callable[..., Any], *, out_csv: Path, 
                    **kwargs: Any) -> Any:
     """Run ``predict`` (``mmai.inference.predictor.predict_from_files``) on this rank's share into its
     part file, then merge every part into ``out_csv`` on rank 0. Returns the job's summed summary."""
-    from mmai.inference.predictor import errors_path_for, join_path_for
-
     from mmai.inference.pipelined import default_workers
+    from mmai.inference.predictor import errors_path_for, join_path_for
 
     if kwargs.get("workers") is None:  # the node's cores shared by its ranks
         kwargs["workers"] = max(1, default_workers() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", job.world))))

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms.io.array import switch_endianness
 from monai.transforms import MapTransform
+from monai.transforms.io.array import switch_endianness
 from monai.utils import ensure_tuple
 
 from mmai.config import ImageConfig

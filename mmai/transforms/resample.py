@@ -143,20 +143,22 @@ class FastResampled(MapTransform):
 
     def _geometry(self, x: MetaTensor) -> tuple[np.ndarray, tuple[int, int, int]]:
         """MONAI's output grid for this input: (4, 4) affine and spatial shape, computed lazily."""
-        lazy = MetaTensor(x.as_tensor(), meta=dict(x.meta))
+        lazy: Any = MetaTensor(x.as_tensor(), meta=dict(x.meta))
         lazy = Orientation(axcodes=self.axcodes, labels=RAS_LABELS, lazy=True)(lazy)
         lazy = Spacing(pixdim=self.pixdim, mode="bilinear", padding_mode="border", lazy=True)(lazy)
         aff = np.asarray(lazy.peek_pending_affine(), dtype=np.float64)
         shape = tuple(int(s) for s in lazy.peek_pending_shape())
         return aff, shape  # type: ignore[return-value]
 
-    def _monai(self, x: MetaTensor) -> MetaTensor:
+    def _monai(self, img: MetaTensor) -> MetaTensor:
         """The reference chain (oblique inputs): reorient, anti-alias, resample."""
+        x: Any = img
         x = EnsureType(data_type="tensor", dtype=torch.float32, device=self.device, track_meta=True)(x)
         x = Orientation(axcodes=self.axcodes, labels=RAS_LABELS)(x)
         if self.antialias:
             x = antialias(x, voxel_spacing(x.affine).tolist(), self.pixdim)
-        return Spacing(pixdim=self.pixdim, mode="bilinear", padding_mode="border")(x)
+        out: Any = Spacing(pixdim=self.pixdim, mode="bilinear", padding_mode="border")(x)
+        return out
 
     def resample(self, x: MetaTensor) -> MetaTensor:
         """(1, I, J, K) MetaTensor (input grid) -> (1, I', J', K') float32 MetaTensor on the output grid
@@ -184,7 +186,7 @@ class FastResampled(MapTransform):
         # the input view in output-axis order, then in memory order (no copy), cropped to the support
         view = vol.permute(*perm)
         view = view[tuple(slice(s0, s1) for s0, s1 in sup)]
-        order = sorted(range(3), key=lambda a: -view.stride(a))
+        order = sorted(range(3), key=lambda a: -int(view.stride()[a]))
         y = view.permute(*order).to(device=self.device, dtype=torch.float32).contiguous()
         # largest reduction first: later axes see the smaller volume
         steps = sorted(range(3), key=lambda i: mats[order[i]].shape[0] / max(1, mats[order[i]].shape[1]))
