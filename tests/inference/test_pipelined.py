@@ -4,6 +4,7 @@ predictions CSV and the errors file are the ones of the in-place run."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from mmai.inference.pipelined import PrefetchLoader, default_workers
 from tests.inference.predict_world import world  # noqa: F401 - the shared fixture
@@ -19,6 +20,7 @@ def _manifest(world, tmp_path, broken: set[int]) -> str:  # noqa: F811
     return str(tmp_path / "m.csv")
 
 
+@pytest.mark.slow
 def test_workers_give_the_in_place_predictions_and_errors(world, tmp_path):  # noqa: F811
     man = _manifest(world, tmp_path, {1, 5})
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
