@@ -100,3 +100,13 @@ def test_merge_restores_the_case_order_and_keeps_earlier_rows(tmp_path):
     assert (tmp_path / "p.errors.csv").read_text() == "case_id,stage,series,error\nz,select,,no CT\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.errors.csv"]
     assert _interleave([[0, 2, 4], [1, 3]]) == [0, 1, 2, 3, 4]
+
+
+def test_double_dash_before_the_verb_is_accepted(capsys):
+    """`torchrun ... -m mmai -- predict --run ...`: torchrun passes the `--` on to mmai."""
+    from mmai.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--", "predict", "--help"])
+    assert exc.value.code == 0
+    assert "--run" in capsys.readouterr().out
