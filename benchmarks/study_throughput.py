@@ -20,9 +20,10 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
   outputs are written to a CSV.
 
 ``stage_s``: mmai's seconds per stage of one study, measured in this process on the first study
-(scan of the root, read + preprocess, model) plus both wall times. ``peak_rss_gb``: the largest
-peak resident memory of the mmai predict process tree (``resource.RUSAGE_CHILDREN``) and of
-this process (the MONAI pipeline). The last line is JSON:
+(scan of the root, read + preprocess, model) plus both wall times. ``peak_rss_gb``: the peak
+resident memory of the ``mmai predict`` process or of its largest worker (measured inside it);
+``peak_rss_monai_gb``: this process's peak (the MONAI pipeline, its DataLoader in-process part,
+and writing the studies; training runs in a subprocess). The last line is JSON:
 ``{"mmai_studies_per_s", "monai_studies_per_s", "speedup", "stage_s", "peak_rss_gb", ...}``.
 
     python benchmarks/study_throughput.py [--n 6] [--workers N]
@@ -88,22 +89,35 @@ def train_run(tmp: Path) -> tuple[Path, Path]:
     pipe.write_text(yaml.safe_dump(cfg))
     if main(["synth", "--out", str(tmp / "cohort"), "--n", "12", "--seed", "0", "-q"]) != 0:
         raise SystemExit("synth failed")
-    if main(["train", "--config", str(pipe), "--manifest", str(tmp / "cohort" / "manifest.csv"),
-             "--out", str(tmp / "run"), "--threads", str(cores()), "-q"]) != 0:
-        raise SystemExit("train failed")
+    r = subprocess.run([sys.executable, "-m", "mmai", "train", "--config", str(pipe), "--manifest",
+                        str(tmp / "cohort" / "manifest.csv"), "--out", str(tmp / "run"), "--threads", str(cores()),
+                        "-q"], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    if r.returncode != 0:  # a subprocess: its memory is not counted as the MONAI pipeline's (this process)
+        raise SystemExit(f"train failed: {r.stderr[-3000:]}")
     return tmp / "run", pipe
 
 
-def run_mmai(run: Path, root: Path, out: Path, workers: int | None) -> float:
+_MEASURED = ("import resource, sys\n"
+             "from mmai.cli import main\n"
+             "rc = main(sys.argv[1:])\n"
+             "kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,\n"
+             "         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+             "sys.stderr.write(f'\\nMMAI_PEAK_RSS_KB {kb}\\n')\n"
+             "sys.exit(rc)\n")
+
+
+def run_mmai(run: Path, root: Path, out: Path, workers: int | None) -> tuple[float, float]:
+    """``mmai predict`` in a subprocess -> (wall seconds, peak RSS GB of it and its workers)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mmai", "predict", "--run", str(run), "--dicom-root", str(root),
+    cmd = [sys.executable, "-c", _MEASURED, "predict", "--run", str(run), "--dicom-root", str(root),
            "--out", str(out), "-q", *(["--workers", str(workers)] if workers else [])]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"mmai predict failed: {r.stderr[-3000:]}")
-    return wall
+    kb = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("MMAI_PEAK_RSS_KB")]
+    return wall, (kb[-1] / 2**20 if kb else float("nan"))
 
 
 def mmai_stages(run: Path, root: Path, study: Path) -> dict[str, float]:
@@ -210,13 +224,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folders = write_studies(tmp / "root", a.n)
         run, pipe = train_run(tmp)
         setup = time.perf_counter() - t0
-        mmai_wall = run_mmai(run, tmp / "root", tmp / "preds.csv", a.workers)
+        mmai_wall, rss_mmai = run_mmai(run, tmp / "root", tmp / "preds.csv", a.workers)
         import pandas as pd
 
         n_rows = len(pd.read_csv(tmp / "preds.csv"))
         stages = mmai_stages(run, tmp / "root", folders[0])
         monai_wall = None if a.skip_monai else run_monai(run, pipe, folders, tmp / "monai.csv")
-    rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     mmai_sps = n_rows / mmai_wall
     monai_sps = None if monai_wall is None else a.n / monai_wall
@@ -225,8 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "speedup": None if monai_sps is None else round(mmai_sps / monai_sps, 2),
               "stage_s": {**stages, "mmai_wall_s": round(mmai_wall, 2),
                           "monai_wall_s": None if monai_wall is None else round(monai_wall, 2)},
-              "peak_rss_gb": round(max(rss_children, rss_self), 3),
-              "peak_rss_mmai_gb": round(rss_children, 3), "peak_rss_monai_gb": round(rss_self, 3),
+              "peak_rss_gb": round(rss_mmai, 3), "peak_rss_monai_gb": round(rss_self, 3),
               "n_studies": a.n, "rows": n_rows, "cores": cores(), "setup_s": round(setup, 1),
               "study": {"shape": [512, 512, 400], "spacing_mm": [0.7, 0.7, 1.25], "format": "DICOM, int16"},
               "windows": WINDOWS, "pipeline": "pipelines/ct_chest.yaml (image section)"}
