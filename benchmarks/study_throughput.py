@@ -21,7 +21,7 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
 
 ``stage_s``: mmai's seconds per stage of one study, measured in this process on the first study
 (scan of the root, read + preprocess, model) plus both wall times. ``peak_rss_gb``: the peak
-resident memory of the ``mmai predict`` process or of its largest worker (measured inside it);
+resident memory of the ``mmai predict`` process (VmHWM) or of its largest worker (measured inside it);
 ``peak_rss_monai_gb``: this process's peak (the MONAI pipeline, its DataLoader in-process part,
 and writing the studies; training runs in a subprocess). The last line is JSON:
 ``{"mmai_studies_per_s", "monai_studies_per_s", "speedup", "stage_s", "peak_rss_gb", ...}``.
@@ -97,11 +97,13 @@ def train_run(tmp: Path) -> tuple[Path, Path]:
     return tmp / "run", pipe
 
 
-_MEASURED = ("import resource, sys\n"
+# peak RSS inside the predict process: its own VmHWM (ru_maxrss would start from this benchmark's RSS
+# at fork time) and its workers' (forked from it, so their ru_maxrss counts its pages at that moment)
+_MEASURED = ("import re, resource, sys\n"
              "from mmai.cli import main\n"
              "rc = main(sys.argv[1:])\n"
-             "kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,\n"
-             "         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+             "own = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+             "kb = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
              "sys.stderr.write(f'\\nMMAI_PEAK_RSS_KB {kb}\\n')\n"
              "sys.exit(rc)\n")
 
