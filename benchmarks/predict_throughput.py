@@ -18,8 +18,14 @@ volume into tokens two ways, in one process, each after one warm-up pass:
   and the window batches in channels-last layout, its one implementation difference that matters here.
 
 ``mmai_s`` / ``monai_swi_s``: median seconds of ``--repeats`` runs of the encoding step;
-``speedup`` = monai / mmai; ``preprocess_s``: reading the NIfTI + the pipeline (median of
-``--repeats``); ``studies_per_s`` = 1 / (preprocess_s + mmai's whole model forward);
+``speedup`` = monai / mmai; ``preprocess_s``: reading the NIfTI + the pipeline (fastest of
+``--repeats``), ``stage_s`` its seconds per transform; ``preprocess_reference_s`` /
+``reference_stage_s``: the same for the reference chain (``preprocess_transforms(fast=False)``,
+MONAI's transforms step by step, the chain before issue 18), run back to back with the fast one so
+that machine load hits both alike, and ``preprocess_speedup`` = reference / fast;
+``preprocess_over_encoding`` = preprocess_s / mmai_s; ``head_preprocess_s`` (+ ``_reference_s``,
+``head_stage_s``): a synthetic 512 x 512 x 300 head CT at 0.45 x 0.45 x 0.6 mm through
+``pipelines/ct_head.yaml``, timed the same way; ``studies_per_s`` = 1 / (preprocess_s + mmai's whole model forward);
 ``peak_rss_gb``: peak resident memory of the whole process (``resource.getrusage``), and
 ``peak_rss_preprocess_gb`` the peak reached before the model was built (synthesis, file writing
 and preprocessing). The last line is JSON.
@@ -79,35 +85,65 @@ def synth_ct(shape=(512, 512, 400), spacing=(0.7, 0.7, 1.25), seed: int = 0) -> 
     return vol, np.diag([*spacing, 1.0])
 
 
+def synth_head_ct(shape=(512, 512, 300), spacing=(0.45, 0.45, 0.6), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A head-like int16 HU volume: skull shell (1000 HU), brain (35 HU), air around; RAS affine."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(shape[0]) - shape[0] / 2, np.arange(shape[1]) - shape[1] / 2, indexing="ij")
+    vol = np.full(shape, -1000, np.int16)
+    for k in range(shape[2]):
+        s = np.sqrt(max(0.0, 1 - ((k - shape[2] * 0.45) / (shape[2] * 0.5)) ** 2))  # the head narrows up and down
+        r = (x / (190 * s + 1e-3)) ** 2 + (y / (160 * s + 1e-3)) ** 2
+        vol[:, :, k][r < 1] = 1000
+        vol[:, :, k][r < 0.85] = 35
+    vol += rng.normal(0, 8, size=shape[:2]).astype(np.int16)[:, :, None]
+    return vol, np.diag([*spacing, 1.0])
+
+
 def rss_gb() -> float:
     """Peak resident memory of this process so far (GB; Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def write_nifti(folder: Path) -> Path:
+def write_nifti(folder: Path, head: bool = False) -> Path:
     """The synthetic study as an int16 NIfTI (what a converted CT series looks like on disk)."""
     import nibabel as nib
 
-    vol, affine = synth_ct()
-    path = folder / "ct.nii"  # uncompressed: the timing is the pipeline, not gzip
+    vol, affine = synth_head_ct() if head else synth_ct()
+    path = folder / ("head.nii" if head else "ct.nii")  # uncompressed: the timing is the pipeline, not gzip
     img = nib.Nifti1Image(vol, affine)
     img.set_data_dtype(np.int16)
     nib.save(img, str(path))
     return path
 
 
-def preprocess(path: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Read + preprocess with pipelines/ct_chest.yaml -> ((1, C, D, H, W) float32, (1, 4, 4) affine, dict)."""
-    from mmai.config import load_config
-    from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
+def run_stages(chain: Any, data: dict[str, Any], device: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run a Compose chain transform by transform -> (output, {transform name: seconds})."""
+    stages: dict[str, float] = {}
+    for t in chain.transforms:
+        t0 = time.perf_counter()
+        data = t(data)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        name = type(t).__name__.lstrip("_")
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+    return data, stages
 
-    cfg = load_config(str(PIPELINE))
+
+def preprocess(path: Path, device: str, *, fast: bool = True,
+               pipeline: Path = PIPELINE) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Read + preprocess with pipelines/ct_chest.yaml -> ((1, C, D, H, W) float32, (1, 4, 4) affine, dict
+    with ``fov_lost_fraction`` and ``stage_s``); ``fast=False``: the reference chain (MONAI step by step)."""
+    from mmai.config import load_config
+    from mmai.transforms.pipelines import KEY, preprocess_transforms
+
+    cfg = load_config(str(pipeline))
     image_cfg = dataclasses.replace(cfg.image, cache="memory", cache_dir=None)  # time the chain, not a cache
-    chain = preprocess_transforms(image_cfg, device=device)
+    chain = preprocess_transforms(image_cfg, device=device, fast=fast)
     with torch.no_grad():
-        out = apply_chain(chain, {KEY: str(path)})
+        out, stages = run_stages(chain, {KEY: str(path)}, device)
     x = out[KEY]
-    info = {"fov_lost_fraction": float(out.get("fov_lost_fraction", 0.0))}
+    info = {"fov_lost_fraction": float(out.get("fov_lost_fraction", 0.0)),
+            "stage_s": {k: round(v, 3) for k, v in stages.items()}}
     return x.as_tensor()[None].contiguous(), x.affine.float()[None], info
 
 
@@ -144,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--overlap", type=float, default=None)
     ap.add_argument("--window-batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the reference chain (MONAI step by step; timed back to back with the fast one)")
     a = ap.parse_args(argv)
     from monai.inferers import sliding_window_inference
 
@@ -156,15 +194,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mmai_throughput_") as tmp:
         path = write_nifti(Path(tmp))
         rss_written = rss_gb()
-        prep_times = []
+        prep_times: dict[bool, list[float]] = {True: [], False: []}
+        ref_stages: dict[str, float] = {}
+        for _ in range(max(1, a.repeats)):  # the reference chain and the fast one back to back
+            for fast in ((True,) if a.no_reference else (False, True)):
+                x = aff = None  # free the previous run's output before the next
+                t0 = time.perf_counter()
+                x, aff, info = preprocess(path, a.device, fast=fast)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                prep_times[fast].append(time.perf_counter() - t0)
+                if not fast:
+                    ref_stages = info["stage_s"]
+        head = write_nifti(Path(tmp), head=True)
+        head_times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(max(1, a.repeats)):
-            x = aff = None  # free the previous run's output before the next
-            t0 = time.perf_counter()
-            x, aff, info = preprocess(path, a.device)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            prep_times.append(time.perf_counter() - t0)
-    prep_s = statistics.median(prep_times)
+            for fast in ((True,) if a.no_reference else (False, True)):
+                t0 = time.perf_counter()
+                _, _, head_info = preprocess(head, a.device, fast=fast, pipeline=PIPELINE.parent / "ct_head.yaml")
+                head_times[fast].append(time.perf_counter() - t0)
+    prep_s = min(prep_times[True])
+    ref_s = min(prep_times[False]) if prep_times[False] else None
+    head_s, head_ref_s = min(head_times[True]), (min(head_times[False]) if head_times[False] else None)
     rss_prep = rss_gb()
     x, aff = x.to(dev), aff.to(dev)
     win = _windows(a.roi, a.overlap, a.window_batch)
@@ -210,6 +261,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"mmai_s": round(mmai_s, 3), "monai_swi_s": round(monai_s, 3), "speedup": round(monai_s / mmai_s, 3),
               "peak_rss_gb": round(rss_gb(), 3), "studies_per_s": round(1.0 / (prep_s + predict_s), 4),
               "preprocess_s": round(prep_s, 3), "predict_s": round(predict_s, 3),
+              "preprocess_reference_s": None if ref_s is None else round(ref_s, 3),
+              "preprocess_speedup": None if ref_s is None else round(ref_s / prep_s, 2),
+              "preprocess_over_encoding": round(prep_s / mmai_s, 2),
+              "stage_s": info["stage_s"], "reference_stage_s": ref_stages or None,
+              "head_preprocess_s": round(head_s, 3),
+              "head_preprocess_reference_s": None if head_ref_s is None else round(head_ref_s, 3),
+              "head_stage_s": head_info["stage_s"], "head_input_shape": [512, 512, 300],
               "peak_rss_preprocess_gb": round(rss_prep, 3), "rss_after_write_gb": round(rss_written, 3),
               "input_shape": [512, 512, 400], "model_grid": list(x.shape[2:]), "channels": int(x.shape[1]),
               "fov_lost_fraction": info["fov_lost_fraction"], "tokens": int(n_tok), "windows": win,

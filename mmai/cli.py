@@ -392,7 +392,9 @@ def _parser_predict(sub: Any) -> None:
     s.add_argument("--no-ensemble", action="store_true", help="a K-fold run (train --folds K): predict with its "
                    "final model instead of averaging its K fold models (the default)")
     _add_device(s)
-    _add_workers(s, "parallel DICOM header readers for --dicom-root")
+    s.add_argument("--workers", type=_workers, default=None,
+                   help="processes that read and preprocess the next studies while the model runs, and DICOM "
+                   "header readers for --dicom-root (>= 1; 1: in place; default: the usable cores, at most 8)")
     _add_shard(s)
     _add_salt(s)
     _add_pacs(s, results=True)
@@ -513,6 +515,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m mmai -- predict --run ...` (torchrun would take --run itself)
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     salted = bool(getattr(args, "salt_file", None))

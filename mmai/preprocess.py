@@ -148,6 +148,16 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
 
     config, _ = resolve_image(config, df, base_dir=base_dir)  # a lesion box the YAML does not size
     assert config.image is not None  # resolve_image keeps the image section
+    from mmai.inference.ranks import preprocess_ranked, rank_job
+
+    job = rank_job(shard)  # under torchrun: this process's share, merged into OUT/manifest.csv by rank 0
+    if job is not None:
+        from functools import partial
+
+        fit = partial(_fit_stats, config, df, roi_sources(config.image, df, base_dir), out_dir, None, progress) \
+            if config.image.intensity.kind == "percentile" else None
+        return preprocess_ranked(job, preprocess_frame, df, config, out_dir, fit_stats=fit, device=device,
+                                 workers=workers, progress=progress, prior_errors=prior_errors, base_dir=base_dir)
     col = config.image.column
     pid = image_pipeline_id(config.image)
     rois = roi_sources(config.image, df, base_dir)

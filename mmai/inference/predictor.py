@@ -294,12 +294,16 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
                        dicom_root: Path | None = None, clinical_path: Path | None = None,
                        explain_dir: Path | None = None, device: str | None = None,
                        shard: tuple[int, int] | None = None, progress: bool = True,
-                       workers: int = 1, ensemble: bool = True) -> PredictSummary:
+                       workers: int | None = 1, ensemble: bool = True) -> PredictSummary:
     """``mmai predict``: predict every case of a manifest (or DICOM root + optional clinical table).
 
     A K-fold run averages its fold models (``ensemble=False``: its final model alone). Rows are
     appended batch by batch; a run stopped by a write failure (a full disk) resumes where it
     stopped, without losing or repeating a row.
+
+    ``workers``: DICOM header readers and image preprocessing processes that load the next studies
+    while the model runs (:mod:`mmai.inference.pipelined`; 1: in place; None: from the cores). Under
+    torchrun each process predicts its share and rank 0 merges (:mod:`mmai.inference.ranks`).
 
     Raises:
         MmaiError: bad input found before any prediction (table-level problems, a bad ``out_csv``,
@@ -308,9 +312,21 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     out_csv = Path(out_csv)
     if out_csv.is_dir():
         raise MmaiError(f"--out {out_csv} is an existing folder; give a file path")
+    from mmai.inference import ranks
+
+    job = ranks.rank_job(shard)  # under torchrun: this process's share, merged into out_csv by rank 0
+    if job is not None:
+        return ranks.predict_ranked(job, predict_from_files, run_dir=run_dir, out_csv=out_csv,
+                                    manifest_path=manifest_path, dicom_root=dicom_root, clinical_path=clinical_path,
+                                    explain_dir=explain_dir, device=device, progress=progress, workers=workers,
+                                    ensemble=ensemble)
+    from mmai.inference import pipelined
+
+    workers = pipelined.default_workers() if workers is None else workers
     predictor = Predictor(run_dir, device=device, ensemble=ensemble)
     df, select_errors, join = _cases(predictor, out_csv, manifest_path, dicom_root, clinical_path, shard, progress,
                                      workers)
+    ranks.note_cases(df["case_id"])
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     columns = predictor.columns()
     done = resume_done(out_csv, columns, predictor.model_id)
@@ -319,6 +335,7 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     n_pred = 0
     new_file = not out_csv.exists() or out_csv.stat().st_size == 0
     bs = predictor.config.infer.batch_size
+    stop_workers = pipelined.attach(predictor, todo, workers)  # the next studies load while the model runs
     with out_csv.open("a", newline="") as fh, tqdm(total=len(todo), desc="predict", unit="case",
                                                    disable=not progress) as bar:
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
@@ -330,6 +347,7 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
             append_rows(fh, writer, rows)
             n_pred += len(rows)
             bar.update(len(chunk))
+    stop_workers()
     err_path = errors_path_for(out_csv)
     _write_errors(errors, err_path)
     if explain_dir is not None:

@@ -130,7 +130,7 @@ def _intensity(cfg: ImageConfig, stats: dict[str, float] | None) -> list[Any]:
 
 
 def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool = True,
-                          stats: dict[str, float] | None = None, raw: bool = False) -> Compose:
+                          stats: dict[str, float] | None = None, raw: bool = False, fast: bool = True) -> Compose:
     """Raw image -> model-ready ``(C, I, J, K)`` float32 MetaTensor with its RAS affine.
 
     Order: load, channel first, input guard (one 3D volume, enough voxels per axis, finite voxels;
@@ -145,32 +145,31 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         load: include the loading step (False when the caller provides a MetaTensor).
         stats: fitted intensity statistics (``intensity.kind: percentile`` only).
         raw: stop after the foreground mask (raw intensities + ``fg``), to fit statistics.
+        fast: with ``spacing`` set and no ``roi``, load + reorient + anti-alias + resample in one
+            separable pass over the body region (:mod:`mmai.transforms.fastchain`; same output to
+            float32 rounding). False: the reference chain of MONAI transforms, step by step.
     """
     from mmai.io.reader import mmai_load_imaged
 
     chain: list[Any] = []
+    loader = None
     if load:
         # mmai's reader only (NIfTI files, DICOM folders, DICOM file lists): MONAI's LoadImage
         # would otherwise retry a refused folder with readers that stack every series in it
         with warnings.catch_warnings():  # MONAI registers its optional readers and warns about absent codecs
             warnings.simplefilter("ignore", UserWarning)
             loader = mmai_load_imaged(KEY, select=cfg.select, dicom=cfg.dicom, load_dtype=np.float32, image_only=True)
-        chain += [loader, EnsureChannelFirstd(KEY)]
-    chain.append(InputGuardd(KEY, nonfinite=cfg.nonfinite, target_spacing=cfg.spacing))
-    chain.append(ModalityGuardd(KEY, cfg.modality, cfg.modality_check))
-    chain.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, device=torch.device(device),
-                             track_meta=True))
-    # labels spelled out: MONAI warns (once per process, so once per preprocessing worker) that
-    # its default is changing; these are the anatomical RAS/LPS labels mmai means
-    chain.append(Orientationd(KEY, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-    if cfg.spacing is not None and cfg.antialias:
-        chain.append(AntiAliasd(KEY, cfg.spacing))
-    if cfg.roi is not None and cfg.spacing is not None:
-        chain.append(RoiBoxd(KEY, size_mm=cfg.roi.size_mm, spacing=cfg.spacing))
-        if cfg.roi.mask is not None:  # in the scanner's units: before any intensity step
-            chain.append(LesionDescriptorsd(KEY, spacing=cfg.spacing))
-    elif cfg.spacing is not None:
-        chain.append(Spacingd(KEY, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"))
+    guards = [InputGuardd(KEY, nonfinite=cfg.nonfinite, target_spacing=cfg.spacing),
+              ModalityGuardd(KEY, cfg.modality, cfg.modality_check)]
+    if fast and cfg.spacing is not None and cfg.roi is None:
+        from mmai.transforms.fastchain import fast_spatial
+
+        spatial = fast_spatial(cfg, loader if load else None, device=device, load=load, raw=raw)
+        chain = spatial[:-1] + guards + [spatial[-1]]
+    else:
+        if load:
+            chain += [loader, EnsureChannelFirstd(KEY)]
+        chain += guards + _reference_spatial(cfg, device)
     it = cfg.intensity
     chain.append(ForegroundMaskd(KEY, cfg.foreground, it.kind, _windows(cfg), fg_key=FG))
     if raw:
@@ -186,6 +185,25 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
         chain.append(AppendMaskd(KEY))
     chain.append(DeleteItemsd(FG))
     return Compose(chain)
+
+
+def _reference_spatial(cfg: ImageConfig, device: str) -> list[Any]:
+    """Reorient, anti-alias, resample (or cut the ROI box, then measure the lesion descriptors):
+    MONAI transforms, step by step."""
+    chain: list[Any] = [EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, device=torch.device(device),
+                                    track_meta=True),
+                        # labels spelled out: MONAI warns (once per process, so once per preprocessing
+                        # worker) that its default is changing; these are the anatomical RAS/LPS labels
+                        Orientationd(KEY, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    if cfg.spacing is not None and cfg.antialias:
+        chain.append(AntiAliasd(KEY, cfg.spacing))
+    if cfg.roi is not None and cfg.spacing is not None:
+        chain.append(RoiBoxd(KEY, size_mm=cfg.roi.size_mm, spacing=cfg.spacing))
+        if cfg.roi.mask is not None:  # in the scanner's units: before any intensity step
+            chain.append(LesionDescriptorsd(KEY, spacing=cfg.spacing))
+    elif cfg.spacing is not None:
+        chain.append(Spacingd(KEY, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"))
+    return chain
 
 
 def apply_chain(chain: Compose, data: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,252 @@
+"""Studies per second from a DICOM root to a predictions CSV: ``mmai predict --dicom-root`` against the
+pipeline a MONAI user would write from MONAI's tutorials, on the same studies and cores.
+
+Setup (not timed): ``--n`` full-size synthetic chest CT studies (512 x 512 x 400 at 0.7 x 0.7 x
+1.25 mm, the generator of benchmarks/predict_throughput.py with a seed per study) written as DICOM
+series under a temporary root (one study per folder, int16 with rescale intercept -1024), and a run
+trained for one epoch on a small ``mmai synth`` cohort with ``pipelines/ct_chest.yaml``'s image
+section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-attention model
+(``model.windows``: 96^3 windows, overlap 0.25, batch 2; the demo's ResNet 8-16-32-64).
+
+- ``mmai``: ``python -m mmai predict --run RUN --dicom-root ROOT --out preds.csv`` in a subprocess
+  (default ``--workers``: the usable cores), wall time from start to the CSV; each study: scan,
+  series selection, read, preprocessing (the fast chain), window encoding, fusion.
+- ``monai``: the tutorial pipeline in one process: ``LoadImaged`` with MONAI's ``PydicomReader``,
+  ``EnsureChannelFirstd``, ``Orientationd(RAS)``, ``Spacingd(1.5 mm, bilinear)``, one
+  ``ScaleIntensityRanged`` per window + ``ConcatItemsd``, ``CropForegroundd`` (body = above -500 HU),
+  through ``monai.data.DataLoader`` (``num_workers`` = the same cores), then
+  ``sliding_window_inference`` of the same trained encoder (same roi, overlap and batch, gaussian
+  blending of the feature maps) + the same token projection and fusion (cross-attention, head); the
+  outputs are written to a CSV.
+
+``stage_s``: mmai's seconds per stage of one study, measured in this process on the first study
+(scan of the root, read + preprocess, model) plus both wall times. ``peak_rss_gb``: the peak
+resident memory of the ``mmai predict`` process (VmHWM) or of its largest worker (measured inside it);
+``peak_rss_monai_gb``: this process's peak (the MONAI pipeline, its DataLoader in-process part,
+and writing the studies; training runs in a subprocess). The last line is JSON:
+``{"mmai_studies_per_s", "monai_studies_per_s", "speedup", "stage_s", "peak_rss_gb", ...}``.
+
+    python benchmarks/study_throughput.py [--n 6] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+WINDOWS = {"roi_size": [96, 96, 96], "overlap": 0.25, "batch": 2}
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def write_studies(root: Path, n: int) -> list[Path]:
+    """``n`` synthetic chest CT DICOM series (one study per folder)."""
+    from predict_throughput import synth_ct
+
+    from mmai.io.dicom_write import write_series
+
+    folders = []
+    for i in range(n):
+        vol, _ = synth_ct(seed=i)
+        folder = root / f"study{i:03d}"
+        write_series(vol.astype(np.float32), folder, spacing=(0.7, 0.7, 1.25), modality="CT",
+                     patient_id=f"P{i:03d}", rescale_slope=1.0, rescale_intercept=-1024.0,
+                     series_description="CHEST CT")
+        folders.append(folder)
+    return folders
+
+
+def train_run(tmp: Path) -> tuple[Path, Path]:
+    """A one-epoch run with ct_chest's image section and a windowed model -> (run dir, pipeline yaml)."""
+    from mmai.cli import main
+
+    demo = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
+    chest = yaml.safe_load((ROOT / "pipelines" / "ct_chest.yaml").read_text())
+    cfg = {**demo, "image": {**chest["image"], "cache": "memory", "cache_dir": None, "modality": "CT"}}
+    cfg["image"].pop("select", None)
+    cfg["model"] = {**demo["model"], "windows": WINDOWS}
+    cfg["train"] = {**demo["train"], "epochs": 1, "batch_size": 4, "val_fraction": 0.25}
+    pipe = tmp / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump(cfg))
+    if main(["synth", "--out", str(tmp / "cohort"), "--n", "12", "--seed", "0", "-q"]) != 0:
+        raise SystemExit("synth failed")
+    r = subprocess.run([sys.executable, "-m", "mmai", "train", "--config", str(pipe), "--manifest",
+                        str(tmp / "cohort" / "manifest.csv"), "--out", str(tmp / "run"), "--threads", str(cores()),
+                        "-q"], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    if r.returncode != 0:  # a subprocess: its memory is not counted as the MONAI pipeline's (this process)
+        raise SystemExit(f"train failed: {r.stderr[-3000:]}")
+    return tmp / "run", pipe
+
+
+# peak RSS inside the predict process: its own VmHWM (ru_maxrss would start from this benchmark's RSS
+# at fork time) and its workers' (forked from it, so their ru_maxrss counts its pages at that moment)
+_MEASURED = ("import re, resource, sys\n"
+             "from mmai.cli import main\n"
+             "rc = main(sys.argv[1:])\n"
+             "own = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+             "kb = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+             "sys.stderr.write(f'\\nMMAI_PEAK_RSS_KB {kb}\\n')\n"
+             "sys.exit(rc)\n")
+
+
+def run_mmai(run: Path, root: Path, out: Path, workers: int | None) -> tuple[float, float]:
+    """``mmai predict`` in a subprocess -> (wall seconds, peak RSS GB of it and its workers)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", _MEASURED, "predict", "--run", str(run), "--dicom-root", str(root),
+           "--out", str(out), "-q", *(["--workers", str(workers)] if workers else [])]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"mmai predict failed: {r.stderr[-3000:]}")
+    kb = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("MMAI_PEAK_RSS_KB")]
+    return wall, (kb[-1] / 2**20 if kb else float("nan"))
+
+
+def mmai_stages(run: Path, root: Path, study: Path) -> dict[str, float]:
+    """Seconds of one study's stages in this process: scan of the root, read + preprocess, model."""
+    from mmai.config import load_config
+    from mmai.inference.dicom_cases import predict_cases
+    from mmai.inference.predictor import Predictor
+
+    t0 = time.perf_counter()
+    predict_cases(root, None, load_config(run / "config.yaml"), progress=False)
+    scan = time.perf_counter() - t0
+    pred = Predictor(run)
+    pred.loader.load(str(study))  # warm-up (imports)
+    t0 = time.perf_counter()
+    arr, aff = pred.loader.load(str(study))
+    prep = time.perf_counter() - t0
+    x = torch.from_numpy(arr)[None]
+    n_feat = pred.pre.num_features if pred.pre is not None else 0
+    args = (x, torch.ones(1), torch.zeros(1, n_feat), torch.zeros(1, n_feat))
+    with torch.inference_mode():
+        pred.model(*args, affine=torch.as_tensor(aff, dtype=torch.float32)[None])
+        t0 = time.perf_counter()
+        pred.model(*args, affine=torch.as_tensor(aff, dtype=torch.float32)[None])
+    model = time.perf_counter() - t0
+    return {"scan_root_s": round(scan, 3), "read_preprocess_s": round(prep, 3), "model_s": round(model, 3),
+            "model_grid": list(arr.shape)}
+
+
+def run_monai(run: Path, pipe: Path, folders: list[Path], out: Path) -> float:
+    """The MONAI-tutorial pipeline (module docstring) over the studies -> seconds."""
+    from monai.data import DataLoader, Dataset
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (
+        Compose,
+        ConcatItemsd,
+        CropForegroundd,
+        DeleteItemsd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    from mmai.inference.predictor import Predictor
+
+    cfg = yaml.safe_load(pipe.read_text())["image"]
+    (lung_lo, lung_hi), (med_lo, med_hi) = cfg["intensity"]["windows"]
+    body = (cfg["foreground"] - lung_lo) / (lung_hi - lung_lo)  # -500 HU on the lung window's 0..1 scale
+    tf = Compose([
+        LoadImaged("image", reader="PydicomReader", image_only=True),
+        EnsureChannelFirstd("image"),
+        Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd("image", pixdim=cfg["spacing"], mode="bilinear"),
+        ScaleIntensityRanged("image", a_min=lung_lo, a_max=lung_hi, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd("image", source_key="image", select_fn=lambda x: x > body, margin=2),
+    ])
+
+    class TwoWindows:
+        """The mediastinal window from the lung window's values (both clip-and-scale of the same HU)."""
+
+        def __call__(self, d: dict[str, Any]) -> dict[str, Any]:
+            lung = d["image"]
+            hu = lung * (lung_hi - lung_lo) + lung_lo
+            d["med"] = ((hu.clamp(med_lo, med_hi) - med_lo) / (med_hi - med_lo))
+            return d
+
+    tf = Compose([*tf.transforms, TwoWindows(), ConcatItemsd(["image", "med"], "image"), DeleteItemsd("med")])
+    pred = Predictor(run)
+    model = pred.model
+    net = model.encoder
+    n_feat = pred.pre.num_features if pred.pre is not None else 0
+    data = [{"image": str(f), "case_id": f.name} for f in folders]
+    loader = DataLoader(Dataset(data, tf), batch_size=1, num_workers=cores())
+    rows = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            x = batch["image"].as_tensor()
+            fmap = sliding_window_inference(x, WINDOWS["roi_size"], WINDOWS["batch"], net.forward_features,
+                                            overlap=WINDOWS["overlap"], mode="gaussian")
+            tok = model.img_proj(fmap.flatten(2).transpose(1, 2))  # (1, N, D)
+            model.image_tokens = lambda image, affine=None, tok=tok: (tok, None)  # the fusion on these tokens
+            logit = model(x, torch.ones(1), torch.zeros(1, n_feat), torch.zeros(1, n_feat))
+            del model.image_tokens
+            rows.append({"case_id": batch["case_id"][0], "logit": float(logit.flatten()[0])})
+    wall = time.perf_counter() - t0
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out, index=False)
+    return wall
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=6, help="studies (default 6)")
+    ap.add_argument("--workers", type=int, default=None, help="mmai predict --workers (default: its own)")
+    ap.add_argument("--skip-monai", action="store_true", help="time mmai only")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(cores())
+    with tempfile.TemporaryDirectory(prefix="mmai_studies_") as tmp_s:
+        tmp = Path(tmp_s)
+        t0 = time.perf_counter()
+        folders = write_studies(tmp / "root", a.n)
+        run, pipe = train_run(tmp)
+        setup = time.perf_counter() - t0
+        mmai_wall, rss_mmai = run_mmai(run, tmp / "root", tmp / "preds.csv", a.workers)
+        import pandas as pd
+
+        n_rows = len(pd.read_csv(tmp / "preds.csv"))
+        stages = mmai_stages(run, tmp / "root", folders[0])
+        monai_wall = None if a.skip_monai else run_monai(run, pipe, folders, tmp / "monai.csv")
+    rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    mmai_sps = n_rows / mmai_wall
+    monai_sps = None if monai_wall is None else a.n / monai_wall
+    result = {"mmai_studies_per_s": round(mmai_sps, 4),
+              "monai_studies_per_s": None if monai_sps is None else round(monai_sps, 4),
+              "speedup": None if monai_sps is None else round(mmai_sps / monai_sps, 2),
+              "stage_s": {**stages, "mmai_wall_s": round(mmai_wall, 2),
+                          "monai_wall_s": None if monai_wall is None else round(monai_wall, 2)},
+              "peak_rss_gb": round(rss_mmai, 3), "peak_rss_monai_gb": round(rss_self, 3),
+              "n_studies": a.n, "rows": n_rows, "cores": cores(), "setup_s": round(setup, 1),
+              "study": {"shape": [512, 512, 400], "spacing_mm": [0.7, 0.7, 1.25], "format": "DICOM, int16"},
+              "windows": WINDOWS, "pipeline": "pipelines/ct_chest.yaml (image section)"}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,171 @@
+"""Pipelined batch prediction: worker processes read and preprocess the next studies while the model
+runs on the current ones.
+
+:func:`attach` swaps the predictor's image loader for a :class:`PrefetchLoader`: a bounded window of
+upcoming cases (``workers + 2`` volumes at most) is loaded by ``workers`` processes, each a copy of the
+predictor's loader on the CPU with one torch thread. The predictor asks for a case's volume as
+before; the answer is the worker's result for that path (found by path, so the order in which the
+workers finish does not matter), else the case is loaded in place. Errors are the loader's own
+(re-raised in the main process with their message), so a failing case still becomes a row of
+``<out>.errors.csv`` and the CSV is written and resumed exactly as without workers.
+
+``--workers`` (``mmai predict``) defaults to :func:`default_workers`: the cores this process may use,
+capped at 8; 1 loads in place (no worker processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from mmai.errors import MmaiError, PreprocessError
+
+log = logging.getLogger(__name__)
+
+_WORKER_LOADER: Any = None
+
+
+def default_workers() -> int:
+    """Preprocessing processes for ``mmai predict`` when ``--workers`` is not given: the usable cores, 1..8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _init(loader: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    global _WORKER_LOADER
+    _WORKER_LOADER = loader
+
+
+def _load(path: Any) -> tuple[str, Any]:
+    """In a worker: ("ok", (array, affine, note)) or ("error", (error class, message))."""
+    loader = _WORKER_LOADER
+    try:
+        arr, affine = loader.load(path)
+    except MmaiError as exc:
+        return "error", (type(exc), str(exc))
+    note = {"modalities": sorted(loader.modalities_seen), "intensity_stats": loader.stats,
+            "input_flags": loader.last_flags}  # what the worker's loader repaired (mmai.io.input_flags)
+    return "ok", (np.ascontiguousarray(arr), affine, note)
+
+
+def _key(path: Any) -> Any:
+    return tuple(str(p) for p in path) if isinstance(path, (list, tuple)) else str(path)
+
+
+class PrefetchLoader:
+    """The predictor's loader with a window of cases loaded ahead by worker processes.
+
+    Args:
+        loader: the predictor's :class:`mmai.data.dataset.ImageLoader` (copied to each worker).
+        paths: the image paths of the cases to come, in the order they will be asked for.
+        workers: worker processes (>= 1).
+        ahead: how many volumes may be loaded and waiting at once (default ``workers + 2``).
+    """
+
+    def __init__(self, loader: Any, paths: Sequence[Any], workers: int, ahead: int | None = None) -> None:
+        import copy
+
+        self.loader = loader
+        self.last_flags = ""  # the input flags of the case just loaded, as ImageLoader.last_flags
+        self.ahead = ahead or workers + 2
+        self.queue: deque[Any] = deque(p for p in paths if p is not None and not (isinstance(p, float) and np.isnan(p)))
+        self.futures: dict[Any, Future] = {}
+        worker_loader = copy.copy(loader)
+        worker_loader.device = "cpu"  # the workers feed the model's device; they preprocess on the CPU
+        worker_loader._chain = None
+        self.pool: ProcessPoolExecutor | None = ProcessPoolExecutor(max_workers=workers, initializer=_init,
+                                                                     initargs=(worker_loader,))
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.pool is not None and self.queue and len(self.futures) < self.ahead:
+            path = self.queue.popleft()
+            key = _key(path)
+            if key not in self.futures:
+                try:
+                    self.futures[key] = self.pool.submit(_load, path)
+                except BrokenProcessPool:
+                    self._broken()
+
+    def _broken(self) -> None:
+        log.warning("a preprocessing worker died (out of memory?); loading the remaining cases in place")
+        self.close()
+
+    def load(self, path: Any, roi: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(array (C, I, J, K), affine (4, 4)) of one case, from the workers when they loaded it."""
+        fut = self.futures.pop(_key(path), None) if roi is None else None
+        self._fill()
+        if fut is None:
+            return self._in_place(path, roi)
+        try:
+            status, value = fut.result()
+        except BrokenProcessPool:
+            self._broken()
+            return self._in_place(path, roi)
+        if status == "error":
+            cls, msg = value
+            try:
+                exc = cls(msg)
+            except Exception:  # noqa: BLE001 - an error class with another signature
+                exc = PreprocessError(msg)
+            raise exc
+        arr, affine, note = value
+        self.last_flags = str(note.get("input_flags") or "")
+        for m in note["modalities"]:
+            self.loader._note({"modality": m, "intensity_stats": note["intensity_stats"]})
+        return arr, affine
+
+    def _in_place(self, path: Any, roi: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+        self.last_flags = ""
+        out = self.loader.load(path, roi)
+        self.last_flags = self.loader.last_flags
+        return out
+
+    def __call__(self, path: Any) -> np.ndarray:
+        return self.load(path)[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def close(self) -> None:
+        """Stop the workers (cases not asked for yet are dropped)."""
+        if self.pool is not None:
+            for fut in self.futures.values():
+                fut.cancel()
+            self.futures.clear()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def attach(predictor: Any, todo: Any, workers: int | None) -> Callable[[], None]:
+    """Give ``predictor`` a :class:`PrefetchLoader` over the image paths of ``todo`` (a manifest
+    frame); returns the function that stops the workers and restores the loader. ``workers``: None
+    -> :func:`default_workers`; 1, a run without images, or fewer than 2 images: nothing changes."""
+    n = default_workers() if workers is None else workers
+    cfg = predictor.config.image
+    loader = getattr(predictor, "loader", None)
+    if n < 2 or loader is None or cfg is None or not getattr(predictor, "uses_image", True) \
+            or cfg.column not in todo.columns or len(todo) < 2:
+        return lambda: None
+    prefetch = PrefetchLoader(loader, list(todo[cfg.column]), n)
+    predictor.loader = prefetch
+    log.info("predict: %d preprocessing worker(s), %d volume(s) ahead", n, prefetch.ahead)
+
+    def stop() -> None:
+        prefetch.close()
+        predictor.loader = loader
+
+    return stop
