@@ -190,6 +190,7 @@ class ModelConfig:
     aux_weight: float = 0.5
     windows: WindowsConfig | None = None
     bidirectional: bool = False
+    base: Literal["glm", "none"] = "glm"  # frozen penalised GLM base term on the clinical features (mmai.models.glm)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from mmai.engine.survival import baseline_state
 from mmai.engine.trainer import evaluate_outputs, headline, predict_outputs
 from mmai.errors import CheckpointError, ConfigError
 from mmai.io.manifest import load_manifest
+from mmai.models.glm import fit_base_term
 from mmai.models.heads import n_outputs_for
 from mmai.models.registry import create_model
 from mmai.transforms.pipelines import augment_transforms, background_value, image_channels
@@ -58,7 +59,7 @@ def _build_model(config: PipelineConfig, kind: str, n_classes: int, pre: Any) ->
                                   encoder=mc.encoder, widths=list(mc.widths), dim=mc.dim, heads=mc.heads,
                                   layers=mc.layers, dropout=mc.dropout, clinical_encoder=mc.clinical_encoder,
                                   windows=dataclasses.asdict(mc.windows) if mc.windows else None,
-                                  bidirectional=mc.bidirectional)
+                                  bidirectional=mc.bidirectional, base=mc.base)
     try:
         model = create_model(mc.fusion, feature_specs=feature_specs(pre), **kwargs)
     except ValueError as exc:
@@ -99,6 +100,10 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     enc = TargetEncoding.fit(config, frames["train"])
     pre = fit_clinical(config, frames["train"])
     model, model_kwargs = _build_model(config, kind, len(enc.classes), pre)
+    glm_summary = None
+    if pre is not None:  # the frozen GLM base term (model.base: glm), fitted on the training rows only
+        values, mask = pre.transform(frames["train"], source="training rows")
+        glm_summary = fit_base_term(model, kind, values, mask, enc.encode(config, frames["train"]), seed=tc.seed)
     uses_image = bool(model.uses_image)
     data_seed = tc.seed + info.rank  # ranks augment differently; one process: the configured seed
     aug = augment_transforms(config.image, seed=data_seed) if uses_image and config.image else None
@@ -126,16 +131,18 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "n_train": len(frames["train"]),
                                "n_val": len(frames["val"]), "n_test": len(frames["test"]),
                                "fusion": config.model.fusion, "split": split.name, "world_size": info.world}
+    if glm_summary is not None:
+        metrics["glm"] = {**glm_summary, "initial_validation": result.initial}
     part_metrics, outputs = _evaluate_final(model, config, frames, evals, enc, info)
     metrics.update(part_metrics)
     _check_ranks_agree(metrics, model, info)
-    extra_state: dict[str, Any] = {}
+    extra_state: dict[str, Any] = {"glm": glm_summary} if glm_summary is not None else {}
     if kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows, in state.json
         fit_ds = build_dataset(config, frames["train"], pre=pre, uses_image=uses_image,
                                targets=enc.encode(config, frames["train"]), loader=train_ds.loader)
         out, tgt = predict_outputs(model, shard_loader(fit_ds, tc.batch_size, info, tc.num_workers, collate=collate),
                                    info.device, None, info)
-        extra_state = baseline_state(out, tgt)
+        extra_state.update(baseline_state(out, tgt))
     if info.is_main:  # DONE is written last: a run folder with DONE has its complete state
         oof = oof_frame(config, frames["val"], outputs["val"], enc, split.name) if "val" in outputs else None
         write_run(out_dir, config, model, model_kwargs, enc, pre, metrics, result, oof=oof, loader=train_ds.loader,
