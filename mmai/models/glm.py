@@ -150,12 +150,12 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, n_outputs: int, seed: int) -> tu
         warnings.filterwarnings("ignore", category=UserWarning)  # lbfgs convergence notes on separable data
         if folds >= 2:
             cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-            model = LogisticRegressionCV(Cs=LOGISTIC_CS, l1_ratios=(0.0,), cv=cv, scoring="neg_log_loss",
+            model = LogisticRegressionCV(Cs=LOGISTIC_CS, l1_ratios=(0.0,), cv=cv, scoring="neg_log_loss", tol=1e-6,
                                          max_iter=5000, use_legacy_attributes=False).fit(x, y)
             c, score = float(model.C_), float(np.max(model.scores_.mean(axis=0)))
         else:
             c, score = 1.0, None
-            model = LogisticRegression(C=c, max_iter=5000).fit(x, y)
+            model = LogisticRegression(C=c, max_iter=5000, tol=1e-6).fit(x, y)
     coef, intercept = model.coef_, model.intercept_  # (1 or K, D), (1 or K,)
     if n_outputs == 1 and coef.shape[0] != 1:
         raise ValueError(f"binary task but {coef.shape[0]} logistic coefficient rows")
