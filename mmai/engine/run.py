@@ -100,10 +100,6 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
     enc = TargetEncoding.fit(config, frames["train"])
     pre = fit_clinical(config, frames["train"])
     model, model_kwargs = _build_model(config, kind, len(enc.classes), pre)
-    glm_summary = None
-    if pre is not None:  # the frozen GLM base term (model.base: glm), fitted on the training rows only
-        values, mask = pre.transform(frames["train"], source="training rows")
-        glm_summary = fit_base_term(model, kind, values, mask, enc.encode(config, frames["train"]), seed=tc.seed)
     uses_image = bool(model.uses_image)
     data_seed = tc.seed + info.rank  # ranks augment differently; one process: the configured seed
     aug = augment_transforms(config.image, seed=data_seed) if uses_image and config.image else None
@@ -115,6 +111,9 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
                 for p in ("val", "test") if len(frames[p])}
     for ds in (train_ds, *datasets.values()):
         ds.preload(progress=progress and info.is_main)
+    # the frozen GLM base term (model.base: glm): fitted on the training rows' clinical features, as fed to the model
+    glm_summary = fit_base_term(model, kind, train_ds.clinical, train_ds.clinical_mask, train_ds.targets,
+                                seed=tc.seed)
     # channels-last 5-D weights (torch's stubs omit Module.to's memory_format keyword)
     model.to(info.device, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     wrapped = ddp.wrap_model(model, info, find_unused=False)
