@@ -87,7 +87,7 @@ class MultimodalModel(nn.Module):
 
     def _plus_base(self, out: torch.Tensor, clinical: torch.Tensor, clinical_mask: torch.Tensor) -> torch.Tensor:
         """``out`` (B, n_outputs) plus the GLM's linear predictor (unchanged without a base term)."""
-        return out if self.glm is None else out + self.glm(clinical, clinical_mask).to(out.dtype)
+        return out if self.glm is None else out + self.glm(clinical, clinical_mask)  # float32 under autocast too
 
     def forward(self, image: torch.Tensor | None, image_present: torch.Tensor, clinical: torch.Tensor | None,
                 clinical_mask: torch.Tensor | None, *, return_aux: bool = False

@@ -118,7 +118,11 @@ class GLMTerm(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, values: Tensor, mask: Tensor) -> Tensor:
-        """values, mask: (B, F) -> linear predictor (B, n_outputs)."""
+        """values, mask: (B, F) -> linear predictor (B, n_outputs), in float32 also under autocast
+        (a bf16 matmul would round the fitted GLM's predictions)."""
+        if torch.is_autocast_enabled(values.device.type):
+            with torch.autocast(values.device.type, enabled=False):
+                return self.design(values.float(), mask.float()) @ self.weight + self.bias
         return self.design(values, mask) @ self.weight + self.bias
 
     @torch.no_grad()

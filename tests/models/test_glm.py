@@ -212,3 +212,14 @@ def test_base_none_keeps_the_old_layout_and_checkpoint_round_trip(tmp_path):
 def test_unknown_base_is_a_config_error():
     with pytest.raises(ConfigError, match="model.base"):
         _model("clinical_only", base="lasso")
+
+
+def test_glm_term_stays_float32_under_bf16_autocast():
+    term = GLMTerm(SPECS, 1)
+    term.set_coefficients(np.random.default_rng(2).normal(size=(term.n_design, 1)) * 3, np.array([0.123456]))
+    values, mask = clinical_batch(5)
+    exact = term(values, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = term(values, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-6)
