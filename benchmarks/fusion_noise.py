@@ -13,7 +13,7 @@ each) the gaps are also averaged.
 Acceptance (issue 8, item 8): the gap is within 0.01 of zero or positive, i.e.
 ``gap >= -0.01`` on both tasks.
 
-    .venv/bin/python benchmarks/fusion_noise.py [--n 500] [--seeds 0] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/fusion_noise.py [--n 500] [--seeds 0] [--base glm|none] [--quick] [--out DIR]
 
 Last line: ``{"binary": {"cross_attention": .., "clinical_only": .., "gap": .., ...},
 "survival": {...}, "seconds": ..}``
