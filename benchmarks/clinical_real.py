@@ -16,7 +16,7 @@ fitted on the training rows of each split).
 
 Last line: ``{"datasets": {NAME: {"metric", "mmai", "baseline", ...}}, "worst_gap": min(mmai - baseline), ...}``
 
-    .venv/bin/python benchmarks/clinical_real.py [--engine auto|trainer|components] [--folds 5] [--repeats 1]
+    .venv/bin/python benchmarks/clinical_real.py [--engine auto|trainer|components] [--folds 5] [--repeats 1] [--base glm|none]
 """
 
 from __future__ import annotations
