@@ -16,7 +16,7 @@ fitted on the training rows of each split).
 
 Last line: ``{"datasets": {NAME: {"metric", "mmai", "baseline", ...}}, "worst_gap": min(mmai - baseline), ...}``
 
-    .venv/bin/python benchmarks/clinical_real.py [--engine auto|trainer|components] [--folds 5] [--repeats 1]
+    .venv/bin/python benchmarks/clinical_real.py [--engine auto|trainer|components] [--folds 5] [--repeats 1] [--base glm|none]
 """
 
 from __future__ import annotations
@@ -252,22 +252,24 @@ def components_risk(ds: Dataset, train: pd.DataFrame, test: pd.DataFrame, epochs
 # ----------------------------------------------------------------------------- mmai: trainer engine
 
 
-def write_pipeline(ds: Dataset, path: Path, epochs: int | None) -> None:
+def write_pipeline(ds: Dataset, path: Path, epochs: int | None, base: str = "glm") -> None:
     task = {"kind": ds.task, **({"target": "label"} if ds.task == "binary" else {"time": "time", "event": "event"})}
-    doc: dict[str, Any] = {"task": task, "clinical": ds.clinical, "image": None}
+    doc: dict[str, Any] = {"task": task, "clinical": ds.clinical, "image": None, "model": {"base": base}}
     if epochs is not None:
         doc["train"] = {"epochs": epochs}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def trainer_risk(ds: Dataset, train: pd.DataFrame, test: pd.DataFrame, epochs: int | None, work: Path) -> np.ndarray:
-    """mmai train --fusion clinical_only on the training rows, mmai predict on the test rows."""
+def trainer_risk(ds: Dataset, train: pd.DataFrame, test: pd.DataFrame, epochs: int | None, work: Path,
+                 base: str = "glm") -> np.ndarray:
+    """mmai train --fusion clinical_only on the training rows, mmai predict on the test rows.
+    ``BEST_EPOCHS`` collects each run's best epoch (0 = the GLM base term shipped)."""
     from mmai.engine.trainer import train_from_files
     from mmai.inference.predictor import predict_from_files
 
     work.mkdir(parents=True, exist_ok=True)
     config = work / "pipeline.yaml"
-    write_pipeline(ds, config, epochs)
+    write_pipeline(ds, config, epochs, base)
     manifest = work / "train.csv"
     train.to_csv(manifest, index=False)
     test_manifest = work / "test.csv"
@@ -275,6 +277,7 @@ def trainer_risk(ds: Dataset, train: pd.DataFrame, test: pd.DataFrame, epochs: i
     run = work / "run"
     train_from_files(config, manifest, run, fusion="clinical_only", folds=None, epochs=epochs,
                      device="cpu", progress=False)
+    BEST_EPOCHS.append(int(json.loads((run / "metrics.json").read_text())["best_epoch"]))
     out_csv = work / "pred.csv"
     predict_from_files(run, out_csv, manifest_path=test_manifest, device="cpu", progress=False)
     pred = pd.read_csv(out_csv, dtype={"case_id": str}).set_index("case_id").loc[test["case_id"]]
@@ -282,6 +285,9 @@ def trainer_risk(ds: Dataset, train: pd.DataFrame, test: pd.DataFrame, epochs: i
         col = "prob_1" if "prob_1" in pred.columns else [c for c in pred.columns if c.startswith("prob_")][-1]
         return pred[col].to_numpy(dtype=float)
     return pred["risk"].to_numpy(dtype=float)
+
+
+BEST_EPOCHS: list[int] = []
 
 
 def trainer_available() -> bool:
@@ -296,17 +302,19 @@ def trainer_available() -> bool:
 # ----------------------------------------------------------------------------- main
 
 
-def run(names: list[str], engine: str, folds: int, repeats: int, epochs: int | None, work: Path) -> dict[str, Any]:
+def run(names: list[str], engine: str, folds: int, repeats: int, epochs: int | None, work: Path,
+        base: str = "glm") -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in names:
         ds = LOADERS[name]()
         t0 = time.perf_counter()
         m_scores, b_scores = [], []
+        BEST_EPOCHS.clear()
         for i, (tr_idx, te_idx) in enumerate(splits(ds, folds, repeats)):
             train, test = ds.df.iloc[tr_idx], ds.df.iloc[te_idx]
             b_scores.append(score(ds, test, baseline_risk(ds, train, test)))
             if engine == "trainer":
-                risk = trainer_risk(ds, train, test, epochs, work / name / f"split{i}")
+                risk = trainer_risk(ds, train, test, epochs, work / name / f"split{i}", base)
             else:
                 risk = components_risk(ds, train, test, epochs or 400, seed=i)
             m_scores.append(score(ds, test, risk))
@@ -315,7 +323,8 @@ def run(names: list[str], engine: str, folds: int, repeats: int, epochs: int | N
         results[name] = {"metric": ds.metric, "mmai": round(mm, 4), "baseline": round(bb, 4),
                          "gap": round(mm - bb, 4), "mmai_sd": round(float(np.std(m_scores)), 4),
                          "baseline_sd": round(float(np.std(b_scores)), 4), "n": len(ds.df),
-                         "n_splits": len(m_scores), "seconds": round(time.perf_counter() - t0, 1)}
+                         "n_splits": len(m_scores), "seconds": round(time.perf_counter() - t0, 1),
+                         "best_epochs": list(BEST_EPOCHS)}
     return results
 
 
@@ -328,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1, help="repeat the K folds with new shuffles (default 1)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: trainer's YAML default / 400)")
+    p.add_argument("--base", choices=["glm", "none"], default="glm",
+                   help="trainer engine: model.base (glm: the frozen GLM base term, the default; none: without)")
     p.add_argument("--work", default=None, help="folder for manifests and runs (default: a temp folder)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -338,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work) if a.work else Path(tmp)
         t0 = time.perf_counter()
-        results = run(a.datasets, engine, a.folds, a.repeats, a.epochs, work)
+        results = run(a.datasets, engine, a.folds, a.repeats, a.epochs, work, a.base)
     for name, r in results.items():
         sys.stdout.write(f"{name:14s} {r['metric']:8s} mmai {r['mmai']:.4f} (sd {r['mmai_sd']:.3f})  "
                          f"baseline {r['baseline']:.4f} (sd {r['baseline_sd']:.3f})  gap {r['gap']:+.4f}\n")
     worst = min(r["gap"] for r in results.values())
     summary = {"datasets": {k: {"metric": v["metric"], "mmai": v["mmai"], "baseline": v["baseline"],
-                                **{x: v[x] for x in ("gap", "n", "n_splits", "seconds")}} for k, v in results.items()},
-               "worst_gap": round(worst, 4), "engine": engine, "folds": a.folds, "repeats": a.repeats,
+                                **{x: v[x] for x in ("gap", "n", "n_splits", "seconds", "best_epochs")}}
+                            for k, v in results.items()},
+               "worst_gap": round(worst, 4), "engine": engine, "base": a.base, "folds": a.folds, "repeats": a.repeats,
                "seconds": round(time.perf_counter() - t0, 1)}
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0

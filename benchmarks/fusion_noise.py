@@ -13,7 +13,7 @@ each) the gaps are also averaged.
 Acceptance (issue 8, item 8): the gap is within 0.01 of zero or positive, i.e.
 ``gap >= -0.01`` on both tasks.
 
-    .venv/bin/python benchmarks/fusion_noise.py [--n 500] [--seeds 0] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/fusion_noise.py [--n 500] [--seeds 0] [--base glm|none] [--quick] [--out DIR]
 
 Last line: ``{"binary": {"cross_attention": .., "clinical_only": .., "gap": .., ...},
 "survival": {...}, "seconds": ..}``
@@ -69,14 +69,15 @@ def noise_cohort(folder: Path, task: str, n: int, seed: int) -> pd.DataFrame:
     return manifest
 
 
-def task_config(task: str, epochs: int | None, seed: int) -> PipelineConfig:
+def task_config(task: str, epochs: int | None, seed: int, base: str = "glm") -> PipelineConfig:
     """The demo pipeline with the task (binary label | survival time, event) and training seed."""
     cfg = demo_config(epochs)
     # pure noise has no body outline: every voxel counts as foreground, so the demo box would "cut
     # anatomy" (the FOV guard refuses it); the crop is deliberate here, and recorded
     image = dataclasses.replace(cfg.image, fov=FovConfig(mode="crop")) if cfg.image is not None else None
     return cfg.replace(task=TaskConfig(kind="binary" if task == "binary" else "survival"),
-                       train=dataclasses.replace(cfg.train, seed=seed), image=image)
+                       train=dataclasses.replace(cfg.train, seed=seed), image=image,
+                       model=dataclasses.replace(cfg.model, base=base))
 
 
 def metric_fn(task: str):  # noqa: ANN201
@@ -106,13 +107,14 @@ def score(task: str, test: pd.DataFrame, preds: dict[str, np.ndarray], n_boot: i
     return out
 
 
-def run_task(task: str, root: Path, n: int, epochs: int | None, seed: int, n_boot: int) -> dict[str, Any]:
+def run_task(task: str, root: Path, n: int, epochs: int | None, seed: int, n_boot: int,
+             base: str = "glm") -> dict[str, Any]:
     from mmai.engine.trainer import train
     from mmai.inference.predictor import Predictor
     from mmai.io.manifest import load_manifest
     from mmai.preprocess import preprocess_frame
 
-    cfg = task_config(task, epochs, seed)
+    cfg = task_config(task, epochs, seed, base)
     folder = root / f"{task}_n{n}_seed{seed}"
     t0 = time.time()
     noise_cohort(folder / "cohort", task, n, seed)
@@ -124,18 +126,19 @@ def run_task(task: str, root: Path, n: int, epochs: int | None, seed: int, n_boo
     preds: dict[str, np.ndarray] = {}
     for fusion in MODELS:
         t = time.time()
-        if (folder / "runs" / fusion).exists():
-            shutil.rmtree(folder / "runs" / fusion)  # a fresh run (the trainer would append to its log)
+        run_dir = folder / "runs" / (fusion if base == "glm" else f"{fusion}_{base}")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run (the trainer would append to its log)
         mcfg = cfg.replace(model=dataclasses.replace(cfg.model, fusion=fusion))
-        train(mcfg, df, folder / "runs" / fusion, device="cpu", progress=False)
-        pred, errors = Predictor(folder / "runs" / fusion, device="cpu").predict_frame(test)
+        train(mcfg, df, run_dir, device="cpu", progress=False)
+        pred, errors = Predictor(run_dir, device="cpu").predict_frame(test)
         if errors:
             raise RuntimeError(f"{task} seed {seed}: {len(errors)} test case(s) failed with {fusion}: {errors[:2]}")
         col = "prob_1" if task == "binary" else "risk"
         preds[fusion] = test[["case_id"]].merge(pred, on="case_id")[col].to_numpy(float)
         timings[f"{fusion}_s"] = round(time.time() - t, 1)
     result = score(task, test, preds, n_boot, seed)
-    result.update(n_train=int((df["split"] != "test").sum()), n_test=len(test), seed=seed, **timings)
+    result.update(n_train=int((df["split"] != "test").sum()), n_test=len(test), seed=seed, base=base, **timings)
     log.info("%s seed %d: %s", task, seed, result)
     return result
 
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--tasks", nargs="+", default=["binary", "survival"], choices=["binary", "survival"])
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--base", choices=["glm", "none"], default="glm", help="model.base of both models (default glm)")
     ap.add_argument("--quick", action="store_true", help="n=160, 4 epochs: a smoke run (about a minute)")
     ap.add_argument("--out", type=Path, default=None, help="keep the cohorts and runs here (default: a temp dir)")
     a = ap.parse_args(argv)
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = a.out or Path(tmp)
         result: dict[str, Any] = {}
         for task in a.tasks:
-            result[task] = summarise([run_task(task, root, n, epochs, s, a.n_boot) for s in a.seeds])
+            result[task] = summarise([run_task(task, root, n, epochs, s, a.n_boot, a.base) for s in a.seeds])
     result.update(n=n, epochs=epochs or demo_config().train.epochs, quick=a.quick,
                   seconds=round(time.time() - t0, 1))
     print(json.dumps(result))

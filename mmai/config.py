@@ -207,6 +207,7 @@ class ModelConfig:
     pretrained: str | None = None  # image encoder weights: file or folder (mmai/models/pretrained.py)
     pretrained_lr: float = 1.0  # learning-rate multiplier of the pretrained encoder's parameters
     freeze_pretrained: bool | int = False  # true: frozen throughout; N: frozen for the first N epochs
+    base: Literal["glm", "none"] = "glm"  # frozen penalised GLM base term on the clinical features (mmai.models.glm)
 
 
 @dataclass(frozen=True)

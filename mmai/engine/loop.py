@@ -1,6 +1,7 @@
 """The training loop: :func:`fit` runs epochs as a few named steps.
 
     state = resume or start
+    validate_initial_model(...)           # epoch 0 (the GLM base term + zero residuals) is a candidate
     for each epoch:
         row = train_one_epoch(...)        # forward, losses, backward (no_sync), optimizer step
         row |= validate(...)              # precise BN, sharded prediction, gathered metrics
@@ -193,6 +194,23 @@ def keep_best_and_check_stop(eng: Engine, state: TrainState, row: dict[str, Any]
         log.info("early stopping at epoch %d (best epoch %d)", row["epoch"], state.best_epoch)
 
 
+def validate_initial_model(eng: Engine, state: TrainState) -> dict[str, Any] | None:
+    """Epoch 0: validate the model before any optimizer step and make it the first best-epoch
+    candidate. For a model with a fitted GLM base term the initial model is exactly the GLM
+    (every residual starts at zero), so a run whose training never beats the GLM on validation
+    ships the GLM. Models without a base term (or runs without validation rows) skip it: their
+    initial weights are random. Returns the epoch-0 row (also kept in ``state.initial``)."""
+    if eng.val_loader is None or getattr(eng.raw, "glm", None) is None:
+        return None
+    row: dict[str, Any] = {"epoch": 0, **validate(eng)}
+    state.best_score = selection_score(row, eng.kind, eng.config.train.select_metric)
+    state.best_epoch = 0
+    state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}
+    state.initial = row
+    log.info("epoch 0 (the GLM base term): %s", {k: round(v, 4) for k, v in row.items() if k != "epoch"})
+    return row
+
+
 def start_or_resume(eng: Engine, store: CheckpointStore | None, runlog: RunLog, *, resume: bool,
                     settings: dict[str, Any]) -> TrainState:
     """A fresh :class:`TrainState`, or the one of the latest checkpoint commit (log truncated)."""
@@ -212,6 +230,7 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     best_epoch: int
     history: list[dict[str, Any]]
+    initial: dict[str, Any] | None = None  # the epoch-0 validation row (validate_initial_model)
 
 
 def fit(eng: Engine, *, ckpt_dir: Path | None = None, resume: bool = False, log_path: Path | None = None,
@@ -220,6 +239,8 @@ def fit(eng: Engine, *, ckpt_dir: Path | None = None, resume: bool = False, log_
     store = CheckpointStore(ckpt_dir) if ckpt_dir is not None else None
     runlog = RunLog(log_path, enabled=eng.info.is_main)
     state = start_or_resume(eng, store, runlog, resume=resume, settings=settings or {})
+    if state.epoch == 0:
+        validate_initial_model(eng, state)
     epochs = eng.config.train.epochs
     bar = tqdm(total=epochs, initial=state.epoch, desc="train", unit="epoch",
                disable=not progress or not eng.info.is_main)
@@ -238,4 +259,4 @@ def fit(eng: Engine, *, ckpt_dir: Path | None = None, resume: bool = False, log_
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.startswith(("train_loss", "val_"))})
     best = state.best_weights or {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}
-    return FitResult(best_state=best, best_epoch=state.best_epoch, history=state.history)
+    return FitResult(best_state=best, best_epoch=state.best_epoch, history=state.history, initial=state.initial)

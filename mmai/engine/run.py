@@ -39,6 +39,7 @@ from mmai.engine.survival import baseline_state
 from mmai.engine.trainer import evaluate_outputs, headline, predict_outputs
 from mmai.errors import CheckpointError, ConfigError
 from mmai.io.manifest import load_manifest
+from mmai.models.glm import fit_base_term
 from mmai.models.heads import n_outputs_for
 from mmai.models.pretrained import apply_pretrained
 from mmai.models.registry import create_model
@@ -61,7 +62,7 @@ def _build_model(config: PipelineConfig, kind: str, n_classes: int, pre: Any) ->
                                   encoder=mc.encoder, widths=list(mc.widths), dim=mc.dim, heads=mc.heads,
                                   layers=mc.layers, dropout=mc.dropout, clinical_encoder=mc.clinical_encoder,
                                   windows=dataclasses.asdict(mc.windows) if mc.windows else None,
-                                  bidirectional=mc.bidirectional)
+                                  bidirectional=mc.bidirectional, base=mc.base)
     try:
         model = create_model(mc.fusion, feature_specs=feature_specs(pre), **kwargs)
     except ValueError as exc:
@@ -117,6 +118,9 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
                 for p in ("val", "test") if len(frames[p])}
     for ds in (train_ds, *datasets.values()):
         ds.preload(progress=progress and info.is_main)
+    # the frozen GLM base term (model.base: glm): fitted on the training rows' clinical features, as fed to the model
+    glm_summary = fit_base_term(model, kind, train_ds.clinical, train_ds.clinical_mask, train_ds.targets,
+                                seed=tc.seed)
     # channels-last 5-D weights (torch's stubs omit Module.to's memory_format keyword)
     model.to(info.device, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     wrapped = ddp.wrap_model(model, info, find_unused=False)
@@ -143,12 +147,16 @@ def _train_split(config: PipelineConfig, df: pd.DataFrame, split: Split, out_dir
         metrics["pretrained"] = pretrained
     if autoconfig is not None:
         metrics["autoconfig"] = autoconfig
+    if glm_summary is not None:
+        metrics["glm"] = {**glm_summary, "initial_validation": result.initial}
     part_metrics, outputs = _evaluate_final(model, config, frames, evals, enc, info)
     metrics.update(part_metrics)
     _check_ranks_agree(metrics, model, info)
     extra_state: dict[str, Any] = run_descriptor_state(config)  # which lesion descriptors it used
     if autoconfig is not None:
         extra_state["autoconfig"] = autoconfig
+    if glm_summary is not None:
+        extra_state["glm"] = glm_summary
     if kind == "survival":  # Breslow baseline hazard on the (unaugmented) training rows, in state.json
         fit_ds = build_dataset(config, frames["train"], pre=pre, uses_image=uses_image,
                                targets=enc.encode(config, frames["train"]), loader=train_ds.loader)

@@ -38,6 +38,7 @@ class TrainState:
     stopped: bool = False
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     log_pos: int = 0
+    initial: dict[str, Any] | None = None  # epoch 0's validation row (the GLM base term), if validated
     best_weights: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     def counters(self) -> dict[str, Any]:

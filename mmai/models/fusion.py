@@ -15,6 +15,14 @@ in the graph it returns. Models without auxiliary heads return an empty dict.
     clinical       (B, F) float            preprocessed values (categoricals as level indices)
     clinical_mask  (B, F) float            1 = observed, 0 = missing
 
+Base term (``base="glm"``, what the trainer builds by default, docs/models.md "The GLM base
+term"): every model with a clinical path adds a frozen penalised GLM on the clinical features
+(:class:`~mmai.models.glm.GLMTerm`, fitted on the training rows before training) to its output,
+and the last layer of every deep term (clinical residual, fused residual, the direct image
+term) starts at zero, so the freshly built model outputs exactly the GLM's linear predictor and
+training must earn every change. ``base="none"`` builds the models without it (the layout of
+runs made before the base term).
+
 A missing image never reaches a head as zeros: each model swaps in a learned "missing image"
 embedding (or masks the image tokens out of attention), so the prediction for a case without
 an image is learned, not an artefact of blank voxels.
@@ -29,6 +37,7 @@ import torch
 from torch import nn
 
 from mmai.models.attention import CrossAttentionBlock
+from mmai.models.glm import GLMTerm, check_base
 from mmai.models.heads import Head
 from mmai.models.image_encoders import ImageEncoder
 from mmai.models.image_tokens import ImageToClinical, WindowTokenizer
@@ -57,10 +66,28 @@ class FourierPosition(nn.Module):
 
 
 class MultimodalModel(nn.Module):
-    """Base class; ``uses_image`` / ``uses_clinical`` tell the data pipeline what to load."""
+    """Base class; ``uses_image`` / ``uses_clinical`` tell the data pipeline what to load.
+
+    ``glm``: the frozen GLM base term (:class:`~mmai.models.glm.GLMTerm`) or None.
+    """
 
     uses_image = True
     uses_clinical = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.glm: GLMTerm | None = None
+
+    def _init_base(self, base: str, feature_specs: Any, n_outputs: int) -> bool:
+        """Build the GLM base term for ``base="glm"``; True when the model has one (its deep
+        terms are then residuals whose last layer starts at zero)."""
+        if check_base(base) == "glm":
+            self.glm = GLMTerm(feature_specs, n_outputs)
+        return self.glm is not None
+
+    def _plus_base(self, out: torch.Tensor, clinical: torch.Tensor, clinical_mask: torch.Tensor) -> torch.Tensor:
+        """``out`` (B, n_outputs) plus the GLM's linear predictor (unchanged without a base term)."""
+        return out if self.glm is None else out + self.glm(clinical, clinical_mask)  # float32 under autocast too
 
     def forward(self, image: torch.Tensor | None, image_present: torch.Tensor, clinical: torch.Tensor | None,
                 clinical_mask: torch.Tensor | None, *, return_aux: bool = False
@@ -107,18 +134,21 @@ class ImageOnly(MultimodalModel):
 
 
 class ClinicalOnly(MultimodalModel):
-    """Clinical encoder (``tokens``: feature tokens + [CLS] transformer; or ``mlp``) -> head."""
+    """GLM base term + clinical encoder (``tokens``: feature tokens + [CLS] transformer; or
+    ``mlp``) -> zero-initialised head (the residual)."""
 
     uses_image = False
 
     def __init__(self, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4, layers: int = 1,
-                 dropout: float = 0.1, clinical_encoder: str = "tokens", **_: object):
+                 dropout: float = 0.1, clinical_encoder: str = "tokens", base: str = "none", **_: object):
         super().__init__()
+        residual = self._init_base(base, feature_specs, n_outputs)
         self.clinical = build_clinical_encoder(clinical_encoder, feature_specs, dim, heads, max(1, layers), dropout)
-        self.head = Head(dim, n_outputs, dropout)
+        self.head = Head(dim, n_outputs, dropout, zero_init=residual)
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
-        return _with_aux(self.head(self.clinical(clinical, clinical_mask)), return_aux)
+        out = self.head(self.clinical(clinical, clinical_mask))
+        return _with_aux(self._plus_base(out, clinical, clinical_mask), return_aux)
 
 
 class CrossAttentionFusion(MultimodalModel):
@@ -149,8 +179,9 @@ class CrossAttentionFusion(MultimodalModel):
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, heads: int = 4,
                  layers: int = 1, dropout: float = 0.1, windows: dict[str, Any] | None = None,
-                 bidirectional: bool = False, clinical_encoder: str = "tokens", **_: object):
+                 bidirectional: bool = False, clinical_encoder: str = "tokens", base: str = "none", **_: object):
         super().__init__()
+        residual = self._init_base(base, feature_specs, n_outputs)
         self.encoder = encoder
         self.img_proj = nn.Linear(encoder.num_features, dim)
         self.pos = FourierPosition(dim)
@@ -166,7 +197,9 @@ class CrossAttentionFusion(MultimodalModel):
         self.mix = nn.TransformerEncoder(layer, max(1, layers), enable_nested_tensor=False)
         self.head = Head(dim, n_outputs, dropout, zero_init=True)  # the fused (residual) term, 0 at init
         self.clinical = build_clinical_encoder(clinical_encoder, feature_specs, dim, heads, max(1, layers), dropout)
-        self.clinical_head = Head(dim, n_outputs, dropout)
+        self.clinical_head = Head(dim, n_outputs, dropout, zero_init=residual)
+        # with a base term: a direct image term on the pooled image token, zero at initialisation
+        self.image_term = Head(dim, n_outputs, dropout, zero_init=True) if residual else None
         self.aux_image = Head(dim, n_outputs, dropout)
         self.aux_tokens = Head(dim, n_outputs, dropout)  # on the fusion's own clinical tokens
         self.aux_fused = Head(dim, n_outputs, dropout)  # the fused vector alone, as a full predictor
@@ -208,7 +241,12 @@ class CrossAttentionFusion(MultimodalModel):
 
     def combine(self, fused: torch.Tensor, img_pooled: torch.Tensor, tok_pooled: torch.Tensor,
                 clinical: torch.Tensor, clinical_mask: torch.Tensor, return_aux: bool = False):  # noqa: ANN201
-        """clinical-only term + fused residual term (zero at initialisation).
+        """clinical term + fused residual term (zero at initialisation) [+ direct image term].
+
+        With a GLM base term the clinical term is ``GLM + clinical residual`` (the residual's
+        last layer zero at initialisation) and a zero-initialised image term on ``img_pooled``
+        is added too, so the model starts as the GLM and can reach an image-only model's fit
+        through the image term alone.
 
         Args:
             fused: (B, D) pooled output tokens of the fusion.
@@ -220,8 +258,11 @@ class CrossAttentionFusion(MultimodalModel):
             clinical term alone, ``image`` an image-only head, ``clinical_tokens`` a head on the
             fusion's clinical tokens, ``fused`` a head on the fused vector alone; (B, n_outputs) each.
         """
-        base = self.clinical_head(self.clinical(clinical, clinical_mask))  # (B, n_outputs)
+        base = self._plus_base(self.clinical_head(self.clinical(clinical, clinical_mask)), clinical,
+                               clinical_mask)  # (B, n_outputs): [GLM +] clinical term
         out = base + self.head(fused)  # (B, n_outputs)
+        if self.image_term is not None:
+            out = out + self.image_term(img_pooled)
         if not return_aux:
             return out
         return out, {"image": self.aux_image(img_pooled), "clinical": base,
@@ -229,35 +270,44 @@ class CrossAttentionFusion(MultimodalModel):
 
 
 class ConcatFusion(MultimodalModel):
-    """Pooled image vector || clinical MLP vector -> MLP -> head (intermediate fusion)."""
+    """Pooled image vector || clinical MLP vector -> MLP -> head (intermediate fusion); with a
+    base term: GLM + zero-initialised head + a zero-initialised direct image term."""
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
-                 **_: object):
+                 base: str = "none", **_: object):
         super().__init__()
+        residual = self._init_base(base, feature_specs, n_outputs)
         self.image = _PooledImage(encoder, dim)
         self.clinical = ClinicalMLP(feature_specs, dim, dropout=dropout)
         self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Dropout(dropout))
-        self.head = Head(dim, n_outputs, dropout)
+        self.head = Head(dim, n_outputs, dropout, zero_init=residual)
+        self.image_term = Head(dim, n_outputs, dropout, zero_init=True) if residual else None
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
-        z = torch.cat([self.image(image, image_present), self.clinical(clinical, clinical_mask)], dim=1)
-        return _with_aux(self.head(self.mlp(z)), return_aux)
+        img = self.image(image, image_present)  # (B, D)
+        out = self.head(self.mlp(torch.cat([img, self.clinical(clinical, clinical_mask)], dim=1)))
+        if self.image_term is not None:
+            out = out + self.image_term(img)
+        return _with_aux(self._plus_base(out, clinical, clinical_mask), return_aux)
 
 
 class LateFusion(MultimodalModel):
-    """One head per modality; outputs are summed (image term dropped where the image is missing)."""
+    """One head per modality; outputs are summed (image term dropped where the image is missing).
+    With a base term: GLM + both heads zero-initialised."""
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
-                 **_: object):
+                 base: str = "none", **_: object):
         super().__init__()
+        residual = self._init_base(base, feature_specs, n_outputs)
         self.image = _PooledImage(encoder, dim)
-        self.image_head = Head(dim, n_outputs, dropout)
+        self.image_head = Head(dim, n_outputs, dropout, zero_init=residual)
         self.clinical = ClinicalMLP(feature_specs, dim, dropout=dropout)
-        self.clinical_head = Head(dim, n_outputs, dropout)
+        self.clinical_head = Head(dim, n_outputs, dropout, zero_init=residual)
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         img = self.image_head(self.image(image, image_present)) * image_present.to(image.dtype)[:, None]
-        return _with_aux(img + self.clinical_head(self.clinical(clinical, clinical_mask)), return_aux)
+        out = img + self.clinical_head(self.clinical(clinical, clinical_mask))
+        return _with_aux(self._plus_base(out, clinical, clinical_mask), return_aux)
 
 
 class EarlyFusion(MultimodalModel):
@@ -266,15 +316,16 @@ class EarlyFusion(MultimodalModel):
     Input channels: the image (a learned constant intensity where the image is missing, so
     the voxels of a missing image never reach the encoder), an image-present channel, then the
     F clinical values (0 where missing) and the F clinical masks: ``C_in + 1 + 2F`` channels
-    (:meth:`extra_channels`).
+    (:meth:`extra_channels`). With a base term: GLM + the zero-initialised head.
     """
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
-                 **_: object):
+                 base: str = "none", **_: object):
         super().__init__()
+        residual = self._init_base(base, feature_specs, n_outputs)
         self.image = _PooledImage(encoder, dim)
         self.missing_value = nn.Parameter(torch.zeros(()))  # the learned intensity of a missing image
-        self.head = Head(dim, n_outputs, dropout)
+        self.head = Head(dim, n_outputs, dropout, zero_init=residual)
 
     @staticmethod
     def extra_channels(n_features: int) -> int:
@@ -288,16 +339,19 @@ class EarlyFusion(MultimodalModel):
         values = torch.where(clinical_mask > 0, clinical, torch.zeros_like(clinical))  # a missing value is 0, even NaN
         extra = torch.cat([values, clinical_mask], dim=1)  # (B, 2F)
         channels = [img, p.expand(b, 1, d, h, w), extra[:, :, None, None, None].expand(b, -1, d, h, w)]
-        return _with_aux(self.head(self.image(torch.cat(channels, dim=1), torch.ones_like(image_present))),
-                         return_aux)
+        out = self.head(self.image(torch.cat(channels, dim=1), torch.ones_like(image_present)))
+        return _with_aux(self._plus_base(out, clinical, clinical_mask), return_aux)
 
 
 class FiLMFusion(MultimodalModel):
-    """Clinical vector -> per-channel scale/shift of the image feature map (FiLM / DAFT-style)."""
+    """Clinical vector -> per-channel scale/shift of the image feature map (FiLM / DAFT-style).
+    With a base term: GLM + the zero-initialised head (linear in the pooled image features, so
+    it holds the direct image term)."""
 
     def __init__(self, encoder: ImageEncoder, feature_specs, n_outputs: int, dim: int = 64, dropout: float = 0.1,
-                 **_: object):
+                 base: str = "none", **_: object):
         super().__init__()
+        residual = self._init_base(base, feature_specs, n_outputs)
         self.encoder = encoder
         self.clinical = ClinicalMLP(feature_specs, dim, dropout=dropout)
         self.film = nn.Linear(dim, 2 * encoder.num_features)
@@ -305,7 +359,7 @@ class FiLMFusion(MultimodalModel):
         nn.init.zeros_(self.film.bias)
         self.proj = nn.Sequential(nn.Linear(encoder.num_features, dim), nn.GELU())
         self.missing = nn.Parameter(torch.zeros(dim))
-        self.head = Head(2 * dim, n_outputs, dropout)
+        self.head = Head(2 * dim, n_outputs, dropout, zero_init=residual)
 
     def forward(self, image, image_present, clinical, clinical_mask, *, return_aux=False):
         c = self.clinical(clinical, clinical_mask)  # (B, D)
@@ -313,4 +367,5 @@ class FiLMFusion(MultimodalModel):
         fmap = self.encoder.forward_features(image)  # (B, C, d, h, w)
         fmap = fmap * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
         img = _fill_missing(self.proj(fmap.mean(dim=(2, 3, 4))), image_present, self.missing)
-        return _with_aux(self.head(torch.cat([img, c], dim=1)), return_aux)
+        out = self.head(torch.cat([img, c], dim=1))
+        return _with_aux(self._plus_base(out, clinical, clinical_mask), return_aux)

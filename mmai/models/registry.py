@@ -33,7 +33,7 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
                  encoder: str = "resnet", widths: Sequence[int] = (16, 32, 64, 128), dim: int = 64,
                  heads: int = 4, layers: int = 1, dropout: float = 0.1,
                  clinical_encoder: str = "tokens", windows: dict[str, Any] | None = None,
-                 bidirectional: bool = False) -> F.MultimodalModel:
+                 bidirectional: bool = False, base: str = "none") -> F.MultimodalModel:
     """Build a fusion model.
 
     Args:
@@ -49,6 +49,11 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
         windows: cross_attention only: sliding-window image tokens with millimetre positions
             (``roi_size``, ``overlap``, ``batch``, ``train_windows``, ``checkpoint``); None = one pass.
         bidirectional: cross_attention only: image tokens also attend to the clinical tokens.
+        base: ``glm``: models with a clinical path get the frozen GLM base term
+            (:mod:`mmai.models.glm`, zero until :func:`~mmai.models.glm.fit_base_term` fits it)
+            and zero-initialised residual heads; ``none``: no base term. The trainer passes
+            ``model.base`` (default ``glm``); the default here, ``none``, rebuilds runs saved
+            before the base term existed.
     """
     cls = look_up_option(name, MODELS)
     feature_specs = list(feature_specs)
@@ -58,6 +63,7 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
     kwargs: dict[str, Any] = dict(n_outputs=n_outputs, dim=dim, heads=heads, layers=layers, dropout=dropout)
     if cls.uses_clinical:
         kwargs["feature_specs"] = feature_specs
+        kwargs["base"] = base
     if cls in (F.ClinicalOnly, F.CrossAttentionFusion):
         kwargs["clinical_encoder"] = clinical_encoder
     if cls is F.CrossAttentionFusion:
