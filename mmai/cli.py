@@ -84,8 +84,9 @@ def _add_device(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--device", default=default, help=f"cpu, cuda or cuda:N (default: {auto})")
 
 
-def _add_workers(p: argparse.ArgumentParser, what: str = "parallel workers") -> None:
-    p.add_argument("--workers", type=_workers, default=1, help=f"{what} (>= 1, default 1)")
+def _add_workers(p: argparse.ArgumentParser, what: str = "parallel workers", default: int | None = 1,
+                 default_text: str = "1") -> None:
+    p.add_argument("--workers", type=_workers, default=default, help=f"{what} (>= 1, default {default_text})")
 
 
 def _add_shard(p: argparse.ArgumentParser) -> None:
@@ -392,9 +393,9 @@ def _parser_predict(sub: Any) -> None:
     s.add_argument("--no-ensemble", action="store_true", help="a K-fold run (train --folds K): predict with its "
                    "final model instead of averaging its K fold models (the default)")
     _add_device(s)
-    s.add_argument("--workers", type=_workers, default=None,
-                   help="processes that read and preprocess the next studies while the model runs, and DICOM "
-                   "header readers for --dicom-root (>= 1; 1: in place; default: the usable cores, at most 8)")
+    _add_workers(s, "processes that read and preprocess the next studies while the model runs, and DICOM "
+                 "header readers for --dicom-root; 1: in place", default=None,
+                 default_text="the usable cores, at most 8")
     _add_shard(s)
     _add_salt(s)
     _add_pacs(s, results=True)

@@ -174,7 +174,8 @@ def guard(verb: str, args: argparse.Namespace) -> Iterator[None]:
     """Check every output of ``mmai VERB`` is writable, then hold its lock while the verb runs.
 
     Locked: predict (``P.csv.lock``), preprocess (``OUT/.mmai-preprocess[.shardIofN].lock``) and
-    train (``OUT/.mmai-train.lock``, rank 0 under torchrun). Checked only: the other outputs.
+    train (``OUT/.mmai-train.lock``); under torchrun rank 0 holds the lock for the whole job (the
+    ranks write part files that rank 0 merges). Checked only: the other outputs.
     """
     out = getattr(args, "out", None)
     file_out = verb in ("scan", "predict", "export", "clinical-schema")
@@ -183,12 +184,15 @@ def guard(verb: str, args: argparse.Namespace) -> Iterator[None]:
     if getattr(args, "explain", None):
         check_writable(Path(args.explain), kind="dir", flag="--explain")
     lock: OutputLock | None = None
+    if not _is_rank0():  # under torchrun rank 0 holds the job's lock; the ranks write parts it merges
+        yield
+        return
     if out is not None and verb == "predict":
         out = Path(out)
         lock = OutputLock(out.with_name(out.name + ".lock"), verb, out)
     elif out is not None and verb == "preprocess":
         lock = OutputLock(Path(out) / f".mmai-preprocess{_shard_tag(args)}.lock", verb, Path(out))
-    elif out is not None and verb == "train" and _is_rank0():
+    elif out is not None and verb == "train":
         lock = OutputLock(Path(out) / ".mmai-train.lock", verb, Path(out))
     if lock is None:
         yield

@@ -21,10 +21,12 @@ def test_corrupt_instance_is_an_error_row_and_the_others_go_on(empty_orthanc, wo
     upload(server, dirs[:2], "stow")
     bad = tmp_path / "bad"
     shutil.copytree(dirs[2], bad)
-    victim = sorted(bad.glob("*.dcm"))[5]
-    ds = pydicom.dcmread(victim)
-    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # a truncated slice
-    ds.save_as(victim)
+    # every other slice truncated: more than a series may lose and be repaired (one lost slice of
+    # many is dropped, interpolated and flagged in input_flags: docs/manifest.md), so the study fails
+    for victim in sorted(bad.glob("*.dcm"))[::2]:
+        ds = pydicom.dcmread(victim)
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+        ds.save_as(victim)
     upload(server, [bad], "cstore")
     out = tmp_path / "p.csv"
     assert world.predict(out, "--dicomweb", server.dicomweb, "--query", "ModalitiesInStudy=CT") == 0
