@@ -21,6 +21,7 @@ from mmai.errors import MmaiError
 log = logging.getLogger("mmai")
 
 from mmai.models.fusion_names import FUSIONS  # noqa: E402  (the one list; torch-free)
+from mmai.pacs.options import int_at_least  # noqa: E402  (argparse only)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,14 +43,7 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _workers(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from exc
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+_workers = int_at_least(1)  # --workers, --threads: whole numbers >= 1
 
 
 def _out_file(text: str) -> Path:
@@ -82,6 +76,10 @@ def _add_out(p: argparse.ArgumentParser, kind: str, help: str, required: bool = 
 def _add_device(p: argparse.ArgumentParser, default: str | None = None) -> None:
     auto = "cuda if available" if default is None else default
     p.add_argument("--device", default=default, help=f"cpu, cuda or cuda:N (default: {auto})")
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_workers, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
 
 
 def _add_workers(p: argparse.ArgumentParser, what: str = "parallel workers", default: int | None = 1,
@@ -359,7 +357,7 @@ def _parser_train(sub: Any) -> None:
                    "(same config and flags; finished folds are skipped)")
     s.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
                    help="mixed precision (default: the YAML's train.amp, off); fp16 uses a GradScaler, CUDA only")
-    s.add_argument("--threads", type=_workers, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
+    _add_threads(s)
     _add_common(s)
     s.set_defaults(func=_cmd_train)
 
@@ -374,7 +372,7 @@ def _parser_pretrain(sub: Any) -> None:
     s.add_argument("--epochs", type=int, default=None, help="override pretrain.epochs")
     _add_device(s)
     s.add_argument("--resume", action="store_true", help="continue exactly from DIR's last checkpoint")
-    s.add_argument("--threads", type=_workers, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
+    _add_threads(s)
     _add_common(s)
     s.set_defaults(func=_cmd_pretrain)
 

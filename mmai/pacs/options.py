@@ -33,14 +33,22 @@ def _positive(text: str) -> float:
     return v
 
 
-def _retries(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from exc
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+def int_at_least(minimum: int) -> Any:
+    """An argparse ``type`` for whole numbers >= ``minimum`` (one wording for every such option)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from exc
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
+        return n
+
+    return parse
+
+
+_retries = int_at_least(0)
 
 
 def add_pacs_options(p: argparse.ArgumentParser, *, results: bool) -> None:

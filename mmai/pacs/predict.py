@@ -22,8 +22,14 @@ from tqdm.auto import tqdm
 
 from mmai.errors import MmaiError
 from mmai.inference.dicom_cases import SERIES
-from mmai.inference.predictor import Predictor, PredictSummary, errors_path_for, join_path_for
-from mmai.inference.rows import ERROR_COLUMNS, error_row, resume_done
+from mmai.inference.predictor import (
+    Predictor,
+    PredictSummary,
+    _write_errors,  # one errors-file writer for both sources
+    errors_path_for,
+    join_path_for,
+)
+from mmai.inference.rows import error_row, resume_done
 from mmai.pacs.cache import StudyCache
 from mmai.pacs.retry import RetryPolicy
 from mmai.pacs.store import FolderSink, Ledger, make_peer
@@ -276,10 +282,3 @@ def _close(source: Any) -> None:
         close()
 
 
-def _write_errors(errors: list[dict[str, str]], err_path: Path) -> None:
-    if errors:
-        pd.DataFrame(errors, columns=ERROR_COLUMNS).to_csv(err_path, index=False)
-        for e in errors[:5]:
-            log.warning("case %s (%s) failed at %s: %s", e["case_id"], e["series"] or "-", e["stage"], e["error"])
-    elif err_path.exists():
-        err_path.unlink()
