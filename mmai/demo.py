@@ -1,7 +1,7 @@
 """``mmai demo``: synth -> preprocess -> train 3 models -> predict -> evaluate, on held-out patients.
 
 Writes DIR/cohort (synthetic DICOM cohort), DIR/preprocessed, DIR/runs/<model>, DIR/predictions,
-DIR/plots/{roc,calibration}.png and DIR/summary.json (format fixed by DESIGN.md).
+DIR/plots/{roc,calibration}.png and DIR/summary.json (format in docs/cli.md).
 """
 
 from __future__ import annotations

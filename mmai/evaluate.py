@@ -1,6 +1,6 @@
 """`mmai evaluate`: join predictions to the manifest's targets and report metrics with CIs.
 
-predictions.csv (DESIGN.md): ``case_id``, then ``prob_<class>`` columns (classification; class
+predictions.csv (docs/cli.md): ``case_id``, then ``prob_<class>`` columns (classification; class
 names are the suffixes and match the manifest's label values as strings; binary: the positive
 class is the second in sorted label order), or ``risk`` (survival, higher = earlier event), or
 ``prediction`` (regression), and ``model_id``. Each model is evaluated separately. Cases that

@@ -1,6 +1,6 @@
 """Typed clinical columns: the `clinical:` section of a pipeline YAML.
 
-Every clinical column is declared once, by kind (DESIGN.md fixes the form)::
+Every clinical column is declared once, by kind (a fixed form, docs/clinical.md)::
 
     clinical:
       numeric: [age, {name: creatinine, log: true, range: [0, 20], unit: mg/dL}]

@@ -1,6 +1,6 @@
 """Batch inference: run folder + cases -> predictions.csv (resumable, sharded, errors listed).
 
-Output columns (DESIGN.md): ``case_id``, then ``prob_<class>`` per class and ``prediction``
+Output columns (docs/cli.md): ``case_id``, then ``prob_<class>`` per class and ``prediction``
 (classification), ``prediction`` (regression, in the target's units) or ``risk`` (survival,
 higher = earlier event) plus ``surv_<t>`` (P(no event by t), one per ``task.horizons`` entry),
 then ``clinical_present`` (1: at least one clinical value observed; 0: the model saw the clinical

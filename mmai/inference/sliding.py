@@ -1,4 +1,4 @@
-"""Sliding windows at inference (DESIGN.md's ``mmai/inference/sliding.py``).
+"""Sliding windows at inference (docs/architecture.md).
 
 The implementation lives in :mod:`mmai.models.windows` (tiling, positions, stitching) and
 :mod:`mmai.models.image_tokens` (the window tokenizer), because the model uses the same code in

@@ -1,6 +1,6 @@
 """Manifests: read (CSV, Parquet, Decathlon-style JSON) and validate against a pipeline config.
 
-Contract (DESIGN.md, docs/manifest.md): one row per case; ``case_id`` required and unique;
+Contract (docs/manifest.md): one row per case; ``case_id`` required and unique;
 ``patient_id`` optional (defaults to case_id); ``image`` a NIfTI file or DICOM folder, relative
 to the manifest's folder, empty = missing; clinical columns typed by the pipeline's
 ``clinical:`` section; targets ``label`` or ``time`` + ``event``; optional ``split``/``fold``.
