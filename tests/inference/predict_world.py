@@ -24,6 +24,18 @@ class World:
     def predict(self, out: Path, *args: str) -> int:
         return main(["predict", "--run", str(self.run), "--out", str(out), "-q", *args])
 
+    def broken_manifest(self, tmp_path: Path, rows, *, raw: bool = False) -> str:
+        """A manifest of the cohort whose ``rows`` point at an unreadable image: the preprocessed
+        volumes, or with ``raw`` the raw DICOM folders (each case then runs the whole chain)."""
+        folder = self.cohort if raw else self.pre
+        m = pd.read_csv(folder / "manifest.csv", dtype=str)
+        (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+        m["image"] = [str(tmp_path / "broken.nii.gz") if i in rows else str(folder / p)
+                      for i, p in enumerate(m["image"])]
+        path = tmp_path / "m.csv"
+        m.to_csv(path, index=False)
+        return str(path)
+
     def reference(self) -> pd.DataFrame:
         """Predictions from the cohort manifest (raw DICOM folders + clinical columns), by case_id."""
         out = self.tmp / "reference.csv"

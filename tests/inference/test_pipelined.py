@@ -10,19 +10,9 @@ from mmai.inference.pipelined import PrefetchLoader, default_workers
 from tests.inference.predict_world import world  # noqa: F401 - the shared fixture
 
 
-def _manifest(world, tmp_path, broken: set[int]) -> str:  # noqa: F811
-    """The cohort's raw DICOM manifest (each case runs the whole chain) with some unreadable images."""
-    m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
-    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
-    m["image"] = [str(tmp_path / "broken.nii.gz") if i in broken else str(world.cohort / p)
-                  for i, p in enumerate(m["image"])]
-    m.to_csv(tmp_path / "m.csv", index=False)
-    return str(tmp_path / "m.csv")
-
-
 @pytest.mark.slow
 def test_workers_give_the_in_place_predictions_and_errors(world, tmp_path):  # noqa: F811
-    man = _manifest(world, tmp_path, {1, 5})
+    man = world.broken_manifest(tmp_path, {1, 5}, raw=True)
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     assert world.predict(one, "--manifest", man, "--workers", "1") == 0
     assert world.predict(two, "--manifest", man, "--workers", "2") == 0

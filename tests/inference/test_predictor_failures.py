@@ -14,18 +14,8 @@ from tests.inference.predict_world import world  # noqa: F401 - the shared fixtu
 from tests.test_cli import run_cli
 
 
-def _broken_manifest(world, tmp_path, rows) -> str:  # noqa: F811
-    m = pd.read_csv(world.pre / "manifest.csv", dtype=str)
-    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
-    m["image"] = [str(tmp_path / "broken.nii.gz") if i in rows else str(world.pre / p)
-                  for i, p in enumerate(m["image"])]
-    path = tmp_path / "m.csv"
-    m.to_csv(path, index=False)
-    return str(path)
-
-
 def test_all_fail_batch_exits_nonzero_with_counts(world, tmp_path, capsys):  # noqa: F811
-    man = _broken_manifest(world, tmp_path, rows=range(24))
+    man = world.broken_manifest(tmp_path, range(24))
     capsys.readouterr()
     assert world.predict(tmp_path / "p.csv", "--manifest", man) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -34,7 +24,7 @@ def test_all_fail_batch_exits_nonzero_with_counts(world, tmp_path, capsys):  # n
 
 
 def test_partial_failure_exits_zero_and_closing_line_counts(world, tmp_path, capsys):  # noqa: F811
-    man = _broken_manifest(world, tmp_path, rows={2, 7})
+    man = world.broken_manifest(tmp_path, {2, 7})
     capsys.readouterr()
     assert world.predict(tmp_path / "p.csv", "--manifest", man) == 0
     err = capsys.readouterr().err

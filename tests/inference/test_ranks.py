@@ -28,18 +28,9 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
-def _manifest_with_broken_rows(world, tmp_path: Path, rows: set[int]) -> str:  # noqa: F811
-    m = pd.read_csv(world.pre / "manifest.csv", dtype=str)
-    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
-    m["image"] = [str(tmp_path / "broken.nii.gz") if i in rows else str(world.pre / p)
-                  for i, p in enumerate(m["image"])]
-    m.to_csv(tmp_path / "m.csv", index=False)
-    return str(tmp_path / "m.csv")
-
-
 @pytest.mark.slow
 def test_torchrun_predict_two_ranks_equals_one_process_and_resumes(world, tmp_path):  # noqa: F811
-    man = _manifest_with_broken_rows(world, tmp_path, {3, 10})
+    man = world.broken_manifest(tmp_path, {3, 10})
     one = tmp_path / "one.csv"
     assert world.predict(one, "--manifest", man) == 0
     two = tmp_path / "two.csv"

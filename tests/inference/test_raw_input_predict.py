@@ -77,11 +77,16 @@ def _pipeline(tmp: Path, name: str, **image: object) -> Path:
     return path
 
 
-def _raw_vs_preprocessed(tmp: Path, pipe: Path, manifest: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _preprocess_and_train(tmp: Path, pipe: Path, manifest: Path) -> None:
+    """``mmai preprocess`` the cohort into tmp/pre, then ``mmai train`` a run on it into tmp/run."""
     assert main(["preprocess", "--config", str(pipe), "--input", str(manifest), "--out", str(tmp / "pre"), "-q"]) == 0
-    assert pd.read_csv(tmp / "pre" / "errors.csv").empty
     assert main(["train", "--config", str(pipe), "--manifest", str(tmp / "pre" / "manifest.csv"),
                  "--out", str(tmp / "run"), "--device", "cpu", "-q"]) == 0
+
+
+def _raw_vs_preprocessed(tmp: Path, pipe: Path, manifest: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    _preprocess_and_train(tmp, pipe, manifest)
+    assert pd.read_csv(tmp / "pre" / "errors.csv").empty
     for name, man in (("pre", tmp / "pre" / "manifest.csv"), ("raw", manifest)):
         assert main(["predict", "--run", str(tmp / "run"), "--manifest", str(man), "--out", str(tmp / f"{name}.csv"),
                      "--device", "cpu", "-q"]) == 0

@@ -13,7 +13,7 @@ import pandas as pd
 
 from mmai.cli import main
 from mmai.transforms.roi import mask_center_ras
-from tests.inference.test_raw_input_predict import AFFINE, SHAPE, N, _cohort, _pipeline
+from tests.inference.test_raw_input_predict import AFFINE, SHAPE, N, _cohort, _pipeline, _preprocess_and_train
 
 BOX_MM = 30.0
 
@@ -21,10 +21,7 @@ BOX_MM = 30.0
 def test_roi_saliency_on_the_full_scan_and_no_constant_attention(tmp_path):
     manifest = _cohort(tmp_path, "CT")
     pipe = _pipeline(tmp_path, "ct_chest", roi={"mask": "mask", "size_mm": [BOX_MM] * 3}, crop_foreground=False)
-    assert main(["preprocess", "--config", str(pipe), "--input", str(manifest), "--out", str(tmp_path / "pre"),
-                 "-q"]) == 0
-    assert main(["train", "--config", str(pipe), "--manifest", str(tmp_path / "pre" / "manifest.csv"),
-                 "--out", str(tmp_path / "run"), "--device", "cpu", "-q"]) == 0
+    _preprocess_and_train(tmp_path, pipe, manifest)
     assert main(["predict", "--run", str(tmp_path / "run"), "--manifest", str(manifest), "--out",
                  str(tmp_path / "p.csv"), "--explain", str(tmp_path / "ex"), "--device", "cpu", "-q"]) == 0
     assert len(pd.read_csv(tmp_path / "p.csv")) == N
@@ -53,10 +50,7 @@ def test_roi_run_predicts_a_dicom_root_with_the_table_s_mask_column(tmp_path):
 
     manifest = _cohort(tmp_path, "CT")
     pipe = _pipeline(tmp_path, "ct_chest", roi={"mask": "mask", "size_mm": [BOX_MM] * 3}, crop_foreground=False)
-    assert main(["preprocess", "--config", str(pipe), "--input", str(manifest), "--out", str(tmp_path / "pre"),
-                 "-q"]) == 0
-    assert main(["train", "--config", str(pipe), "--manifest", str(tmp_path / "pre" / "manifest.csv"),
-                 "--out", str(tmp_path / "run"), "--device", "cpu", "-q"]) == 0
+    _preprocess_and_train(tmp_path, pipe, manifest)
     series = ct_series(tmp_path / "dicom" / "p1")
     from mmai.config import ImageConfig
 
