@@ -14,6 +14,7 @@ from mmai.clinical.preprocess import FeatureSpec
 from mmai.config import ImageConfig, IntensityConfig
 from mmai.data.dataset import ImageLoader
 from mmai.inference import explain as E
+from mmai.models.heads import outputs_to_predictions
 from mmai.models.registry import create_model
 
 SPECS = [FeatureSpec("age", "numeric"), FeatureSpec("crp", "numeric")]
@@ -35,12 +36,13 @@ class StubPredictor:
             torch.nn.init.normal_(self.model.head.fc.weight, std=0.5)
         self.cfg = ImageConfig(spacing=(2.0, 2.0, 2.0), size=(24, 24, 16), antialias=False,  # exact air: 0
                                intensity=IntensityConfig(a_min=-1000.0, a_max=1000.0))
-        self.config = SimpleNamespace(image=self.cfg)
+        self.config = SimpleNamespace(image=self.cfg, task=SimpleNamespace(target="label"))
         self.loader = ImageLoader(self.cfg)
-        self.encoding = SimpleNamespace(kind="binary")
+        self.encoding = SimpleNamespace(kind="binary", classes=["0", "1"])
         self.pre = SimpleNamespace(feature_names=["age", "crp"])
         self.device, self.uses_image, self.model_id = "cpu", True, model_id
-        self.members = [(SimpleNamespace(clinical=self.pre), self.model)]
+        probs = lambda out: outputs_to_predictions("binary", out).numpy()  # noqa: E731 - RunSpec.predictions
+        self.members = [(SimpleNamespace(clinical=self.pre, predictions=probs), self.model)]
         self.spec = SimpleNamespace(roi_sources=lambda df, base: [None] * len(df))
         self.base_dir = None
 
@@ -113,12 +115,12 @@ def test_kill_and_rerun_makes_exactly_the_missing_cases(tmp_path, monkeypatch):
     pred = StubPredictor(False)
     real_png, calls = E.overview_png, []
 
-    def dying_png(image, sal, affine, path, title):
+    def dying_png(image, sal, affine, path, title, **kw):
         calls.append(title)
-        if title == "c3":  # killed while writing the fourth case: a temp PNG is left behind
+        if title.startswith("case c3 "):  # killed while writing the fourth case: a temp PNG is left behind
             (path.parent / f".{path.name.split('.')[0]}.abc123.tmp.png").write_bytes(b"partial")
             raise KeyboardInterrupt
-        real_png(image, sal, affine, path, title)
+        real_png(image, sal, affine, path, title, **kw)
 
     monkeypatch.setattr(E, "overview_png", dying_png)
     with pytest.raises(KeyboardInterrupt):
