@@ -333,10 +333,11 @@ def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_di
                 name = model if kind == "binary" else f"{model}: {c} vs rest"
                 curves[name] = ((y == c).astype(float), j[f"prob_{c}"].to_numpy(dtype=float))
         sub = f" (positive class {classes[1]})" if kind == "binary" else " (one vs rest)"
-        attempt("roc", plots.plot_roc, curves, out_dir / "roc.png", title="ROC" + sub)
-        attempt("pr", plots.plot_pr, curves, out_dir / "pr.png", title="Precision-recall" + sub)
+        boot = {"n_boot": int(report.get("n_boot") or 0), "seed": int(report.get("seed") or 0)}
+        attempt("roc", plots.plot_roc, curves, out_dir / "roc.png", title="ROC" + sub, **boot)
+        attempt("pr", plots.plot_pr, curves, out_dir / "pr.png", title="Precision-recall" + sub, **boot)
         attempt("calibration", plots.plot_calibration, curves, out_dir / "calibration.png",
-                title="Calibration" + sub)
+                title="Calibration" + sub, **boot)
     elif kind == "regression":
         curves = {m: (j["y"].to_numpy(), j["prediction"].to_numpy()) for m, j in joined.items()}
         attempt("pred_vs_true", plots.plot_pred_vs_true, curves, out_dir / "pred_vs_true.png")
