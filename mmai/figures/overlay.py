@@ -192,6 +192,9 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
             ax.text(0.5, 0.98, letters[2], ha="center", va="top", **kw)
             ax.text(0.5, 0.02, letters[3], ha="center", va="bottom", **kw)
             ax.set_title(f"{plane}  {coord} = {world[axis]:+.1f} mm", color="white", fontsize=9)
+            if layer is not None and p == 1 and not np.nanmax(data, initial=-np.inf) >= layer.threshold:
+                ax.text(0.5, 0.3, f"{name}: nothing >= {layer.threshold:g} anywhere\n(max {np.nanmax(data, initial=0):.3g})",
+                        ha="center", va="center", transform=ax.transAxes, color="#ffcc66", fontsize=8)
         if layer is not None:
             cax = fig.add_subplot(grid[r, 3], label=f"colorbar:{name}")
             sm = ScalarMappable(norm=Normalize(layer.vmin, layer.vmax), cmap=layer.cmap)
@@ -233,7 +236,7 @@ def prediction_title(case_id: str, model_id: str, kind: str, classes: Sequence[s
         values: one case's averaged prediction quantities (:meth:`RunSpec.predictions` row): class
             probabilities (K,), the regression value (1,), or log-risk then survival per horizon.
     """
-    parts = [f"case {case_id}", f"model {model_id}"]
+    parts = [f"case {case_id}"] + ([f"model {model_id}"] if model_id else [])
     v = [float(x) for x in values]
     if kind in ("binary", "multiclass") and len(classes) == len(v) and v:
         k = int(np.argmax(v))
