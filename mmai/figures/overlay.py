@@ -139,6 +139,7 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.patheffects import withStroke
 
     img, aff = canonical(np.asarray(image, dtype=np.float32), affine)
     maps = []
@@ -186,7 +187,8 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
             ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_visible(False)
-            kw = {"transform": ax.transAxes, "color": "white", "fontsize": 11, "fontweight": "bold"}
+            kw = {"transform": ax.transAxes, "color": "white", "fontsize": 11, "fontweight": "bold",
+                  "path_effects": [withStroke(linewidth=2.5, foreground="black")]}  # legible on any grey
             ax.text(0.02, 0.5, letters[0], ha="left", va="center", **kw)
             ax.text(0.98, 0.5, letters[1], ha="right", va="center", **kw)
             ax.text(0.5, 0.98, letters[2], ha="center", va="top", **kw)
