@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -255,7 +256,7 @@ def fit(eng: Engine, *, ckpt_dir: Path | None = None, resume: bool = False, log_
             state.history.append(row)
             runlog.write(row)
             if tb_images.due(epoch):  # TensorBoard only: validation overlays (mmai.figures.tensorboard)
-                runlog.write_images(epoch, lambda e=epoch: tb_images.validation_overlays(eng, e))
+                runlog.write_images(epoch, functools.partial(tb_images.validation_overlays, eng, epoch))
             state.epoch, state.log_pos = epoch, runlog.position()
             if store is not None:
                 save_checkpoint(store, eng, state, settings or {})

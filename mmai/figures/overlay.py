@@ -143,10 +143,10 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
 
     img, aff = canonical(np.asarray(image, dtype=np.float32), affine)
     maps = []
-    for layer in layers:
-        if layer.data.shape != image.shape:
-            raise MmaiError(f"overlay: map {layer.name!r} has shape {layer.data.shape}, the image {image.shape}")
-        maps.append((layer, canonical(np.asarray(layer.data, dtype=np.float32), affine)[0]))
+    for lay in layers:
+        if lay.data.shape != image.shape:
+            raise MmaiError(f"overlay: map {lay.name!r} has shape {lay.data.shape}, the image {image.shape}")
+        maps.append((lay, canonical(np.asarray(lay.data, dtype=np.float32), affine)[0]))
     if cut is None:
         cut = _peak([d for _, d in maps], img.shape)
     cut = tuple(int(np.clip(c, 0, s - 1)) for c, s in zip(cut, img.shape, strict=True))  # type: ignore[assignment]
@@ -161,7 +161,7 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
     heights = [edges[v][1] - edges[v][0] for _, _, (_, v), _, _ in PANELS]
     scale = row_height / max(heights)
     panel_w = [max(w * scale, 0.8) for w in widths]
-    rows = [(lyr, d) for lyr, d in maps] or [(None, None)]
+    rows: list[tuple[MapLayer | None, Any]] = [(lyr, d) for lyr, d in maps] or [(None, None)]
     fig = Figure(figsize=(min(sum(panel_w) + 1.3, 16.0), row_height * len(rows) + 1.0), dpi=dpi,
                  facecolor="black", layout="constrained")
     FigureCanvasAgg(fig)
@@ -187,7 +187,7 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
             ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_visible(False)
-            kw = {"transform": ax.transAxes, "color": "white", "fontsize": 11, "fontweight": "bold",
+            kw: dict[str, Any] = {"transform": ax.transAxes, "color": "white", "fontsize": 11, "fontweight": "bold",
                   "path_effects": [withStroke(linewidth=2.5, foreground="black")]}  # legible on any grey
             ax.text(0.02, 0.5, letters[0], ha="left", va="center", **kw)
             ax.text(0.98, 0.5, letters[1], ha="right", va="center", **kw)
@@ -230,12 +230,12 @@ def write_overlay_png(path: str | os.PathLike, image: np.ndarray, affine: np.nda
     return path
 
 
-def prediction_title(case_id: str, model_id: str, kind: str, classes: Sequence[str], values: Sequence[float],
+def prediction_title(case_id: str, model_id: str, kind: str, classes: Sequence[str], values: Any,
                      true_label: Any = None) -> str:
     """The overlay's title: case, model, and the prediction in the words of predictions.csv.
 
     Args:
-        values: one case's averaged prediction quantities (:meth:`RunSpec.predictions` row): class
+        values: (Q,) one case's averaged prediction quantities (:meth:`RunSpec.predictions` row): class
             probabilities (K,), the regression value (1,), or log-risk then survival per horizon.
     """
     parts = [f"case {case_id}"] + ([f"model {model_id}"] if model_id else [])

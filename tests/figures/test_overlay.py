@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from mmai.errors import MmaiError
-from mmai.figures.overlay import MapLayer, canonical, figure_rgb, overlay_figure, prediction_title, write_overlay_png
+from mmai.figures.overlay import (
+    MapLayer,
+    canonical,
+    figure_rgb,
+    overlay_figure,
+    prediction_title,
+    write_overlay_png,
+)
 
 SHAPE = (40, 36, 20)  # RAS voxel order
 SPACING = (1.5, 1.5, 2.5)
