@@ -309,6 +309,8 @@ def _hidden(key: str) -> bool:
 def training_figure(rows: Sequence[Mapping[str, Any]], *, title: str | None = None,
                     best_epoch: int | None = None) -> Any:
     """The figure of :func:`plot_training_curves`; each panel axes is labelled with its kind."""
+    from matplotlib.ticker import MaxNLocator
+
     if not rows:
         raise MmaiError("plot_training_curves: no rows (expected per-epoch dicts like {'epoch': 1, 'train_loss': ..})")
     keys: list[str] = []
@@ -340,6 +342,7 @@ def training_figure(rows: Sequence[Mapping[str, Any]], *, title: str | None = No
         if best_epoch is not None:
             ax.axvline(best_epoch, ls="--", color="black", lw=1, label=f"best epoch {best_epoch} (weights kept)")
         ax.set(xlabel="Epoch", ylabel=ylabel, yscale="log" if ylabel == "Learning rate" else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
