@@ -1,6 +1,7 @@
 """Explanations: maps in the input's own geometry (shape, affine, location), resumable file sets,
 two shards into one folder."""
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,3 +191,20 @@ def test_windowed_attributions_encode_the_image_once(monkeypatch):
         ref = torch.stack([base - p.model(image, present, values, mask * torch.tensor([[0.0, 1.0]]))[:, 0],
                            base - p.model(image, present, values, mask * torch.tensor([[1.0, 0.0]]))[:, 0]], 1)
     torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)
+
+
+def test_overview_shows_the_prediction_and_the_attention_map(tmp_path, monkeypatch):
+    """The overview's title carries the model and its probability; a cross-attention model's
+    attention map is drawn as a second row (mmai.figures.overlay)."""
+    seen = {}
+    real = E.write_overlay_png
+
+    def spy(path, image, affine, layers, **kw):
+        seen.update(layers=[lyr.name for lyr in layers], title=kw["title"], shape=image.shape)
+        return real(path, image, affine, layers, **kw)
+
+    monkeypatch.setattr(E, "write_overlay_png", spy)
+    df = cohort(tmp_path, n=1).assign(label="1")
+    E.explain_cases(StubPredictor(False), df, tmp_path / "x", progress=False)
+    assert seen["layers"] == ["saliency", "attention"] and seen["shape"] == NATIVE_SHAPE
+    assert re.fullmatch(r"case c0 \| model m1 \| P\(1\) = 0\.\d{3}, predicted [01] \| label 1", seen["title"])
