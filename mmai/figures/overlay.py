@@ -95,6 +95,17 @@ def grey_window(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5
     return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
 
 
+def pipeline_window(image: np.ndarray, intensity: Any) -> tuple[tuple[float, float], str] | None:
+    """The pipeline's CT window (``image.intensity`` kind ``window``) when ``image`` is in raw units
+    (values beyond the window's output range ``[b_min, b_max]``), with the footer's words; else None."""
+    if intensity is None or getattr(intensity, "kind", None) != "window":
+        return None
+    vals = image[np.isfinite(image)]
+    if vals.size == 0 or float(np.percentile(vals, 99.5)) <= float(intensity.b_max) + 1.0:
+        return None  # a preprocessed volume: already scaled to [b_min, b_max]
+    return (float(intensity.a_min), float(intensity.a_max)), "the pipeline's intensity window, what the model saw"
+
+
 def _peak(maps: Sequence[np.ndarray], shape: tuple[int, ...]) -> tuple[int, int, int]:
     """The first non-empty map's maximum (voxel index), else the volume's centre."""
     for m in maps:
@@ -179,6 +190,8 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
                 m = data[tuple(take)].T
                 ax.imshow(np.ma.masked_where(~(m >= layer.threshold), m), cmap=layer.cmap, origin="lower",
                           extent=extent, vmin=layer.vmin, vmax=layer.vmax, alpha=layer.alpha, interpolation="nearest")
+            ax.axvline(world[h], color="#5fb4ff", lw=0.6, alpha=0.6)  # crosshair: the other planes' cuts
+            ax.axhline(world[v], color="#5fb4ff", lw=0.6, alpha=0.6)
             ax.set_xlim(edges[h][1], edges[h][0])  # decreasing: R (axial/coronal) or A (sagittal) on the left
             ax.set_ylim(*edges[v])
             ax.set_aspect("equal")  # axes in mm: the aspect is the voxel spacing's

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from mmai.engine.runspec import model_inputs
 from mmai.errors import MmaiError
-from mmai.figures.overlay import MapLayer, prediction_title, write_overlay_png
+from mmai.figures.overlay import MapLayer, pipeline_window, prediction_title, write_overlay_png
 from mmai.inference.explain_geometry import native_image, to_native
 from mmai.models.windows import stitch, upsample_cells
 from mmai.transforms.pipelines import placeholder_shape
@@ -346,7 +346,8 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
             files.append(paths["attention"].name)
         title = prediction_title(cid, predictor.model_id, kind, getattr(predictor.encoding, "classes", []),
                                  np.mean(preds, axis=0), case.iloc[0].get(predictor.config.task.target))
-        overview_png(native, sal_n, native_affine, paths["overview"], title, attention=att_n if atts else None)
+        overview_png(native, sal_n, native_affine, paths["overview"], title, attention=att_n if atts else None,
+                     window=pipeline_window(native, getattr(predictor.config.image, "intensity", None)))
         files.append(paths["overview"].name)
         geometry = {"shape": list(native.shape), "affine": np.asarray(native_affine).tolist(),
                     "model_grid_shape": list(x["image"].shape[2:]),
@@ -365,16 +366,18 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
 
 
 def overview_png(image: np.ndarray, sal: np.ndarray, affine: np.ndarray, path: Path, title: str,
-                 attention: np.ndarray | None = None) -> None:
+                 attention: np.ndarray | None = None, window: tuple[tuple[float, float], str] | None = None) -> None:
     """Three planes through the saliency peak in radiological convention, the map (and the attention
     map of a cross-attention model, a second row) over the image: :mod:`mmai.figures.overlay`.
 
     Args:
         image, sal, attention: (X, Y, Z) on the input file's grid; maps normalised to [0, 1].
         affine: (4, 4) of the input file.
+        window: ((low, high), how it was chosen) greyscale window; None: the volume's percentiles.
     """
     layers = [MapLayer("saliency", sal, "saliency |grad x input|\nscaled to its maximum (1 = peak), not drawn < 0.1")]
     if attention is not None:
         layers.append(MapLayer("attention", attention, "[CLS] attention over the image\nscaled to its maximum, "
                                "not drawn < 0.1", cmap="viridis", alpha=0.45))
-    write_overlay_png(path, image, affine, layers, title=title)
+    grey = {"window": window[0], "window_label": window[1]} if window is not None else {}
+    write_overlay_png(path, image, affine, layers, title=title, **grey)

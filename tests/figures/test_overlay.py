@@ -17,6 +17,7 @@ from mmai.figures.overlay import (
     canonical,
     figure_rgb,
     overlay_figure,
+    pipeline_window,
     prediction_title,
     write_overlay_png,
 )
@@ -155,3 +156,17 @@ def test_prediction_title():
     t = prediction_title("c1", "m", "binary", ["neg", "pos"], [0.2, 0.8], true_label="pos")
     assert t == "case c1 | model m | P(pos) = 0.800, predicted pos | label pos"
     assert "log-risk +0.500" in prediction_title("c1", "m", "survival", [], [0.5, 0.9])
+
+
+def test_pipeline_window_only_for_raw_ct_units():
+    from mmai.config import IntensityConfig
+
+    raw = np.full((8, 8, 8), -1000.0)
+    raw[2:6, 2:6, 2:6] = 300.0
+    win = IntensityConfig(kind="window", a_min=-160.0, a_max=240.0)
+    assert pipeline_window(raw, win) == ((-160.0, 240.0), "the pipeline's intensity window, what the model saw")
+    assert pipeline_window(np.clip((raw + 160) / 400, 0, 1), win) is None  # already preprocessed: [0, 1]
+    assert pipeline_window(raw, IntensityConfig(kind="zscore")) is None
+    fig = overlay_figure(raw, np.eye(4), [], window=(-160.0, 240.0), window_label="the pipeline's window")
+    assert {a.images[0].get_clim() for a in fig.axes} == {(-160.0, 240.0)}
+    assert "[-160, 240] (the pipeline's window)" in fig._supxlabel.get_text()

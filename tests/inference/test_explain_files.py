@@ -200,11 +200,12 @@ def test_overview_shows_the_prediction_and_the_attention_map(tmp_path, monkeypat
     real = E.write_overlay_png
 
     def spy(path, image, affine, layers, **kw):
-        seen.update(layers=[lyr.name for lyr in layers], title=kw["title"], shape=image.shape)
+        seen.update(layers=[lyr.name for lyr in layers], title=kw["title"], shape=image.shape, window=kw.get("window"))
         return real(path, image, affine, layers, **kw)
 
     monkeypatch.setattr(E, "write_overlay_png", spy)
     df = cohort(tmp_path, n=1).assign(label="1")
     E.explain_cases(StubPredictor(False), df, tmp_path / "x", progress=False)
     assert seen["layers"] == ["saliency", "attention"] and seen["shape"] == NATIVE_SHAPE
+    assert seen["window"] == (-1000.0, 1000.0)  # raw HU input: the pipeline's CT window, what the model saw
     assert re.fullmatch(r"case c0 \| model m1 \| P\(1\) = 0\.\d{3}, predicted [01] \| label 1", seen["title"])
