@@ -3,7 +3,13 @@
 matplotlib is imported inside the functions and drives a ``Figure`` with the Agg canvas directly
 (no pyplot, no global backend switch), so importing mmai never touches matplotlib's state. Every
 function writes its PNG atomically (temp file in the same folder + ``os.replace``) and returns
-the path.
+the path; each ``plot_*`` has a ``*_figure`` twin returning the ``Figure`` (what the tests inspect).
+
+What the figures show (docs/evaluate.md, "Figures"): ROC / PR curves with percentile bootstrap
+bands (cases resampled within each class, ``n_boot`` / ``seed`` from the caller), calibration on
+equal-count bins with 95% Wilson intervals and the ECE with its bootstrap CI, Kaplan-Meier curves
+with the numbers at risk and the time unit, training curves without bookkeeping columns and with
+the best epoch marked. The numbers behind them are in :mod:`mmai.figures.stats`.
 """
 
 from __future__ import annotations
