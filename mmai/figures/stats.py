@@ -60,9 +60,9 @@ def equal_count_bins(y: Any, p: Any, n_bins: int = 10) -> dict[str, np.ndarray]:
 
 
 def _resamples(y: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Case indices of ``n_boot`` resamples drawn within each class (both classes stay present)."""
+    """Case indices of ``n_boot`` resamples drawn within each class present (class counts stay fixed)."""
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(y == c) for c in (0, 1)]
+    by_class = [idx for c in (0, 1) if (idx := np.flatnonzero(y == c)).size]
     return [np.concatenate([rng.choice(idx, idx.size, replace=True) for idx in by_class]) for _ in range(n_boot)]
 
 
@@ -86,8 +86,8 @@ def _pr_on_grid(y: np.ndarray, p: np.ndarray, grid: np.ndarray) -> np.ndarray:
 def _band(fn: Any, y: Any, p: Any, n_boot: int, seed: int, grid: np.ndarray, alpha: float
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     yy, pp = np.asarray(y, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
-    if not (np.any(yy == 1) and np.any(yy == 0)):
-        raise MmaiError("bootstrap band: y needs both classes (0 and 1)")
+    if yy.size == 0 or yy.size != pp.size:
+        raise MmaiError(f"bootstrap band: y and p must be equally long and non-empty, got {yy.size} and {pp.size}")
     point = fn(yy, pp, grid)
     if n_boot < 1:
         return grid, point, point.copy(), point.copy()
