@@ -250,6 +250,8 @@ def prediction_title(case_id: str, model_id: str, kind: str, classes: Sequence[s
     Args:
         values: (Q,) one case's averaged prediction quantities (:meth:`RunSpec.predictions` row): class
             probabilities (K,), the regression value (1,), or log-risk then survival per horizon.
+        model_id: the run's model id ("" leaves the model out).
+        true_label: the manifest's target of the case when known (class or value; not shown for survival).
     """
     parts = [f"case {case_id}"] + ([f"model {model_id}"] if model_id else [])
     v = [float(x) for x in values]
@@ -261,6 +263,6 @@ def prediction_title(case_id: str, model_id: str, kind: str, classes: Sequence[s
         parts.append(f"predicted {v[0]:.4g}")
     elif kind == "survival" and v:
         parts.append(f"log-risk {v[0]:+.3f}")
-    if true_label is not None and str(true_label) not in ("", "nan"):
-        parts.append(f"label {true_label}")
+    if true_label is not None and str(true_label) not in ("", "nan", "None") and kind != "survival":
+        parts.append(f"label {true_label}" if kind != "regression" else f"true value {true_label}")
     return " | ".join(parts)
