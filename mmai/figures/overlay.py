@@ -15,6 +15,9 @@ voxel order (:func:`canonical`), then three orthogonal planes through one point 
 - one labelled colour bar per map row saying how the map was scaled and where it is transparent;
 - a title (model, probability, label) given by the caller.
 
+An oblique scan is drawn along its nearest patient axes without resampling (as most viewers'
+"native" mode does); the mm positions are those of the cut voxel's centre.
+
 Each map (:class:`MapLayer`, e.g. saliency, attention) gets its own row of three panels.
 matplotlib is driven through a ``Figure`` with the Agg canvas (no pyplot, no global backend).
 """

@@ -170,3 +170,12 @@ def test_pipeline_window_only_for_raw_ct_units():
     fig = overlay_figure(raw, np.eye(4), [], window=(-160.0, 240.0), window_label="the pipeline's window")
     assert {a.images[0].get_clim() for a in fig.axes} == {(-160.0, 240.0)}
     assert "[-160, 240] (the pipeline's window)" in fig._supxlabel.get_text()
+
+
+def test_oblique_affine_is_drawn_along_the_nearest_axes():
+    img, marker, aff = _ras_phantom()
+    c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
+    rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    fig = overlay_figure(img, rot @ aff, [_layer(marker)])
+    _, right, _, _ = _marker_pixels(fig, figure_rgb(fig), "axial:marker")
+    assert right > 0.15  # still the patient's left on the image right
