@@ -50,6 +50,29 @@ def write_case_page(path: Path, image: np.ndarray, maps: dict[str, np.ndarray], 
     return Path(path)
 
 
+def prediction_facts(predictor: Any, case: Any) -> list[tuple[str, str]]:
+    """(column, value) of the case's prediction as ``mmai predict`` writes it, plus the model id.
+
+    The prediction is made again (one forward pass, the ensemble's mean for a K-fold run); a
+    predictor without ``predict_batch`` (a test stub) or a case that fails gives the model id only.
+    """
+    facts = [("model", str(getattr(predictor, "model_id", "")))]
+    predict = getattr(predictor, "predict_batch", None)
+    if predict is None:
+        return facts
+    errors: list[dict[str, str]] = []
+    rows = predict(case, errors)
+    if not rows:
+        log.warning("viewer: no prediction for the page of case %s: %s", case["case_id"].iloc[0],
+                    errors[0]["error"] if errors else "no row")
+        return facts
+    for k, v in rows[0].items():
+        if k in ("case_id", "model_id") or v is None or v == "":
+            continue
+        facts.append((k, f"{float(v):.3f}" if isinstance(v, float | np.floating) else str(v)))
+    return facts
+
+
 def _reduce_entry(entry: dict[str, Any], max_dim: int) -> dict[str, Any]:
     """A case's encoded volumes downsampled further (decode -> block reduce -> encode)."""
     if max(entry["shape"]) <= max_dim:
