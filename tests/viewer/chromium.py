@@ -48,7 +48,7 @@ var tries = 0;
 function poll() {
   var d = document.getElementById('f').contentDocument, st = d && d.getElementById('mmai-viewer-status');
   var state = st ? st.dataset.state : null;
-  if (state === 'ready') { act(d, 0); return; }
+  if (state === 'ready') { d.getElementById('mmai-viewer').scrollIntoView(); act(d, 0); return; }
   if (state === 'error' || ++tries > 300) { finish(); return; }
   setTimeout(poll, 100);
 }
