@@ -90,6 +90,22 @@ def test_page_is_self_contained(page):
     assert page.stat().st_size < 3_000_000
 
 
+def test_the_vendored_build_ships_with_the_package():
+    """pyproject's package-data names the assets, and they are all there (a wheel carries them)."""
+    import tomllib
+    from importlib import resources
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mmai"]
+    assert "assets/niivue/*" in data
+    assets = resources.files("mmai").joinpath("assets/niivue")
+    for name in ("niivue.umd.js", "LICENSE", "THIRD-PARTY-LICENSES.txt", "VERSION", "README.md"):
+        assert assets.joinpath(name).is_file(), name
+    assert "BSD 2-Clause" in assets.joinpath("LICENSE").read_text()
+    assert assets.joinpath("VERSION").read_text().strip() in assets.joinpath("README.md").read_text()
+
+
 def test_maps_must_lie_on_the_scan_grid():
     img, sal = phantom()
     with pytest.raises(MmaiError, match="map 'saliency' has shape"):
@@ -121,6 +137,11 @@ def test_page_renders_offline_in_chromium(page):
     assert pixels.std() > 20  # not blank
     assert grey_levels(pixels) > 50  # the scan's slices are drawn
     assert warm_pixels(pixels) > 500  # and the map over them
+    # radiological convention: the map lies on the patient's right (world x = 60 - 0.8 * 40 = +28 mm,
+    # RAS), so in the axial plane (the left third of the canvas) it is drawn left of the middle
+    axial = warm_mask(pixels)[:, : w // 3]
+    cols = np.nonzero(axial)[1]
+    assert len(cols) > 100 and cols.mean() < w / 6 - 30, (cols.mean(), w / 6)
 
 
 @pytest.mark.skipif(not HAVE_CHROMIUM, reason=SKIP_REASON)

@@ -39,10 +39,15 @@ def test_explain_writes_a_viewer_page_of_its_maps(tmp_path):
     src = np.asarray(nib.load(df["image"].iloc[0]).dataobj)
     lo, hi = case["image_range"]
     np.testing.assert_allclose(np.asarray(scan.dataobj), np.clip(src, lo, hi), atol=(hi - lo) / 510 + 1e-3)
-    if HAVE_CHROMIUM:  # the page explain really writes opens and draws
-        got, console, pixels = render(out / "c0_viewer.html")
-        assert got["state"] == "ready" and console == "", (got, console)
-        assert grey_levels(pixels) > 20 and warm_pixels(pixels) > 100
+
+
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason=SKIP_REASON)
+def test_the_page_explain_writes_draws_in_chromium(tmp_path):
+    df = cohort(tmp_path, n=1)
+    E.explain_cases(StubPredictor(False), df, tmp_path / "x", progress=False)
+    got, console, pixels = render(tmp_path / "x" / "c0_viewer.html")
+    assert got["state"] == "ready" and console == "", (got, console)
+    assert grey_levels(pixels) > 20 and warm_pixels(pixels) > 100
 
 
 # ----------------------------------------------------------------------------- evaluate --explain
@@ -94,12 +99,18 @@ def test_evaluate_puts_the_most_right_and_most_wrong_explained_cases_in_the_repo
     # each case's volumes come from its own page: e's map lies on its own slab (x = 5 + its index 4)
     sal = np.asarray(decode(cases[1]["maps"]["saliency"]).dataobj)
     assert sal[9].max() == pytest.approx(1.0, abs=1e-2) and sal[:9].max() == 0 and sal[10:].max() == 0
-    if HAVE_CHROMIUM:
-        got, console, pixels = render(tmp_path / "r" / "report.html", [("mmai-viewer-case", "1", "change")])
-        assert got["state"] == "ready" and console == "", (got, console)
-        assert got["cases"] == [c["label"] for c in cases]
-        assert "case\te" in got["facts"] and "true class\t0" in got["facts"]  # the selector switched cases
-        assert grey_levels(pixels) > 20 and warm_pixels(pixels) > 50
+
+
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason=SKIP_REASON)
+def test_the_report_viewer_draws_and_switches_cases_in_chromium(tmp_path):
+    p, m, ex = _world(tmp_path, PROBS, LABELS, {c: "m1" for c in "abcdef"})
+    evaluate_files(p, m, out_dir=tmp_path / "r", n_boot=0, explain_dir=ex, viewer_cases=4)
+    got, console, pixels = render(tmp_path / "r" / "report.html", [("mmai-viewer-case", "1", "change")])
+    assert got["state"] == "ready" and console == "", (got, console)
+    assert got["cases"] == ["a (most confidently right)", "e (most wrong)", "d (most confidently right)",
+                            "c (most wrong)"]
+    assert "case\te" in got["facts"] and "true class\t0" in got["facts"]  # the selector switched cases
+    assert grey_levels(pixels) > 20 and warm_pixels(pixels) > 50
 
 
 def test_evaluate_without_explained_cases_says_so(tmp_path):
