@@ -4,6 +4,7 @@ overview PNG, ``evaluate --explain DIR`` puts the chosen explained cases into re
 from __future__ import annotations
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -91,6 +92,7 @@ def test_evaluate_puts_the_most_right_and_most_wrong_explained_cases_in_the_repo
     assert json.loads((tmp_path / "r" / "report.json").read_text())["viewer"]["cases"] == ["a", "e", "d", "c"]
     html_text = (tmp_path / "r" / "report.html").read_text()
     assert "<h2>3D viewer</h2>" in html_text
+    assert not re.search(r"https?://", html_text, re.I)  # the report still fetches nothing
     cases = read_cases(tmp_path / "r" / "report.html")
     assert [c["label"] for c in cases] == ["a (most confidently right)", "e (most wrong)",
                                            "d (most confidently right)", "c (most wrong)"]
