@@ -388,7 +388,8 @@ def _parser_predict(sub: Any) -> None:
     s.add_argument("--clinical", help="clinical table for --dicom-root, joined by case_id or patient_id "
                    "(see docs/cli.md); without it every case is predicted with clinical values missing")
     _add_out(s, "file", "predictions CSV")
-    s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions)")
+    s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions, an "
+                   "offline 3D viewer page per case)")
     s.add_argument("--no-ensemble", action="store_true", help="a K-fold run (train --folds K): predict with its "
                    "final model instead of averaging its K fold models (the default)")
     _add_device(s)
