@@ -418,9 +418,9 @@ def _parser_evaluate(sub: Any) -> None:
     s.add_argument("--target", default="label", help="manifest column with the true label/value (default label)")
     s.add_argument("--time", default="time", help="survival: follow-up time column (default time)")
     s.add_argument("--event", default="event", help="survival: event column, 1 = event (default event)")
-    s.add_argument("--explain", help="folder written by mmai predict --explain: report.html gains a 3D viewer "
-                   "(scan + saliency, three planes) of a few explained cases (needs --out)")
-    s.add_argument("--viewer-cases", type=int_at_least(1), default=4,
+    s.add_argument("--explain", metavar="DIR", help="folder written by mmai predict --explain: report.html gains "
+                   "a 3D viewer (scan + saliency, three planes) of a few explained cases (needs --out)")
+    s.add_argument("--viewer-cases", type=int_at_least(1), default=4, metavar="N",
                    help="cases in the 3D viewer, >= 1 (default 4: half most right, half most wrong)")
     _add_common(s)
     s.set_defaults(func=_cmd_evaluate)

@@ -2,9 +2,10 @@
 
 The page is self-contained apart from the PNGs beside it (linked by relative name): no external
 script, style or font, so it opens offline and from an archive. With ``mmai evaluate --explain DIR``
-it also holds a "3D viewer" section (mmai.viewer: NiiVue and the volumes inlined, its only script). It shows what was scored (files,
-split, row counts), one metrics table with 95% CIs per model, the survival horizons (time-dependent
-AUROC, calibration at t), the cases left out and every plot of the report.
+it also holds a "3D viewer" section (mmai.viewer: NiiVue and the volumes inlined, its only script).
+It shows what was scored (files, split, row counts), one metrics table with 95% CIs per model, the
+survival horizons (time-dependent AUROC, calibration at t), the cases left out and every plot of
+the report.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import gzip
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +37,7 @@ class ViewerVolumes:
         affine: (4, 4) voxel -> world (RAS mm) of the downsampled grid.
         factors: the whole reduction factor of each axis (1 = kept).
         source_shape: the shape before downsampling.
+        peak: the voxel (of the downsampled grid) where the first map is largest.
     """
 
     image: np.ndarray
@@ -44,7 +45,7 @@ class ViewerVolumes:
     affine: np.ndarray
     factors: tuple[int, int, int]
     source_shape: tuple[int, int, int]
-    peak: tuple[int, int, int] = field(default=(0, 0, 0))
+    peak: tuple[int, int, int] = (0, 0, 0)
 
 
 def _factors(shape: tuple[int, ...], max_dim: int) -> tuple[int, int, int]:
@@ -146,10 +147,12 @@ def encode(vols: ViewerVolumes) -> dict[str, object]:
     if hi <= lo:
         hi = lo + 1.0
     image = base64.b64encode(_uint8_nifti(vols.image, vols.affine, float(lo), float(hi))).decode("ascii")
-    maps = {k: base64.b64encode(_uint8_nifti(m, vols.affine, 0.0, 1.0)).decode("ascii") for k, m in vols.maps.items()}
+    maps = {k: base64.b64encode(_uint8_nifti(m, vols.affine, 0.0, 1.0)).decode("ascii")
+            for k, m in vols.maps.items()}
     peak_mm = (vols.affine @ np.array([*vols.peak, 1.0]))[:3]
-    return {"image": image, "maps": maps, "peak": list(vols.peak), "peak_mm": [float(v) for v in peak_mm], "image_range": [float(lo), float(hi)],
-            "shape": list(vols.image.shape), "factors": list(vols.factors), "source_shape": list(vols.source_shape)}
+    return {"image": image, "maps": maps, "peak": list(vols.peak), "peak_mm": [float(v) for v in peak_mm],
+            "image_range": [float(lo), float(hi)], "shape": list(vols.image.shape), "factors": list(vols.factors),
+            "source_shape": list(vols.source_shape)}
 
 
 def decode(b64: str) -> nib.Nifti1Image:
