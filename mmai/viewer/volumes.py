@@ -18,6 +18,7 @@ import base64
 import gzip
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -138,7 +139,7 @@ def _uint8_nifti(arr: np.ndarray, affine: np.ndarray, lo: float, hi: float) -> b
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def encode(vols: ViewerVolumes) -> dict[str, object]:
+def encode(vols: ViewerVolumes) -> dict[str, Any]:
     """The volumes as base64 .nii.gz strings: {"image": str, "maps": {name: str}, "peak": [i, j, k]}.
 
     ``image_range`` is the scan's 0.5-99.5 percentile range (the quantisation window)."""
