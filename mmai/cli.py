@@ -227,6 +227,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         predictions_path=Path(a.predictions), manifest_path=Path(a.manifest),
         out_dir=Path(a.out) if a.out else None, n_boot=a.n_boot, seed=a.seed,
         target=a.target, time=a.time, event=a.event, split=a.split, time_unit=a.time_unit,
+        explain_dir=Path(a.explain) if a.explain else None, viewer_cases=a.viewer_cases,
     )
     from mmai.evaluate import format_report
 
@@ -387,7 +388,8 @@ def _parser_predict(sub: Any) -> None:
     s.add_argument("--clinical", help="clinical table for --dicom-root, joined by case_id or patient_id "
                    "(see docs/cli.md); without it every case is predicted with clinical values missing")
     _add_out(s, "file", "predictions CSV")
-    s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions)")
+    s.add_argument("--explain", help="folder for explanations (3D saliency NIfTI, clinical attributions, an "
+                   "offline 3D viewer page per case)")
     s.add_argument("--no-ensemble", action="store_true", help="a K-fold run (train --folds K): predict with its "
                    "final model instead of averaging its K fold models (the default)")
     _add_device(s)
@@ -418,6 +420,10 @@ def _parser_evaluate(sub: Any) -> None:
     s.add_argument("--event", default="event", help="survival: event column, 1 = event (default event)")
     s.add_argument("--time-unit", default=None, help="survival: unit of the time column for the Kaplan-Meier "
                    "axis, e.g. days or months (default: the axis says Time)")
+    s.add_argument("--explain", metavar="DIR", help="folder written by mmai predict --explain: report.html gains "
+                   "a 3D viewer (scan + saliency, three planes) of a few explained cases (needs --out)")
+    s.add_argument("--viewer-cases", type=int_at_least(1), default=4, metavar="N",
+                   help="cases in the 3D viewer, >= 1 (default 4: half most right, half most wrong)")
     _add_common(s)
     s.set_defaults(func=_cmd_evaluate)
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from mmai.engine import metrics as M
 from mmai.engine.metrics_report import compute_metrics
-from mmai.errors import ManifestError
+from mmai.errors import ManifestError, MmaiError
 from mmai.inference.columns import task_of_columns
 from mmai.io.manifest import SPLITS
 from mmai.labels import label_text
@@ -355,8 +355,12 @@ def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_di
 
 def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | None = None, n_boot: int = 1000,
                    seed: int = 0, target: str = "label", time: str = "time", event: str = "event",
-                   split: str | None = None, time_unit: str | None = None) -> dict[str, Any]:
+                   split: str | None = None, time_unit: str | None = None, explain_dir: Path | None = None,
+                   viewer_cases: int = 4) -> dict[str, Any]:
     """Evaluate a predictions CSV against a manifest (CSV, Parquet or Decathlon JSON).
+
+    With ``explain_dir`` (the folder of ``mmai predict --explain``), report.html gains a 3D viewer
+    of up to ``viewer_cases`` explained cases (mmai.viewer.report); needs ``out_dir``.
 
     With ``out_dir``: writes ``report.json``, ``report.html`` (mmai.report) and the plots
     (classification: roc.png, pr.png, calibration.png; regression: pred_vs_true.png; survival:
@@ -369,6 +373,8 @@ def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | 
     """
     from mmai.io.manifest import read_table
 
+    if explain_dir is not None and out_dir is None:
+        raise MmaiError("--explain puts a 3D viewer into report.html: it needs --out DIR")
     predictions_path, manifest_path = Path(predictions_path), Path(manifest_path)
     if not predictions_path.exists():
         raise ManifestError(f"predictions file not found: {predictions_path}")
@@ -392,8 +398,13 @@ def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | 
         if report["kind"] == "survival" and plot_horizon_calibration(report["models"], out_dir / "calibration_t.png"):
             report["plots"]["calibration_t"] = "calibration_t.png"
         report["html"] = "report.html"
+        viewer = None
+        if explain_dir is not None:  # the 3D viewer section (docs/evaluate.md)
+            from mmai.viewer.report import viewer_section
+
+            viewer = viewer_section(report, joined, Path(explain_dir), viewer_cases)
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-        write_html(report, out_dir)
+        write_html(report, out_dir, viewer=viewer)
         log.info("wrote %s, report.html and %d plot(s)", out_dir / "report.json", len(report["plots"]))
     return report
 

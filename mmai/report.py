@@ -1,9 +1,11 @@
 """``mmai evaluate --out DIR``'s HTML page (report.html) and its survival calibration plot.
 
-The page is self-contained apart from the PNGs beside it (linked by relative name): no script, no
-external style or font, so it opens offline and from an archive. It shows what was scored (files,
-split, row counts), one metrics table with 95% CIs per model, the survival horizons (time-dependent
-AUROC, calibration at t), the cases left out and every plot of the report.
+The page is self-contained apart from the PNGs beside it (linked by relative name): no external
+script, style or font, so it opens offline and from an archive. With ``mmai evaluate --explain DIR``
+it also holds a "3D viewer" section (mmai.viewer: NiiVue and the volumes inlined, its only script).
+It shows what was scored (files, split, row counts), one metrics table with 95% CIs per model, the
+survival horizons (time-dependent AUROC, calibration at t), the cases left out and every plot of
+the report.
 """
 
 from __future__ import annotations
@@ -99,8 +101,10 @@ def _sections(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_html(report: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``out_dir/report.html`` from an evaluate report (with its "plots" already drawn)."""
+def write_html(report: dict[str, Any], out_dir: Path, viewer: str | None = None) -> Path:
+    """Write ``out_dir/report.html`` from an evaluate report (with its "plots" already drawn).
+
+    ``viewer``: the "3D viewer" section's HTML (:func:`mmai.viewer.report.viewer_section`), if any."""
     out_dir = Path(out_dir)
     esc = html.escape
     what = [["predictions", str(report.get("predictions", "-"))], ["manifest", str(report.get("manifest", "-"))],
@@ -121,6 +125,8 @@ def write_html(report: dict[str, Any], out_dir: Path) -> Path:
         parts.append("<h2>Plots</h2>")
         parts += [f"<figure><img src=\"{esc(f)}\" alt=\"{esc(n)}\"><figcaption>{esc(n)}</figcaption></figure>"
                   for n, f in plots.items()]
+    if viewer:
+        parts += ["<h2>3D viewer</h2>", viewer]
     notes = report.get("plot_notes") or []
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")

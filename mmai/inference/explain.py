@@ -11,6 +11,8 @@ hash when the id holds characters other than letters, digits, ``_`` and ``-``):
 - ``<stem>_overview.png``: three planes through the saliency peak in radiological convention, the
   map (and the attention map) over the image, with letters, mm positions and a colour bar
   (:mod:`mmai.figures.overlay`);
+- ``<stem>_viewer.html``: the scan with its maps in three planes (NiiVue), one self-contained page
+  that opens offline (:mod:`mmai.viewer`);
 - ``<stem>_explain.json``, written LAST: case id, model id, the files of the set, the clinical
   attributions (score(all values) - score(this feature set to missing); the model's learned
   missing token is the reference) and the geometry. A case is done when this file exists, names
@@ -62,7 +64,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "clinical_attributions.csv"
 COLUMNS = ["case_id", "feature", "observed", "attribution"]
-_KINDS = {"saliency": ".nii.gz", "attention": ".nii.gz", "overview": ".png", "explain": ".json"}
+_KINDS = {"saliency": ".nii.gz", "attention": ".nii.gz", "overview": ".png", "viewer": ".html", "explain": ".json"}
 
 
 def _score(out: torch.Tensor, kind: str) -> torch.Tensor:
@@ -349,6 +351,11 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
         overview_png(native, sal_n, native_affine, paths["overview"], title, attention=att_n if atts else None,
                      window=pipeline_window(native, getattr(predictor.config.image, "intensity", None)))
         files.append(paths["overview"].name)
+        from mmai.viewer import prediction_facts, write_case_page
+
+        write_case_page(paths["viewer"], native, {"saliency": sal_n, **({"attention": att_n} if atts else {})},
+                        native_affine, case_id=cid, facts=prediction_facts(predictor, case))
+        files.append(paths["viewer"].name)
         geometry = {"shape": list(native.shape), "affine": np.asarray(native_affine).tolist(),
                     "model_grid_shape": list(x["image"].shape[2:]),
                     "model_grid_affine": np.asarray(x["affine"]).tolist()}
