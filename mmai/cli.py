@@ -226,7 +226,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     report = evaluate_files(
         predictions_path=Path(a.predictions), manifest_path=Path(a.manifest),
         out_dir=Path(a.out) if a.out else None, n_boot=a.n_boot, seed=a.seed,
-        target=a.target, time=a.time, event=a.event, split=a.split,
+        target=a.target, time=a.time, event=a.event, split=a.split, time_unit=a.time_unit,
         explain_dir=Path(a.explain) if a.explain else None, viewer_cases=a.viewer_cases,
     )
     from mmai.evaluate import format_report
@@ -418,6 +418,8 @@ def _parser_evaluate(sub: Any) -> None:
     s.add_argument("--target", default="label", help="manifest column with the true label/value (default label)")
     s.add_argument("--time", default="time", help="survival: follow-up time column (default time)")
     s.add_argument("--event", default="event", help="survival: event column, 1 = event (default event)")
+    s.add_argument("--time-unit", default=None, help="survival: unit of the time column for the Kaplan-Meier "
+                   "axis, e.g. days or months (default: the axis says Time)")
     s.add_argument("--explain", metavar="DIR", help="folder written by mmai predict --explain: report.html gains "
                    "a 3D viewer (scan + saliency, three planes) of a few explained cases (needs --out)")
     s.add_argument("--viewer-cases", type=int_at_least(1), default=4, metavar="N",

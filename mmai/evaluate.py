@@ -310,7 +310,8 @@ def _safe_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("._") or DEFAULT_MODEL
 
 
-def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_dir: Path) -> dict[str, str]:
+def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_dir: Path,
+                 time_unit: str | None = None) -> dict[str, str]:
     from mmai import plots
 
     kind, classes = report["kind"], report.get("classes", [])
@@ -333,10 +334,11 @@ def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_di
                 name = model if kind == "binary" else f"{model}: {c} vs rest"
                 curves[name] = ((y == c).astype(float), j[f"prob_{c}"].to_numpy(dtype=float))
         sub = f" (positive class {classes[1]})" if kind == "binary" else " (one vs rest)"
-        attempt("roc", plots.plot_roc, curves, out_dir / "roc.png", title="ROC" + sub)
-        attempt("pr", plots.plot_pr, curves, out_dir / "pr.png", title="Precision-recall" + sub)
+        boot = {"n_boot": int(report.get("n_boot") or 0), "seed": int(report.get("seed") or 0)}
+        attempt("roc", plots.plot_roc, curves, out_dir / "roc.png", title="ROC" + sub, **boot)
+        attempt("pr", plots.plot_pr, curves, out_dir / "pr.png", title="Precision-recall" + sub, **boot)
         attempt("calibration", plots.plot_calibration, curves, out_dir / "calibration.png",
-                title="Calibration" + sub)
+                title="Calibration" + sub, **boot)
     elif kind == "regression":
         curves = {m: (j["y"].to_numpy(), j["prediction"].to_numpy()) for m, j in joined.items()}
         attempt("pred_vs_true", plots.plot_pred_vs_true, curves, out_dir / "pred_vs_true.png")
@@ -345,7 +347,7 @@ def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_di
             n_groups = min(3, len(j))
             attempt(f"km_{model}", plots.plot_km_by_risk, j["time"].to_numpy(), j["event"].to_numpy(),
                     j["risk"].to_numpy(), out_dir / f"km_{_safe_name(model)}.png", n_groups=n_groups,
-                    title=f"{model}: Kaplan-Meier by predicted-risk tertile")
+                    title=f"{model}: Kaplan-Meier by predicted-risk tertile", time_unit=time_unit)
     if notes:
         report["plot_notes"] = notes
     return made
@@ -353,8 +355,8 @@ def _write_plots(report: dict[str, Any], joined: dict[str, pd.DataFrame], out_di
 
 def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | None = None, n_boot: int = 1000,
                    seed: int = 0, target: str = "label", time: str = "time", event: str = "event",
-                   split: str | None = None, explain_dir: Path | None = None, viewer_cases: int = 4
-                   ) -> dict[str, Any]:
+                   split: str | None = None, time_unit: str | None = None, explain_dir: Path | None = None,
+                   viewer_cases: int = 4) -> dict[str, Any]:
     """Evaluate a predictions CSV against a manifest (CSV, Parquet or Decathlon JSON).
 
     With ``explain_dir`` (the folder of ``mmai predict --explain``), report.html gains a 3D viewer
@@ -363,6 +365,8 @@ def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | 
     With ``out_dir``: writes ``report.json``, ``report.html`` (mmai.report) and the plots
     (classification: roc.png, pr.png, calibration.png; regression: pred_vs_true.png; survival:
     km_<model>.png, and calibration_t.png with ``surv_<t>`` columns), listed under "plots".
+    ``time_unit`` (e.g. "months") labels the Kaplan-Meier time axis; the plots' bootstrap bands use
+    ``n_boot`` and ``seed`` like the CIs.
 
     Returns:
         The report of :func:`evaluate_frame` plus "predictions", "manifest" (paths) and "plots".
@@ -390,7 +394,7 @@ def evaluate_files(predictions_path: Path, manifest_path: Path, out_dir: Path | 
         out_dir.mkdir(parents=True, exist_ok=True)
         from mmai.report import plot_horizon_calibration, write_html
 
-        report["plots"] = _write_plots(report, joined, out_dir)
+        report["plots"] = _write_plots(report, joined, out_dir, time_unit=time_unit)
         if report["kind"] == "survival" and plot_horizon_calibration(report["models"], out_dir / "calibration_t.png"):
             report["plots"]["calibration_t"] = "calibration_t.png"
         report["html"] = "report.html"

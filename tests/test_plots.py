@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -91,3 +92,84 @@ def test_importing_mmai_does_not_import_matplotlib():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- properties of the figures
+
+
+def _legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_calibration_bins_hold_equal_counts_with_wilson_intervals(data):
+    from mmai.figures.stats import equal_count_bins
+
+    curves, _ = data
+    y, p = curves["a"]
+    y, p = y[:147], p[:147]
+    bins = equal_count_bins(y, p, n_bins=10)
+    assert bins["count"].sum() == 147 and np.ptp(bins["count"]) <= 1  # equal-count bins
+    assert np.all(np.diff(bins["mean_pred"]) > 0)  # bins follow the predicted probability
+    assert np.all((bins["lo"] <= bins["frac_pos"]) & (bins["frac_pos"] <= bins["hi"]))
+    assert np.all(bins["hi"] - bins["lo"] > 0.1)  # ~15 cases per bin: wide intervals, not points
+    fig = plots.calibration_figure({"a": (y, p)}, n_bins=10, n_boot=50)
+    ax = fig.axes[0]
+    assert len(ax.containers) == 1 and ax.containers[0].has_yerr  # per-bin error bars
+    xs = ax.containers[0].lines[0].get_xdata()
+    np.testing.assert_allclose(xs, bins["mean_pred"])
+    (label,) = [t for t in _legend_texts(ax) if t.startswith("a (")]
+    ece, lo, hi = (float(v) for v in re.search(r"ECE ([\d.]+) \[([\d.]+), ([\d.]+)\]", label).groups())
+    assert lo < hi and lo <= ece + 0.05 and "bootstrap CI (50 resamples)" in " ".join(_legend_texts(ax))
+
+
+@pytest.mark.parametrize("band", ["roc", "pr"])
+def test_bootstrap_band_contains_the_curve(data, band):
+    from mmai.figures import stats
+
+    curves, _ = data
+    y, p = curves["a"]
+    fn = stats.roc_band if band == "roc" else stats.pr_band
+    grid, point, lo, hi = fn(y, p, n_boot=200, seed=3)
+    inside = (lo - 1e-12 <= point) & (point <= hi + 1e-12)
+    assert inside.mean() >= 0.95, f"{band}: the curve leaves its band at {np.sum(~inside)} of {grid.size} points"
+    assert np.mean(hi - lo) > 0.02  # a band, not the curve itself
+    again = fn(y, p, n_boot=200, seed=3)
+    np.testing.assert_array_equal(again[2], lo)  # seeded
+    figure = plots.roc_figure if band == "roc" else plots.pr_figure
+    fig = figure(curves, n_boot=30)
+    bands = [c for c in fig.axes[0].collections if c.get_label().startswith("_band")]
+    assert len(bands) == len(curves)  # one band per curve
+    assert "95% bootstrap band (30 resamples, percentile)" in _legend_texts(fig.axes[0])
+    assert not [c for c in figure(curves, n_boot=0).axes[0].collections if c.get_label().startswith("_band")]
+
+
+def test_km_numbers_at_risk_equal_the_true_counts(data):
+    _, (t, e, risk) = data
+    fig = plots.km_figure(t, e, risk, n_groups=3, time_unit="months")
+    (tab,) = [a for a in fig.axes if a.get_label() == "at_risk"]
+    ticks = [float(x) for x in tab.get_xticks()]
+    assert len(ticks) >= 3 and ticks[0] == 0.0 and max(ticks) <= t.max()
+    groups = np.array_split(np.argsort(risk, kind="mergesort"), 3)
+    rows = {row: idx for row, idx in zip((2, 1, 0), groups, strict=True)}  # low risk on top
+    seen = 0
+    for txt in tab.texts:
+        x, row = txt.get_position()
+        idx = rows[int(row)]
+        assert int(txt.get_text()) == int(np.sum(t[idx] >= x)), (x, row)
+        seen += 1
+    assert seen == 3 * len(ticks)
+    assert tab.get_xlabel() == "Time (months)"
+    assert plots.km_figure(t, e, risk).axes[1].get_xlabel() == "Time"
+
+
+def test_training_curves_drop_bookkeeping_and_mark_the_best_epoch():
+    rows = [{"epoch": i, "train_loss": 1 / i, "val_loss": 1 / i + 0.02 * i, "val_auroc": 0.6 + 0.01 * i,
+             "lr": 1e-3, "seconds": 3.0, "world_size": 2} for i in range(1, 9)]
+    fig = plots.training_figure(rows, best_epoch=5)
+    assert sorted(a.get_label() for a in fig.axes) == ["Learning rate", "Loss", "Metric"]
+    labels = [ln.get_label() for a in fig.axes for ln in a.lines]
+    assert not [lab for lab in labels if lab in ("seconds", "world_size")]
+    for ax in fig.axes:
+        (best,) = [ln for ln in ax.lines if ln.get_label().startswith("best epoch 5")]
+        assert list(best.get_xdata()) == [5, 5]  # a vertical line at the kept epoch
+    assert not [ln for a in plots.training_figure(rows).axes for ln in a.lines if "best" in ln.get_label()]

@@ -6,7 +6,7 @@
         row = train_one_epoch(...)        # forward, losses, backward (no_sync), optimizer step
         row |= validate(...)              # precise BN, sharded prediction, gathered metrics
         keep_best_and_check_stop(...)     # same decision on every rank
-        log_epoch(...)                    # log.jsonl (+ TensorBoard), rank 0
+        log_epoch(...)                    # log.jsonl (+ TensorBoard scalars, validation overlay images), rank 0
         save_checkpoint(...)              # one atomic commit per epoch (mmai.engine.state)
 
 Everything the loop needs (model, optimizer, scheduler, AMP, EMA, loaders) is built once by
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ from mmai.engine.trainer import (
     selection_score,
 )
 from mmai.errors import ConfigError
+from mmai.figures import tensorboard as tb_images
 from mmai.models.heads import task_loss
 from mmai.models.pretrained import frozen_for, param_groups
 
@@ -253,6 +255,8 @@ def fit(eng: Engine, *, ckpt_dir: Path | None = None, resume: bool = False, log_
             keep_best_and_check_stop(eng, state, row)
             state.history.append(row)
             runlog.write(row)
+            if tb_images.due(epoch):  # TensorBoard only: validation overlays (mmai.figures.tensorboard)
+                runlog.write_images(epoch, functools.partial(tb_images.validation_overlays, eng, epoch))
             state.epoch, state.log_pos = epoch, runlog.position()
             if store is not None:
                 save_checkpoint(store, eng, state, settings or {})

@@ -51,7 +51,7 @@ def write_run(out_dir: Path, config: PipelineConfig, model: torch.nn.Module, mod
     try:
         from mmai.plots import plot_training_curves
 
-        plot_training_curves(result.history, out_dir / "plots" / "training_curves.png")
+        plot_training_curves(result.history, out_dir / "plots" / "training_curves.png", best_epoch=result.best_epoch)
     except ImportError:
         log.debug("plots unavailable")
     atomic_write_text(out_dir / "DONE", model_id + "\n")

@@ -1,5 +1,6 @@
 """Per-epoch log of a run: RUN_DIR/log.jsonl (one JSON object per epoch) and, when the
-``tensorboard`` package is installed, TensorBoard scalars in RUN_DIR/tensorboard/.
+``tensorboard`` package is installed, TensorBoard scalars in RUN_DIR/tensorboard/ and images of
+a few validation overlays (:mod:`mmai.figures.tensorboard`, :meth:`RunLog.write_images`).
 
 The JSONL file's byte length after each epoch is recorded in the checkpoint; a resumed run
 truncates the file back to it, so an epoch whose line was written but whose checkpoint was not
@@ -14,8 +15,13 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from mmai.errors import MmaiError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,20 @@ class RunLog:
                     self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
                                         value, global_step=int(row["epoch"]))
             self._tb.flush()
+
+    def write_images(self, epoch: int, make: Callable[[], dict[str, np.ndarray]]) -> None:
+        """Images (tag -> (H, W, 3) uint8) of epoch ``epoch`` to TensorBoard; ``make`` is called only
+        when TensorBoard is on. A figure that cannot be drawn is logged and skipped (training goes on)."""
+        if not self.enabled or self._tb is None:
+            return
+        try:
+            images = make()
+        except (RuntimeError, ValueError, MmaiError) as exc:
+            log.warning("epoch %d: validation overlays not drawn: %s: %s", epoch, type(exc).__name__, exc)
+            return
+        for tag, rgb in images.items():
+            self._tb.add_image(tag, rgb, global_step=int(epoch), dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -8,7 +8,9 @@ hash when the id holds characters other than letters, digits, ``_`` and ``-``):
   log-risk or regression value) with respect to the image, normalised to [0, 1];
 - ``<stem>_attention.nii.gz`` (cross-attention models): the [CLS] query's attention over the
   image tokens, normalised to [0, 1];
-- ``<stem>_overview.png``: three native slices through the saliency peak, the map over the image;
+- ``<stem>_overview.png``: three planes through the saliency peak in radiological convention, the
+  map (and the attention map) over the image, with letters, mm positions and a colour bar
+  (:mod:`mmai.figures.overlay`);
 - ``<stem>_viewer.html``: the scan with its maps in three planes (NiiVue), one self-contained page
   that opens offline (:mod:`mmai.viewer`);
 - ``<stem>_explain.json``, written LAST: case id, model id, the files of the set, the clinical
@@ -52,6 +54,7 @@ from tqdm.auto import tqdm
 
 from mmai.engine.runspec import model_inputs
 from mmai.errors import MmaiError
+from mmai.figures.overlay import MapLayer, pipeline_window, prediction_title, write_overlay_png
 from mmai.inference.explain_geometry import native_image, to_native
 from mmai.models.windows import stitch, upsample_cells
 from mmai.transforms.pipelines import placeholder_shape
@@ -312,12 +315,15 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
     sals: list[np.ndarray] = []
     atts: list[np.ndarray] = []
     attrs: list[np.ndarray] = []
+    preds: list[np.ndarray] = []
     for (spec, model), (values, mask, _) in zip(predictor.members, x["clinical"], strict=True):
         batch = {"image": x["image"], "image_present": x["present"], "clinical": values, "clinical_mask": mask,
                  "affine": None if x["affine"] is None else
                  torch.tensor(np.asarray(x["affine"])[None], dtype=torch.float32, device=dev)}
         _, kw = model_inputs(model, batch)
         if x["affine"] is not None:
+            with torch.no_grad():  # the prediction the overview's title states
+                preds.append(spec.predictions(model(x["image"], x["present"], values, mask, **kw).float().cpu())[0])
             sals.append(saliency(model, kind, x["image"], x["present"], values, mask, **kw)[0].cpu().numpy())
             att = attention_map(model, tuple(x["image"].shape[2:]))
             if att is not None and not _one_token(model):
@@ -340,7 +346,10 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
             att_n = _normalise(to_native(np.mean(atts, axis=0), x["affine"], native_affine, native.shape))
             _save_map(att_n, native_affine, paths["attention"])
             files.append(paths["attention"].name)
-        overview_png(native, sal_n, native_affine, paths["overview"], cid)
+        title = prediction_title(cid, predictor.model_id, kind, getattr(predictor.encoding, "classes", []),
+                                 np.mean(preds, axis=0), case.iloc[0].get(predictor.config.task.target))
+        overview_png(native, sal_n, native_affine, paths["overview"], title, attention=att_n if atts else None,
+                     window=pipeline_window(native, getattr(predictor.config.image, "intensity", None)))
         files.append(paths["overview"].name)
         from mmai.viewer import prediction_facts, write_case_page
 
@@ -363,29 +372,19 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
     return info
 
 
-def overview_png(image: np.ndarray, sal: np.ndarray, affine: np.ndarray, path: Path, title: str) -> None:
-    """Three native slices (voxel axes of the input file) through the saliency peak, map over image."""
-    import matplotlib
+def overview_png(image: np.ndarray, sal: np.ndarray, affine: np.ndarray, path: Path, title: str,
+                 attention: np.ndarray | None = None, window: tuple[tuple[float, float], str] | None = None) -> None:
+    """Three planes through the saliency peak in radiological convention, the map (and the attention
+    map of a cross-attention model, a second row) over the image: :mod:`mmai.figures.overlay`.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    peak = np.unravel_index(int(np.argmax(sal)), sal.shape)
-    codes = nib.aff2axcodes(affine)
-    plane = {"L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal", "S": "axial", "I": "axial"}
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for axis, ax in enumerate(axes):
-        take: list[Any] = [slice(None)] * 3
-        take[axis] = int(peak[axis])
-        img, s = image[tuple(take)], sal[tuple(take)]
-        ax.imshow(img.T, cmap="gray", origin="lower")
-        ax.imshow(np.ma.masked_less(s.T, 0.1), cmap="inferno", alpha=0.6, origin="lower", vmin=0, vmax=1)
-        ax.set_title(f"{plane.get(codes[axis], '?')} (axis {axis} = {peak[axis]})")
-        ax.axis("off")
-    fig.suptitle(f"{title}: saliency (|grad x input|) on the native slices through its peak")
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80, format="png")
-    finally:
-        plt.close(fig)
+    Args:
+        image, sal, attention: (X, Y, Z) on the input file's grid; maps normalised to [0, 1].
+        affine: (4, 4) of the input file.
+        window: ((low, high), how it was chosen) greyscale window; None: the volume's percentiles.
+    """
+    layers = [MapLayer("saliency", sal, "saliency |grad x input|\nscaled to its maximum (1 = peak), not drawn < 0.1")]
+    if attention is not None:
+        layers.append(MapLayer("attention", attention, "[CLS] attention over the image\nscaled to its maximum, "
+                               "not drawn < 0.1", cmap="viridis", alpha=0.45))
+    grey = {"window": window[0], "window_label": window[1]} if window is not None else {}
+    write_overlay_png(path, image, affine, layers, title=title, **grey)

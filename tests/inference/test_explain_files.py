@@ -1,6 +1,7 @@
 """Explanations: maps in the input's own geometry (shape, affine, location), resumable file sets,
 two shards into one folder."""
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from mmai.clinical.preprocess import FeatureSpec
 from mmai.config import ImageConfig, IntensityConfig
 from mmai.data.dataset import ImageLoader
 from mmai.inference import explain as E
+from mmai.models.heads import outputs_to_predictions
 from mmai.models.registry import create_model
 
 SPECS = [FeatureSpec("age", "numeric"), FeatureSpec("crp", "numeric")]
@@ -35,12 +37,13 @@ class StubPredictor:
             torch.nn.init.normal_(self.model.head.fc.weight, std=0.5)
         self.cfg = ImageConfig(spacing=(2.0, 2.0, 2.0), size=(24, 24, 16), antialias=False,  # exact air: 0
                                intensity=IntensityConfig(a_min=-1000.0, a_max=1000.0))
-        self.config = SimpleNamespace(image=self.cfg)
+        self.config = SimpleNamespace(image=self.cfg, task=SimpleNamespace(target="label"))
         self.loader = ImageLoader(self.cfg)
-        self.encoding = SimpleNamespace(kind="binary")
+        self.encoding = SimpleNamespace(kind="binary", classes=["0", "1"])
         self.pre = SimpleNamespace(feature_names=["age", "crp"])
         self.device, self.uses_image, self.model_id = "cpu", True, model_id
-        self.members = [(SimpleNamespace(clinical=self.pre), self.model)]
+        probs = lambda out: outputs_to_predictions("binary", out).numpy()  # noqa: E731 - RunSpec.predictions
+        self.members = [(SimpleNamespace(clinical=self.pre, predictions=probs), self.model)]
         self.spec = SimpleNamespace(roi_sources=lambda df, base: [None] * len(df))
         self.base_dir = None
 
@@ -113,12 +116,12 @@ def test_kill_and_rerun_makes_exactly_the_missing_cases(tmp_path, monkeypatch):
     pred = StubPredictor(False)
     real_png, calls = E.overview_png, []
 
-    def dying_png(image, sal, affine, path, title):
+    def dying_png(image, sal, affine, path, title, **kw):
         calls.append(title)
-        if title == "c3":  # killed while writing the fourth case: a temp PNG is left behind
+        if title.startswith("case c3 "):  # killed while writing the fourth case: a temp PNG is left behind
             (path.parent / f".{path.name.split('.')[0]}.abc123.tmp.png").write_bytes(b"partial")
             raise KeyboardInterrupt
-        real_png(image, sal, affine, path, title)
+        real_png(image, sal, affine, path, title, **kw)
 
     monkeypatch.setattr(E, "overview_png", dying_png)
     with pytest.raises(KeyboardInterrupt):
@@ -188,3 +191,21 @@ def test_windowed_attributions_encode_the_image_once(monkeypatch):
         ref = torch.stack([base - p.model(image, present, values, mask * torch.tensor([[0.0, 1.0]]))[:, 0],
                            base - p.model(image, present, values, mask * torch.tensor([[1.0, 0.0]]))[:, 0]], 1)
     torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)
+
+
+def test_overview_shows_the_prediction_and_the_attention_map(tmp_path, monkeypatch):
+    """The overview's title carries the model and its probability; a cross-attention model's
+    attention map is drawn as a second row (mmai.figures.overlay)."""
+    seen = {}
+    real = E.write_overlay_png
+
+    def spy(path, image, affine, layers, **kw):
+        seen.update(layers=[lyr.name for lyr in layers], title=kw["title"], shape=image.shape, window=kw.get("window"))
+        return real(path, image, affine, layers, **kw)
+
+    monkeypatch.setattr(E, "write_overlay_png", spy)
+    df = cohort(tmp_path, n=1).assign(label="1")
+    E.explain_cases(StubPredictor(False), df, tmp_path / "x", progress=False)
+    assert seen["layers"] == ["saliency", "attention"] and seen["shape"] == NATIVE_SHAPE
+    assert seen["window"] == (-1000.0, 1000.0)  # raw HU input: the pipeline's CT window, what the model saw
+    assert re.fullmatch(r"case c0 \| model m1 \| P\(1\) = 0\.\d{3}, predicted [01] \| label 1", seen["title"])
