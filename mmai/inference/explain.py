@@ -354,7 +354,8 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
         from mmai.viewer import prediction_facts, write_case_page
 
         write_case_page(paths["viewer"], native, {"saliency": sal_n, **({"attention": att_n} if atts else {})},
-                        native_affine, case_id=cid, facts=prediction_facts(predictor, case))
+                        native_affine, case_id=cid,
+                        facts=prediction_facts(predictor, case, _prediction_row(predictor, case, x, preds)))
         files.append(paths["viewer"].name)
         geometry = {"shape": list(native.shape), "affine": np.asarray(native_affine).tolist(),
                     "model_grid_shape": list(x["image"].shape[2:]),
@@ -370,6 +371,19 @@ def explain_case(predictor: Any, case: pd.DataFrame, out_dir: Path) -> dict[str,
             "geometry": geometry, "notes": notes}
     atomic_write_json(paths["explain"], info)  # last: marks the case done
     return info
+
+
+def _prediction_row(predictor: Any, case: pd.DataFrame, x: dict[str, Any], preds: list[np.ndarray]
+                    ) -> dict[str, Any] | None:
+    """The case's predictions.csv row from the forward passes explain already made (the members'
+    mean, as ``predict`` averages them); None for a predictor without a run contract (a test stub)."""
+    spec = getattr(predictor, "spec", None)
+    if not hasattr(spec, "rows") or not hasattr(predictor, "_passthrough") or not preds:
+        return None
+    observed = np.asarray(x["clinical"][0][2])  # (F,) the first member's clinical mask, as predict reads it
+    present = np.asarray([int(observed.any()) if observed.size else 0])
+    return spec.rows([str(case["case_id"].iloc[0])], np.mean(preds, axis=0)[None], present,
+                     predictor._passthrough(case, [0]))[0]
 
 
 def overview_png(image: np.ndarray, sal: np.ndarray, affine: np.ndarray, path: Path, title: str,

@@ -50,18 +50,21 @@ def write_case_page(path: Path, image: np.ndarray, maps: dict[str, np.ndarray], 
     return Path(path)
 
 
-def prediction_facts(predictor: Any, case: Any) -> list[tuple[str, str]]:
+def prediction_facts(predictor: Any, case: Any, row: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """(column, value) of the case's prediction as ``mmai predict`` writes it, plus the model id.
 
-    The prediction is made again (one forward pass, the ensemble's mean for a K-fold run); a
-    predictor without ``predict_batch`` (a test stub) or a case that fails gives the model id only.
+    Args:
+        row: the case's predictions.csv row when the caller already has it (explain does: the
+            forward pass its maps came from); else the prediction is made again (the ensemble's
+            mean for a K-fold run). A predictor without ``predict_batch`` (a test stub) or a case
+            that fails gives the model id only.
     """
     facts = [("model", str(getattr(predictor, "model_id", "")))]
     predict = getattr(predictor, "predict_batch", None)
-    if predict is None:
+    if row is None and predict is None:
         return facts
     errors: list[dict[str, str]] = []
-    rows = predict(case, errors)
+    rows = [row] if row is not None else predict(case, errors)
     if not rows:
         log.warning("viewer: no prediction for the page of case %s: %s", case["case_id"].iloc[0],
                     errors[0]["error"] if errors else "no row")
