@@ -42,6 +42,40 @@ from tests.pacs.helpers import case_dirs, upload  # noqa: E402
 from tests.pacs.orthanc import start_orthanc, why_unavailable  # noqa: E402
 from tests.test_end_to_end import tiny_pipeline  # noqa: E402
 
+STAGES = {  # main-process functions timed with --stages: (module, qualified name)
+    "retrieve (HTTP, split, write)": ("mmai.pacs.dicomweb", "DicomWebSource.retrieve"),
+    "  of which writing parts": ("mmai.pacs.cache", "StudyCache.add_study_parts"),
+    "SR build": ("mmai.pacs.sr", "build_sr"),
+    "SR evidence list": ("mmai.pacs.predict", "_evidence"),
+    "STOW-RS (encode, send)": ("mmai.pacs.dicomweb", "DicomWebSource.store"),
+    "model batches (predict_batch)": ("mmai.inference.predictor", "Predictor.predict_batch"),
+    "cache release": ("mmai.pacs.cache", "StudyCache.release"),
+}
+
+
+def _time_stages() -> dict[str, list[float]]:
+    """Wrap the :data:`STAGES` functions to add their thread CPU seconds to the returned dict."""
+    import functools
+    import importlib
+
+    spent: dict[str, list[float]] = {k: [0.0] for k in STAGES}
+    for key, (module, qual) in STAGES.items():
+        owner: object = importlib.import_module(module)
+        *path, name = qual.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, name)
+
+        def timed(*args: object, _fn=fn, _acc=spent[key], **kwargs: object) -> object:
+            t0 = time.thread_time()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                _acc[0] += time.thread_time() - t0
+
+        setattr(owner, name, functools.wraps(fn)(timed))
+    return spent
+
 
 def _cpu(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far (Linux /proc)."""
@@ -66,7 +100,7 @@ def _timed(args: list[str], server_pid: int, cpu: dict[str, list[float]], key: s
     return wall
 
 
-def run(n: int, repeats: int, tmp: Path) -> dict[str, float | int]:
+def run(n: int, repeats: int, tmp: Path, stages: bool = False) -> dict[str, float | int]:
     assert main(["synth", "--out", str(tmp / "cohort"), "--n", str(n), "--seed", "3", "-q", "--workers", "2"]) == 0
     pipe = tiny_pipeline(tmp)
     train = tmp / "cohort" / "train.csv"  # image paths are relative to the manifest
@@ -82,13 +116,19 @@ def run(n: int, repeats: int, tmp: Path) -> dict[str, float | int]:
         cpu: dict[str, list[float]] = {k: [] for k in ("folder", "folder_orthanc", "pacs", "pacs_orthanc")}
         load = [os.getloadavg()[0]]
         pid = server.process.pid
+        spent = _time_stages() if stages else {}
         for r in range(repeats):
             folder_out, pacs_out = tmp / f"folder{r}.csv", tmp / f"pacs{r}.csv"
             folder_s.append(_timed(["predict", "--run", str(tmp / "run"), "--out", str(folder_out), "--dicom-root",
                                     str(tmp / "cohort" / "images"), "--clinical", clinical, "-q"], pid, cpu, "folder"))
+            for acc in spent.values():
+                acc[0] = 0.0
             pacs_s.append(_timed(["predict", "--run", str(tmp / "run"), "--out", str(pacs_out), "--dicomweb",
                                   server.dicomweb, "--query", "ModalitiesInStudy=CT", "--clinical", clinical,
                                   "--store-results", "-q"], pid, cpu, "pacs"))
+            if spent:  # the PACS run's main-process stages, CPU ms per study
+                print(json.dumps({"pacs_main_process_cpu_ms_per_study": {k: round(1e3 * v[0] / n, 2)
+                                                                           for k, v in spent.items()}}))
             load.append(os.getloadavg()[0])
             a = pd.read_csv(folder_out).set_index("case_id").sort_index()
             b = pd.read_csv(pacs_out).set_index("case_id").sort_index()
@@ -111,6 +151,8 @@ def main_() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--stages", action="store_true", help="also print the CPU ms per study of the PACS run's "
+                    "main-process stages (retrieval, SR, STOW-RS, model)")
     ap.add_argument("--work", default=None, help="folder for the cohort, Orthanc's storage and the PACS cache "
                     "(default: /dev/shm when present, else the system's temporary folder)")
     a = ap.parse_args()
@@ -120,7 +162,7 @@ def main_() -> None:
     logging.disable(logging.WARNING)
     work = a.work or ("/dev/shm" if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None)
     with tempfile.TemporaryDirectory(prefix="mmai-pacs-bench-", dir=work) as d:
-        result = run(a.studies, a.repeats, Path(d))
+        result = run(a.studies, a.repeats, Path(d), stages=a.stages)
     print(json.dumps(result))
 
 

@@ -33,10 +33,10 @@ from mmai.inference.predictor import (
 )
 from mmai.inference.rows import error_row, resume_done
 from mmai.pacs.cache import StudyCache
-from mmai.pacs.pipeline import Prepared, StudyPrefetch, Storer, prepare
+from mmai.pacs.pipeline import Prepared, Storer, StudyPrefetch, prepare
 from mmai.pacs.retry import RetryPolicy, TransientPacsError
 from mmai.pacs.store import FolderSink, Ledger, make_peer
-from mmai.pacs.studies import STUDY, find_studies, pick_series, study_cases
+from mmai.pacs.studies import STUDY, find_studies, study_cases
 from mmai.utils import atomic_write_json, shard_rows
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,10 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
     todo = [r for r in records if not finished(r)]
     cache = req.cache(out_csv.with_name(out_csv.name.removesuffix(".csv") + ".cache"))
     n_workers = default_workers() if workers is None else workers
-    storing = sink is not None and ledger is not None
-    run = _Run(predictor, source, cache, todo, done, n_workers, header=storing)  # forks before other threads start
-    storer = Storer(partial(_send, sink, ledger, predictor, __version__), lambda item: cache.release(item.study)) \
-        if storing else None
+    run = _Run(predictor, source, cache, todo, done, n_workers, header=sink is not None)  # forks before threads start
+    storer = None
+    if sink is not None and ledger is not None:
+        storer = Storer(partial(_send, sink, ledger, predictor, __version__), lambda item: cache.release(item.study))
     n_pred = 0
     new_file = not out_csv.exists() or out_csv.stat().st_size == 0
     image_col = predictor.config.image.column if predictor.config.image is not None else "image"

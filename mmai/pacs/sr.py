@@ -142,7 +142,7 @@ def build_sr(row: dict[str, Any], source: Sequence[Any], *, model_id: str, versi
 
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
     from pydicom.valuerep import DA, TM
 
     if not source:
@@ -158,7 +158,7 @@ def build_sr(row: dict[str, Any], source: Sequence[Any], *, model_id: str, versi
     ds = Dataset()
     ds.preamble = b"\x00" * 128
     ds.file_meta = meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = COMPREHENSIVE_SR, sop_uid
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(COMPREHENSIVE_SR), UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID, meta.ImplementationVersionName = PYDICOM_IMPLEMENTATION_UID, f"mmai{version}"[:16]
     # patient and study: the source's attributes of these modules (as highdicom copies them), type 2 kept empty
