@@ -164,11 +164,12 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
                     fh.flush()
                     n_pred += len(got)
                     rows = {str(r["case_id"]): r for r in got}
-                    if explain_dir is not None and rows:
-                        from mmai.inference.explain import explain_cases
+                explained = [(rec, prep) for rec, prep in ready if str(rec["case_id"]) in rows or rec["case_id"] in done]
+                if explain_dir is not None and explained:  # makes only the missing file sets (a resumed study's too)
+                    from mmai.inference.explain import explain_cases
 
-                        explain_cases(predictor, chunk[chunk["case_id"].isin(rows)].drop(columns=[STUDY]),
-                                      Path(explain_dir), progress=False)
+                    frame = pd.DataFrame([{**rec, image_col: prep.files, SERIES: prep.series} for rec, prep in explained])
+                    explain_cases(predictor, frame.drop(columns=[STUDY]), Path(explain_dir), progress=False)
                 for rec, prep in ready:
                     case_id, study = str(rec["case_id"]), rec[STUDY]
                     row = prev[case_id] if case_id in done else rows.get(case_id)
