@@ -53,14 +53,20 @@ def file_meta_uids(data: bytes) -> tuple[str, str] | None:
     while pos + 8 <= len(data) and data[pos:pos + 2] == b"\x02\x00":  # group 0002
         elem = int.from_bytes(data[pos + 2:pos + 4], "little")
         vr = data[pos + 4:pos + 6]
+        if not vr.isalpha() or not vr.isupper():  # not explicit VR (a non-conformant file): let pydicom read it
+            return None
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
             length, start = int.from_bytes(data[pos + 8:pos + 12], "little"), pos + 12
         else:
             length, start = int.from_bytes(data[pos + 6:pos + 8], "little"), pos + 8
         if elem in (2, 3):
+            if vr != b"UI":
+                return None
             found[elem] = data[start:start + length].rstrip(b"\x00 ").decode("ascii", "replace")
         pos = start + length
-    return (found[2], found[3]) if 2 in found and 3 in found else None
+    if 2 not in found or 3 not in found or not all(_UID.match(found[k]) for k in (2, 3)):
+        return None
+    return found[2], found[3]
 
 
 class StudyCache:

@@ -115,6 +115,9 @@ def test_study_parts_are_written_by_their_file_meta(tmp_path):
     parts = [_part10(ds) for ds in (*insts, own, other_sr)]
     assert file_meta_uids(parts[0]) == (str(insts[0].SOPClassUID), str(insts[0].SOPInstanceUID))
     assert file_meta_uids(b"not dicom") is None
+    implicit = bytearray(parts[0])  # a file meta group written implicit VR: not trusted, pydicom reads the file
+    implicit[132 + 4:132 + 8] = (4).to_bytes(4, "little")
+    assert file_meta_uids(bytes(implicit)) is None
     cache = StudyCache(tmp_path / "c", max_bytes=10**9)
     assert cache.add_study_parts(study, parts) == 5
     names = sorted(p.stem for p in cache.study_dir(study).glob("*.dcm"))
