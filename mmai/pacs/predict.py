@@ -207,9 +207,10 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
 class _Run:
     """The studies to do, retrieved and prepared ahead of the batch being predicted (:mod:`mmai.pacs.pipeline`).
 
-    At most ``2 * batch + workers`` studies are in flight (retrieving, preparing or waiting), so the
-    cache and memory hold a bounded window; before each retrieval the cache is brought under its bound
-    (the studies in flight are kept)."""
+    At most ``batch + workers + 2`` studies are in flight (retrieving, preparing, or prepared with their
+    volume waiting): the folder path's bound on the volumes held (a batch and the prefetch window), so
+    memory and cache stay bounded; before each retrieval the cache is brought under its bound (the
+    studies in flight are kept)."""
 
     def __init__(self, predictor: Predictor, source: Any, cache: StudyCache, todo: list[dict[str, Any]],
                  done: set[str], workers: int, *, header: bool) -> None:
@@ -249,7 +250,7 @@ class _Run:
               ) -> list[tuple[dict[str, Any], Prepared]]:
         """The studies ``start .. start + size`` retrieved and prepared, in order; a failing study is
         an error row (stage ``retrieve`` or ``select``), its cache folder released."""
-        self._top_up(start, start + 2 * size + self.workers)
+        self._top_up(start, start + size + self.workers + 2)
         ready = []
         for k in range(start, min(start + size, len(self.todo))):
             rec = self.todo[k]
@@ -271,7 +272,7 @@ class _Run:
             if self.prefetch is not None:
                 self.prefetch.ready(prep)
             ready.append((rec, prep))
-            self._top_up(start, start + 2 * size + self.workers)
+            self._top_up(start, start + size + self.workers + 2)
         return ready
 
     def close(self) -> None:
