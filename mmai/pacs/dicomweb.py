@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ class DicomWebSource:
         self.url = url.rstrip("/")
         self.policy = policy
         self.client = _client_module()(self.url, timeout=policy.timeout_s)
+        self._local = threading.local()
 
     def __str__(self) -> str:
         return f"DICOMweb {self.url}"
@@ -76,6 +78,15 @@ class DicomWebSource:
                 return found
             offset += len(page)
 
+    def _session(self) -> Any:
+        """This thread's HTTP session (connections kept alive between studies; one per retrieval thread)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = self._local.session = requests.Session()
+        return session
+
     def retrieve(self, study_uid: str, cache: StudyCache) -> int:
         """WADO-RS: every instance of the study into the cache; returns the number of instances.
 
@@ -85,33 +96,36 @@ class DicomWebSource:
         """
 
         def fetch() -> int:
-            import requests
-
             url = f"{self.url}/studies/{study_uid}"
             accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
-            with requests.get(url, headers={"Accept": accept}, stream=True, timeout=self.policy.timeout_s) as resp:
+            with self._session().get(url, headers={"Accept": accept}, stream=True,
+                                     timeout=self.policy.timeout_s) as resp:
                 resp.raise_for_status()
-                n = 0
-                for body in _parts(resp):
-                    cache.add_bytes(body)
-                    n += 1
-                return n
+                return cache.add_study_parts(study_uid, _parts(resp))
 
         return self._call(fetch, f"retrieve study {study_uid}")
 
     def store(self, datasets: Sequence[Any]) -> None:
-        """STOW-RS: store the instances (one request per study)."""
-        by_study: dict[str, list[Any]] = {}
-        for ds in datasets:
-            by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
-        for study, group in by_study.items():
-            resp = self._call(partial(self.client.store_instances, group, study_instance_uid=study),
-                              f"store {len(group)} instance(s) in study {study}")
-            failed = resp.get("FailedSOPSequence") if resp is not None else None
-            if failed:
-                reasons = [str(item.get("FailureReason", "?")) for item in failed]
-                raise PacsError(f"{self} refused {len(failed)} instance(s) of study {study} (failure reason "
-                                f"{', '.join(reasons)})")
+        """STOW-RS: store the instances in one request (they may belong to several studies).
+
+        Raises:
+            PacsError: the request failed after the retries, or the server refused instances (the
+                message names their studies and the failure reasons).
+        """
+        if not datasets:
+            return
+        studies = sorted({str(ds.StudyInstanceUID) for ds in datasets})
+        where = f"study {studies[0]}" if len(studies) == 1 else f"{len(studies)} studies"
+        resp = self._call(partial(self.client.store_instances, list(datasets),
+                                  study_instance_uid=studies[0] if len(studies) == 1 else None),
+                          f"store {len(datasets)} instance(s) in {where}")
+        failed = resp.get("FailedSOPSequence") if resp is not None else None
+        if failed:
+            study_of = {str(ds.SOPInstanceUID): str(ds.StudyInstanceUID) for ds in datasets}
+            refused = sorted({study_of.get(str(item.get("ReferencedSOPInstanceUID", "")), "?") for item in failed})
+            reasons = [str(item.get("FailureReason", "?")) for item in failed]
+            raise PacsError(f"{self} refused {len(failed)} instance(s) of study {', '.join(refused)} (failure "
+                            f"reason {', '.join(reasons)})")
 
 
 def _parts(resp: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -125,23 +139,27 @@ def _parts(resp: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
     if not ctype.startswith("multipart/related") or not m:
         raise PacsError(f"WADO-RS answered with Content-Type {ctype!r}, not multipart/related DICOM")
     delim = b"\r\n--" + m.group(1).encode()
-    buf = b"\r\n"  # the first delimiter has no CRLF before it
-    scan = 0
+    buf = bytearray(b"\r\n")  # the first delimiter has no CRLF before it
+    scan = 0  # where the search for the next delimiter resumes (a long part is not searched twice)
     for data in resp.iter_content(chunk_size=chunk):
         buf += data
-        while True:
-            start = buf.find(delim)
-            if start < 0:
-                break
+        start = buf.find(delim)
+        if start < 0:
+            continue
+        while True:  # parts are sliced out by offset; the buffer is cut once per chunk
             end = buf.find(delim, max(start + len(delim), scan))
             if end < 0:
-                scan = max(len(buf) - len(delim), 0)
+                scan = max(len(buf) - len(delim) + 1, 0)
                 break
-            part = buf[start + len(delim):end]
-            head, sep, body = part.partition(b"\r\n\r\n")
-            if sep:
-                yield body
-            buf, scan = buf[end:], 0
+            scan = 0
+            head_end = buf.find(b"\r\n\r\n", start + len(delim), end)
+            if head_end >= 0:
+                with memoryview(buf) as view:
+                    part = bytes(view[head_end + 4:end])
+                yield part
+            start = end
+        del buf[:start]
+        scan = max(scan - start, 0)
 
 
 def _reason(exc: Exception) -> str:

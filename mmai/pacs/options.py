@@ -121,7 +121,8 @@ def predict(a: argparse.Namespace) -> Any:
         raise MmaiError("predict takes one source: --manifest, --dicom-root, --dicomweb or --dimse")
     return predict_from_pacs(Path(a.run), Path(a.out), request_from_args(a),
                              clinical_path=Path(a.clinical) if a.clinical else None, device=a.device,
-                             shard=a.shard, progress=not a.quiet, explain_dir=Path(a.explain) if a.explain else None)
+                             shard=a.shard, progress=not a.quiet, explain_dir=Path(a.explain) if a.explain else None,
+                             workers=a.workers)
 
 
 def preprocess(a: argparse.Namespace) -> Any:

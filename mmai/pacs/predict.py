@@ -1,9 +1,10 @@
 """``mmai predict --dicomweb URL | --dimse AET@HOST:PORT``: the folder predictor, study by study.
 
-Per study: retrieve into the cache (the next study is fetched while this one is predicted), pick the
-series with the folder rule, predict with :class:`mmai.inference.predictor.Predictor`, append the row
-to the predictions CSV, build the result SR (:mod:`mmai.pacs.sr`) and store it, then release the
-study's cache folder. Resumable and idempotent: a study whose row is in the CSV (and whose SR is in
+Per study: retrieve into the cache, pick the series with the folder rule and load its volume (the
+next studies while the model predicts a batch: :mod:`mmai.pacs.pipeline`), predict with
+:class:`mmai.inference.predictor.Predictor`, append the row to the predictions CSV, build the result
+SR (:mod:`mmai.pacs.sr`) and store it (on a store thread, batched), then release the study's cache
+folder. Resumable and idempotent: a study whose row is in the CSV (and whose SR is in
 ``<out>.stored.csv`` for this destination, when storing) is skipped; a study that fails at any stage
 is an error row (``retrieve``, ``select``, ``image``, ``clinical``, ``store``) and the others go on.
 """
@@ -14,6 +15,7 @@ import csv
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,15 @@ from mmai.inference.predictor import (
 )
 from mmai.inference.rows import error_row, resume_done
 from mmai.pacs.cache import StudyCache
-from mmai.pacs.retry import RetryPolicy
+from mmai.pacs.pipeline import Prepared, Storer, StudyPrefetch, prepare
+from mmai.pacs.retry import RetryPolicy, TransientPacsError
 from mmai.pacs.store import FolderSink, Ledger, make_peer
-from mmai.pacs.studies import STUDY, find_studies, pick_series, study_cases
+from mmai.pacs.studies import STUDY, find_studies, study_cases
 from mmai.utils import atomic_write_json, shard_rows
 
 log = logging.getLogger(__name__)
 GB = 1024**3
+FETCH_THREADS = 2  # studies retrieved at once (network I/O; 1 for C-MOVE)
 
 
 @dataclass(frozen=True)
@@ -91,16 +95,22 @@ def _prev_rows(out_csv: Path) -> dict[str, dict[str, Any]]:
 
 def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinical_path: Path | None = None,
                       device: str | None = None, shard: tuple[int, int] | None = None,
-                      progress: bool = True, explain_dir: Path | None = None) -> PredictSummary:
+                      progress: bool = True, explain_dir: Path | None = None,
+                      workers: int | None = None) -> PredictSummary:
     """Predict the studies a PACS search selects; store one result SR per study when asked (with
     ``explain_dir``: the explanation file set of each study there, and its saliency as a Parametric
     Map stored beside the SR).
+
+    Retrieval, series selection and image loading of the next studies overlap the model's batch
+    (:mod:`mmai.pacs.pipeline`): ``workers`` preparing processes (None: the usable cores, at most 8,
+    as for a folder; 1: the volume is loaded in place), ``config.infer.batch_size`` studies per batch.
 
     Raises:
         MmaiError: bad options, an unreachable PACS at search time (after the retries), a run that does
             not load, or a table-level problem of the clinical table; per-study failures are error rows.
     """
     from mmai import __version__
+    from mmai.inference.pipelined import default_workers
     from mmai.pacs.sr import derived_uid
 
     out_csv = Path(out_csv)
@@ -128,79 +138,60 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
     records = cases.to_dict("records")
     todo = [r for r in records if not finished(r)]
     cache = req.cache(out_csv.with_name(out_csv.name.removesuffix(".csv") + ".cache"))
+    n_workers = default_workers() if workers is None else workers
+    run = _Run(predictor, source, cache, todo, done, n_workers, header=sink is not None)  # forks before threads start
+    storer = None
+    if sink is not None and ledger is not None:
+        storer = Storer(partial(_send, sink, ledger, predictor, __version__), lambda item: cache.release(item.study))
     n_pred = 0
     new_file = not out_csv.exists() or out_csv.stat().st_size == 0
     image_col = predictor.config.image.column if predictor.config.image is not None else "image"
-    sending: list[Future] = []
+    bs = max(1, predictor.config.infer.batch_size)
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmai-pacs-fetch") as pool, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmai-pacs-store") as storer, \
-                out_csv.open("a", newline="") as fh, \
+        with out_csv.open("a", newline="") as fh, \
                 tqdm(total=len(todo), desc="predict (PACS)", unit="study", disable=not progress) as bar:
             writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
             if new_file:
                 writer.writeheader()
-
-            def fetch(k: int) -> Future | None:
-                if k >= len(todo):
-                    return None
-                cache.make_room(busy={todo[k][STUDY]} | ({todo[k - 1][STUDY]} if k else set()))
-                return pool.submit(source.retrieve, todo[k][STUDY], cache)
-
-            nxt = fetch(0)
-            for k, rec in enumerate(todo):
-                fut, nxt = nxt, fetch(k + 1)
-                study, case_id = rec[STUDY], rec["case_id"]
-                try:
-                    if fut is not None:
-                        fut.result()
-                except (MmaiError, OSError, ValueError) as exc:
-                    errors.append(error_row(case_id, "retrieve", exc, series=f"study {study}"))
-                    cache.release(study)
-                    bar.update(1)
-                    continue
-                try:
-                    files, series, sel_errors = pick_series(cache.study_dir(study), predictor.config)
-                except MmaiError as exc:
-                    sel_errors = [{"case_id": case_id, "stage": "select", "series": f"study {study}", "error": str(exc)}]
-                if sel_errors:
-                    errors += [error_row(case_id, e["stage"], e["error"], series=e.get("series", ""))
-                               for e in sel_errors]
-                    cache.release(study)
-                    bar.update(1)
-                    continue
-                chunk = pd.DataFrame([{**rec, image_col: files, SERIES: series}]).drop(columns=[STUDY])
-                if case_id in done:
-                    row = prev[case_id]
-                else:
-                    rows = predictor.predict_batch(chunk, errors)
-                    if not rows:
-                        cache.release(study)
-                        bar.update(1)
-                        continue
-                    row = rows[0]
-                    writer.writerow(row)
+            for start in range(0, len(todo), bs):
+                ready = run.batch(start, bs, errors, bar)
+                new = [(rec, prep) for rec, prep in ready if rec["case_id"] not in done]
+                rows: dict[str, dict[str, Any]] = {}
+                if new:
+                    chunk = pd.DataFrame([{**rec, image_col: prep.files, SERIES: prep.series} for rec, prep in new])
+                    got = predictor.predict_batch(chunk.drop(columns=[STUDY]), errors)
+                    writer.writerows(got)
                     fh.flush()
-                    n_pred += 1
-                if explain_dir is not None:
+                    n_pred += len(got)
+                    rows = {str(r["case_id"]): r for r in got}
+                explained = [(rec, prep) for rec, prep in ready if str(rec["case_id"]) in rows or rec["case_id"] in done]
+                if explain_dir is not None and explained:  # makes only the missing file sets (a resumed study's too)
                     from mmai.inference.explain import explain_cases
 
-                    explain_cases(predictor, chunk, Path(explain_dir), progress=False)
-                if sink is not None and ledger is not None:
-                    try:  # what needs the cached files is read now; building and sending overlap the next study
-                        headers = _headers(files)
-                        pmap = (_saliency_map(Path(explain_dir), case_id, files, predictor.model_id, __version__)
-                                if explain_dir is not None else [])
-                    except (MmaiError, OSError, ValueError) as exc:
-                        errors.append(error_row(case_id, "store", exc, series=series))
-                    else:
-                        sending.append(storer.submit(_send, sink, ledger, study, row, headers, pmap, predictor,
-                                                     __version__))
-                        sending = _collect(sending, errors, block=False)
-                cache.release(study)
-                bar.update(1)
-            sending = _collect(sending, errors, block=True)
+                    frame = pd.DataFrame([{**rec, image_col: prep.files, SERIES: prep.series} for rec, prep in explained])
+                    explain_cases(predictor, frame.drop(columns=[STUDY]), Path(explain_dir), progress=False)
+                for rec, prep in ready:
+                    case_id, study = str(rec["case_id"]), rec[STUDY]
+                    row = prev[case_id] if case_id in done else rows.get(case_id)
+                    if row is not None and storer is not None:
+                        try:  # what needs the cached files is read now; the SR is built on the store thread
+                            pmap = (_saliency_map(Path(explain_dir), case_id, prep.files, predictor.model_id,
+                                                  __version__) if explain_dir is not None else [])
+                        except (MmaiError, OSError, ValueError) as exc:
+                            errors.append(error_row(case_id, "store", exc, series=prep.series))
+                        else:
+                            storer.put(_Item(study, row, prep.header, prep.files, pmap))
+                            bar.update(1)
+                            continue  # the store thread releases the study's cache folder once it is sent
+                    cache.release(study)
+                    bar.update(1)
+            if storer is not None:
+                errors += storer.close()
+                storer = None
     finally:
+        if storer is not None:
+            storer.close()
+        run.close()
         _close(source)
     cache.remove_if_empty()
     err_path = errors_path_for(out_csv)
@@ -213,50 +204,140 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
                           join=str(join_path_for(out_csv)))
 
 
-def _headers(files: list[str]) -> list[Any]:
+class _Run:
+    """The studies to do, retrieved and prepared ahead of the batch being predicted (:mod:`mmai.pacs.pipeline`).
+
+    At most ``batch + workers + 2`` studies are in flight (retrieving, preparing, or prepared with their
+    volume waiting): the folder path's bound on the volumes held (a batch and the prefetch window), so
+    memory and cache stay bounded; before each retrieval the cache is brought under its bound (the
+    studies in flight are kept)."""
+
+    def __init__(self, predictor: Predictor, source: Any, cache: StudyCache, todo: list[dict[str, Any]],
+                 done: set[str], workers: int, *, header: bool) -> None:
+        self.predictor, self.source, self.cache, self.todo, self.done = predictor, source, cache, todo, done
+        self.header = header
+        self.workers = workers
+        self.prefetch: StudyPrefetch | None = None
+        self._loader = predictor.loader
+        cfg = predictor.config.image
+        if workers >= 2 and predictor.loader is not None and predictor.uses_image and cfg is not None and todo:
+            self.prefetch = StudyPrefetch(predictor.loader, predictor.config, workers)
+            predictor.loader = self.prefetch
+            log.info("predict (PACS): %d preparing process(es)", workers)
+        one = getattr(source, "move_port", None) is not None  # one C-MOVE at a time (one storage SCP sink)
+        self.fetchers = ThreadPoolExecutor(max_workers=1 if one else FETCH_THREADS, thread_name_prefix="mmai-pacs-fetch")
+        self.submitted: dict[int, Future] = {}
+        self.next = 0
+
+    def _stage(self, rec: dict[str, Any]) -> Future:
+        """On a retrieval thread: fetch the study, then hand it to a preparing process."""
+        study = rec[STUDY]
+        self.source.retrieve(study, self.cache)
+        folder = self.cache.study_dir(study)
+        if self.prefetch is not None:
+            return self.prefetch.submit(folder, load=rec["case_id"] not in self.done, header=self.header)
+        out: Future = Future()
+        out.set_result(prepare(str(folder), self.predictor.config, False, self.header))
+        return out
+
+    def _top_up(self, first: int, upto: int) -> None:
+        while self.next < min(upto, len(self.todo)):
+            self.cache.make_room(busy={r[STUDY] for r in self.todo[first:self.next + 1]})
+            self.submitted[self.next] = self.fetchers.submit(self._stage, self.todo[self.next])
+            self.next += 1
+
+    def batch(self, start: int, size: int, errors: list[dict[str, str]], bar: Any
+              ) -> list[tuple[dict[str, Any], Prepared]]:
+        """The studies ``start .. start + size`` retrieved and prepared, in order; a failing study is
+        an error row (stage ``retrieve`` or ``select``), its cache folder released."""
+        self._top_up(start, start + size + self.workers + 2)
+        ready = []
+        for k in range(start, min(start + size, len(self.todo))):
+            rec = self.todo[k]
+            study, case_id = rec[STUDY], rec["case_id"]
+            try:
+                inner = self.submitted.pop(k).result()
+            except (MmaiError, OSError, ValueError) as exc:
+                errors.append(error_row(case_id, "retrieve", exc, series=f"study {study}"))
+                self.cache.release(study)
+                bar.update(1)
+                continue
+            folder = self.cache.study_dir(study)
+            prep = self.prefetch.result(inner, folder, header=self.header) if self.prefetch else inner.result()
+            if prep.errors:
+                errors += [error_row(case_id, e["stage"], e["error"], series=e.get("series", "")) for e in prep.errors]
+                self.cache.release(study)
+                bar.update(1)
+                continue
+            if self.prefetch is not None:
+                self.prefetch.ready(prep)
+            ready.append((rec, prep))
+            self._top_up(start, start + size + self.workers + 2)
+        return ready
+
+    def close(self) -> None:
+        self.fetchers.shutdown(wait=True, cancel_futures=True)
+        if self.prefetch is not None:
+            self.prefetch.close()
+            self.predictor.loader = self._loader
+
+
+@dataclass
+class _Item:
+    """A predicted study waiting for the store thread."""
+
+    study: str
+    row: dict[str, Any]
+    header: Any  # the first source file's header (patient and study modules of the SR)
+    files: list[str]  # the source series (evidence: each file is named by its SOPInstanceUID)
+    extra: list[Any]  # other objects to send with the SR (parametric map, overlay)
+
+
+def _evidence(first: Any, files: list[str]) -> list[Any]:
     """Evidence for the SR: the first file's full header (patient and study modules are copied from it)
     and, for the others, their UIDs (a cache file is named by its SOPInstanceUID, so no other read)."""
-    import pydicom
-    from pydicom import Dataset
+    from mmai.pacs.sr import InstanceRef
 
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    out: list[Any] = [first]
-    for f in files[1:]:
-        ds = Dataset()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
-        ds.SOPClassUID, ds.SOPInstanceUID = first.SOPClassUID, Path(f).stem
-        out.append(ds)
-    return out
+    study, series, sop_class = str(first.StudyInstanceUID), str(first.SeriesInstanceUID), str(first.SOPClassUID)
+    return [first, *(InstanceRef(study, series, sop_class, Path(f).stem) for f in files[1:])]
 
 
-def _send(sink: tuple[Any, str], ledger: Ledger, study: str, row: dict[str, Any], headers: list[Any],
-          extra: list[Any], predictor: Predictor, version: str) -> dict[str, str] | None:
-    """Build the study's SR, send it (with ``extra`` objects), record it; an error row on failure.
-    Runs on the one store thread, so the ledger has one writer."""
+def _send(sink: tuple[Any, str], ledger: Ledger, predictor: Predictor, version: str,
+          items: list[_Item]) -> list[dict[str, str]]:
+    """On the store thread: build the SRs of ``items``, send them (with their extra objects) in one
+    request, record each object; the error rows of the studies that failed. When the server refuses
+    part of a batch, each study is sent again alone, so only the refused ones are error rows."""
     from mmai.pacs.sr import build_sr
 
-    try:
-        objects = [build_sr(row, headers, model_id=predictor.model_id, version=version,
-                            kind=predictor.encoding.kind), *extra]
-        sink[0].store(objects)
-    except (MmaiError, ValueError) as exc:  # ValueError: highdicom refused the content
-        return error_row(row["case_id"], "store", exc, series=f"series {headers[0].SeriesInstanceUID}")
-    for obj in objects:
-        ledger.add(study, str(obj.SOPInstanceUID), sink[1])
-    return None
+    errs: list[dict[str, str]] = []
+    built: list[tuple[_Item, list[Any]]] = []
+    for it in items:
+        try:
+            sr = build_sr(it.row, _evidence(it.header, it.files), model_id=predictor.model_id, version=version,
+                          kind=predictor.encoding.kind)
+        except (MmaiError, ValueError) as exc:  # ValueError: highdicom refused the content
+            errs.append(_store_error(it, exc))
+            continue
+        built.append((it, [sr, *it.extra]))
+    groups = [built]
+    while groups:
+        group = groups.pop(0)
+        if not group:
+            continue
+        try:
+            sink[0].store([obj for _, objs in group for obj in objs])
+        except (MmaiError, ValueError) as exc:
+            if len(group) > 1 and not isinstance(exc.__cause__, TransientPacsError):
+                groups += [[g] for g in group]  # refused content, not an unreachable server: find which
+            else:
+                errs += [_store_error(it, exc) for it, _ in group]
+            continue
+        ledger.add_many([(it.study, str(obj.SOPInstanceUID), sink[1]) for it, objs in group for obj in objs])
+    return errs
 
 
-def _collect(pending: list[Future], errors: list[dict[str, str]], *, block: bool) -> list[Future]:
-    """Move the error rows of finished sends into ``errors``; the sends still running (all, if ``block``)."""
-    left = []
-    for fut in pending:
-        if block or fut.done():
-            err = fut.result()
-            if err is not None:
-                errors.append(err)
-        else:
-            left.append(fut)
-    return left
+def _store_error(it: _Item, exc: Exception) -> dict[str, str]:
+    return error_row(it.row["case_id"], "store", exc, series=f"series {it.header.SeriesInstanceUID}")
 
 
 def _saliency_map(explain_dir: Path, case_id: str, files: list[str], model_id: str, version: str) -> list[Any]:

@@ -74,10 +74,16 @@ class Ledger:
         return (study_uid, sop_uid, destination) in self.done
 
     def add(self, study_uid: str, sop_uid: str, destination: str) -> None:
+        self.add_many([(study_uid, sop_uid, destination)])
+
+    def add_many(self, rows: list[tuple[str, str, str]]) -> None:
+        """Record stored objects, each a (study UID, SOP instance UID, destination)."""
+        if not rows:
+            return
         new = not self.path.exists() or self.path.stat().st_size == 0
         with self.path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=LEDGER_COLUMNS, lineterminator="\n")
+            w = csv.writer(fh, lineterminator="\n")
             if new:
-                w.writeheader()
-            w.writerow({"study_uid": study_uid, "sop_instance_uid": sop_uid, "destination": destination})
-        self.done.add((study_uid, sop_uid, destination))
+                w.writerow(LEDGER_COLUMNS)
+            w.writerows(rows)
+        self.done.update(rows)

@@ -59,6 +59,7 @@ def test_dicomweb_predict_matches_folder_and_stores_one_sr_per_study(pacs, world
     studies = study_of_case(world.cohort)
     for case_id, row in got.iterrows():
         sr = srs.loc[studies[case_id]]
+        assert sr["prob_1"] == pytest.approx(folder.loc[case_id, "prob_1"], abs=1e-4)  # the acceptance rule
         assert sr["prob_1"] == pytest.approx(row["prob_1"], abs=1e-6)
         assert sr["prob_0"] == pytest.approx(row["prob_0"], abs=1e-6)
         assert str(sr["prediction"]) == str(row["prediction"])
@@ -96,11 +97,70 @@ def test_killed_run_resumes_without_duplicates(pacs, world, folder, tmp_path):
     assert len(pacs.instances()) == n_after
 
 
+def test_a_run_killed_for_real_resumes_without_duplicates(pacs, world, folder, tmp_path):
+    """SIGKILL a ``mmai predict --store-results`` process once its first rows are written (its retrieval
+    threads, preparing processes and store thread in flight): no process of it is left; rerun it: every
+    study predicted once, every SR recorded once, one SR per study on the server, no cache left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "p.csv"
+    args = ["--dicomweb", pacs.dicomweb, "--query", "ModalitiesInStudy=CT", "--clinical",
+            str(world.cohort / "clinical.csv"), "--store-results"]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "mmai", "predict", "--run", str(world.run), "--out", str(out),
+                             "-q", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = tmp_path / "p.stored.csv"
+
+    def lines(path: Path) -> int:
+        return path.read_bytes().count(b"\n") - 1 if path.exists() else 0  # rows below the header
+
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline and lines(out) < 1:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    if Path("/proc").is_dir():  # its preparing processes die with it (none left waiting for work)
+        def left() -> list[str]:
+            found = []
+            for d in Path("/proc").iterdir():
+                try:
+                    if d.name.isdigit() and str(out).encode() in (d / "cmdline").read_bytes():
+                        found.append(d.name)
+                except OSError:
+                    pass
+            return found
+
+        for _ in range(100):
+            if not left():
+                break
+            time.sleep(0.1)
+        assert left() == []
+    if lines(out) >= 24 and lines(ledger) >= 24:
+        pytest.skip("killed after its work was done")
+    assert world.predict(out, *args) == 0
+    got = pd.read_csv(out).set_index("case_id").sort_index()
+    _check_same(got, folder)  # every study once, the same values
+    stored = pd.read_csv(ledger)
+    assert len(stored) == len(stored.drop_duplicates()) and stored["study_uid"].nunique() == 24
+    srs = sr_table(result_srs(pacs))
+    assert srs["study_uid"].is_unique and set(study_of_case(world.cohort).values()) <= set(srs["study_uid"])
+    assert not (tmp_path / "p.cache").exists()
+
+
 def test_dimse_cget_and_cmove_match_folder(pacs, world, folder, tmp_path):
     studies = study_of_case(world.cohort)
     picked = ["case0001", "case0013", "case0020"]
     pd.DataFrame({"StudyInstanceUID": [studies[c] for c in picked]}).to_csv(tmp_path / "s.csv", index=False)
-    for name, extra in (("get", []), ("move", ["--move-port", str(pacs.move_port), "--calling-aet", "MMAI"])):
+    for name, extra in (("get", ["--workers", "1"]),  # 1: no preparing processes, volumes loaded in place
+                        ("move", ["--move-port", str(pacs.move_port), "--calling-aet", "MMAI"])):
         out = tmp_path / f"{name}.csv"
         assert world.predict(out, "--dimse", pacs.dimse, "--studies", str(tmp_path / "s.csv"), "--clinical",
                              str(world.cohort / "clinical.csv"), *extra) == 0

@@ -1,0 +1,40 @@
+"""The root attributes of the Patient and Study modules of the image IODs (Patient, Clinical Trial Subject,
+General Study, Patient Study, Clinical Trial Study; PS3.3, identical for CT, MR, PET, X-ray and
+secondary capture images): what a result SR copies from its source, as highdicom's
+``copy_patient_and_study_information`` does (listed from highdicom 0.28's standard tables, so the
+22 MB tables are not loaded per run)."""
+
+PATIENT_STUDY_KEYWORDS = (
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar", "PatientSex", "QualityControlSubject", "StrainDescription",
+    "StrainNomenclature", "StrainStockSequence", "StrainAdditionalInformation", "StrainCodeSequence",
+    "GeneticModificationsSequence", "OtherPatientNames", "OtherPatientIDsSequence",
+    "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence", "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
+    "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
+    "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence", "ClinicalTrialSponsorName", "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName", "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber", "StudyDate", "StudyTime", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "ConsultingPhysicianIdentificationSequence", "StudyDescription",
+    "ProcedureCodeSequence", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence",
+    "StudyInstanceUID", "StudyID", "RequestingService", "RequestingServiceCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence", "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize", "PatientSizeCodeSequence",
+    "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension", "PatientWeight",
+    "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit",
+    "ReasonForVisitCodeSequence", "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID",
+    "ServiceEpisodeDescription", "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence",
+    "IssuerOfClinicalTrialTimePointID", "ConsentForClinicalTrialUseSequence",
+)

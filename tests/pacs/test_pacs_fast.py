@@ -1,0 +1,186 @@
+"""The fast paths of PACS prediction without a server: the SR written directly has highdicom's layout,
+the cache writes WADO-RS parts from their file meta, the multipart split, and a batched store whose
+server refuses one study."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+
+from mmai.pacs.cache import OWN_CLASSES, StudyCache, file_meta_uids
+from mmai.pacs.dicomweb import _parts
+from mmai.pacs.retry import PacsError, TransientPacsError
+from mmai.pacs.sr import SKIP, _meaning, build_sr, derived_uid, read_sr_values
+from mmai.pacs.store import Ledger
+from tests.pacs.test_pacs_units import _instance, _uid
+
+
+def _highdicom_sr(row, source, *, model_id, version, kind):
+    """The SR as highdicom's ComprehensiveSR builds it (mmai's builder before it wrote the layout itself)."""
+    hd = pytest.importorskip("highdicom")
+    from pydicom.sr.coding import Code
+
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    study = str(source[0].StudyInstanceUID)
+    items = [hd.sr.TextContentItem(Code("111001", "DCM", "Algorithm Name"), "mmai", relationship_type=contains),
+             hd.sr.TextContentItem(Code("111003", "DCM", "Algorithm Version"), version, relationship_type=contains),
+             hd.sr.TextContentItem(Code("model_id", "99MMAI", "Model identifier"), model_id, relationship_type=contains),
+             hd.sr.UIDRefContentItem(Code("112002", "DCM", "Series Instance UID"), str(source[0].SeriesInstanceUID),
+                                     relationship_type=contains)]
+    for column, value in row.items():
+        if column in SKIP:
+            continue
+        name = Code(column, "99MMAI", _meaning(column))
+        if column == "input_flags" or (column == "prediction" and kind in ("binary", "multiclass")):
+            if str(value):
+                items.append(hd.sr.TextContentItem(name, str(value), relationship_type=contains))
+        else:
+            items.append(hd.sr.NumContentItem(name, float(value), Code("1", "UCUM", "no units"),
+                                              relationship_type=contains))
+    root = hd.sr.ContainerContentItem(Code("18748-4", "LN", "Diagnostic imaging report"))
+    root.ContentSequence = items
+    sr = hd.sr.ComprehensiveSR(evidence=list(source), content=root,
+                               series_instance_uid=derived_uid(study, model_id, "sr-series"), series_number=9901,
+                               sop_instance_uid=derived_uid(study, model_id, "sr"), instance_number=1,
+                               manufacturer="mmai", is_complete=True, is_final=False, is_verified=False)
+    sr.SeriesDescription = f"mmai prediction {model_id}"[:64]
+    return sr
+
+
+def _flat(ds, prefix=""):
+    """Every element as ``path -> text`` in dataset order (sequences by item)."""
+    out = {}
+    for e in ds:
+        if e.VR == "SQ":
+            out[prefix + e.keyword] = len(e.value)
+            for i, item in enumerate(e.value):
+                out.update(_flat(item, f"{prefix}{e.keyword}[{i}]."))
+        else:
+            out[prefix + e.keyword] = str(e.value)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["binary", "survival"])
+def test_sr_has_highdicoms_layout(kind):
+    study = _uid()
+    src = [_instance(study, study + ".5", k) for k in range(5)]
+    src[0].Manufacturer, src[0].InstitutionName = "ACME", "General Hospital"
+    src[0].StudyDescription, src[0].PatientAge, src[0].PatientIdentityRemoved = "CT CHEST", "061Y", "YES"
+    for ds in src[1:]:  # the others as the pipeline passes them: UIDs only
+        for kw in ("PatientID", "PatientName", "PatientSex", "PatientBirthDate", "StudyDate", "StudyTime", "StudyID",
+                   "AccessionNumber", "ReferringPhysicianName"):
+            del ds[kw]
+    if kind == "binary":
+        row = {"case_id": "c1", "prob_0": 0.123456789012345, "prob_1": 0.876543210987655, "prediction": "1",
+               "clinical_present": 1, "input_flags": "lost_slices=1", "model_id": "m-1"}
+    else:
+        row = {"case_id": "c1", "risk": -0.4321, "surv_365": 0.9, "surv_730": 0.8, "clinical_present": 0,
+               "input_flags": "", "model_id": "m-1"}
+    ours = build_sr(row, src, model_id="m-1", version="9.9", kind=kind)
+    ref = _highdicom_sr(row, src, model_id="m-1", version="9.9", kind=kind)
+    a, b = _flat(ours), _flat(ref)
+    assert list(a) == list(b)  # the same elements in the same order
+    software = "ContributingEquipmentSequence[1]."  # mmai describes itself where highdicom names itself
+    differ = {k for k in a if a[k] != b[k]}
+    assert differ <= {"InstanceCreationTime", "ContentTime", "InstanceCreationDate", "ContentDate"} | \
+        {software + k for k in ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "ContributionDateTime",
+                                "ContributionDescription")}
+    assert a["PatientAge"] == "061Y" and a["StudyDescription"] == "CT CHEST" and a["PatientIdentityRemoved"] == "YES"
+    assert a[software + "Manufacturer"] == "mmai" and a[software + "SoftwareVersions"] == "9.9"
+    assert read_sr_values(ours) == read_sr_values(ref)
+    pytest.importorskip("highdicom").sr.ComprehensiveSR.from_dataset(ours)  # highdicom reads it as its own
+    buf = io.BytesIO()
+    ours.save_as(buf, enforce_file_format=True)
+    back = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    assert read_sr_values(back)["model_id"] == "m-1" and back.file_meta.MediaStorageSOPInstanceUID == ours.SOPInstanceUID
+
+
+def _part10(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_study_parts_are_written_by_their_file_meta(tmp_path):
+    study = _uid()
+    insts = [_instance(study, study + ".1", k) for k in range(3)]
+    own = _instance(study, study + ".9", 1)
+    own.SOPClassUID = own.file_meta.MediaStorageSOPClassUID = sorted(OWN_CLASSES)[0]
+    own.Manufacturer = "mmai"
+    other_sr = _instance(study, study + ".8", 1)  # someone else's SR: same class, not mmai's
+    other_sr.SOPClassUID = other_sr.file_meta.MediaStorageSOPClassUID = sorted(OWN_CLASSES)[0]
+    parts = [_part10(ds) for ds in (*insts, own, other_sr)]
+    assert file_meta_uids(parts[0]) == (str(insts[0].SOPClassUID), str(insts[0].SOPInstanceUID))
+    assert file_meta_uids(b"not dicom") is None
+    implicit = bytearray(parts[0])  # a file meta group written implicit VR: not trusted, pydicom reads the file
+    implicit[132 + 4:132 + 8] = (4).to_bytes(4, "little")
+    assert file_meta_uids(bytes(implicit)) is None
+    cache = StudyCache(tmp_path / "c", max_bytes=10**9)
+    assert cache.add_study_parts(study, parts) == 5
+    names = sorted(p.stem for p in cache.study_dir(study).glob("*.dcm"))
+    assert names == sorted([str(d.SOPInstanceUID) for d in insts] + [str(other_sr.SOPInstanceUID)])
+    assert cache.size() == sum(len(p) for p in parts[:3]) + len(parts[4])
+    first = cache.study_dir(study) / f"{insts[0].SOPInstanceUID}.dcm"
+    mtime = first.stat().st_mtime_ns
+    assert cache.add_study_parts(study, parts[:1]) == 1 and first.stat().st_mtime_ns == mtime  # not rewritten
+    assert not list(cache.study_dir(study).glob(".*"))  # no temporary file left
+    with pytest.raises(PacsError, match="not a DICOM file"):
+        cache.add_study_parts(study, [b"\x00" * 200])
+    cache.release(study)
+    assert cache.size() == 0 and not cache.study_dir(study).exists()
+
+
+class _Chunks:
+    def __init__(self, body: bytes, size: int) -> None:
+        self.body, self.size = body, size
+        self.headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b0und'}
+
+    def iter_content(self, chunk_size):
+        for i in range(0, len(self.body), self.size):
+            yield self.body[i:i + self.size]
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, 1000, 10**6])
+def test_multipart_split_at_any_chunk_size(size):
+    bodies = [bytes(range(256)) * k for k in (0, 1, 3, 7)] + [b"x--b0und-ish"]  # a boundary lookalike inside
+    stream = b"".join(b"--b0und\r\nContent-Type: application/dicom\r\n\r\n" + b + b"\r\n" for b in bodies) + b"--b0und--"
+    assert list(_parts(_Chunks(stream, size))) == bodies
+
+
+class _Refusing:
+    """A sink that refuses the objects of one study (a non-transient failure) or is unreachable."""
+
+    def __init__(self, bad: str | None = None, down: bool = False) -> None:
+        self.bad, self.down, self.calls = bad, down, []
+
+    def store(self, objects):
+        self.calls.append([str(o.StudyInstanceUID) for o in objects])
+        if self.down:
+            raise PacsError("DICOMweb x store: cannot reach x (gave up after 2 attempt(s))") from TransientPacsError("x")
+        if any(str(o.StudyInstanceUID) == self.bad for o in objects):
+            raise PacsError(f"refused 1 instance(s) of study {self.bad}")
+
+
+@pytest.mark.parametrize("down", [False, True])
+def test_a_batch_the_server_refuses_in_part_fails_only_that_study(tmp_path, down):
+    from mmai.pacs.predict import _Item, _send
+
+    studies = [_uid() for _ in range(3)]
+    items = [_Item(s, {"case_id": f"c{i}", "prob_0": 0.4, "prob_1": 0.6, "prediction": "1", "clinical_present": 1,
+                       "model_id": "m"}, _instance(s, s + ".1", 1), [f"/c/{s}/1.2.3.dcm"], [])
+             for i, s in enumerate(studies)]
+    sink = _Refusing(bad=studies[1], down=down)
+    ledger = Ledger(tmp_path / "stored.csv")
+    predictor = SimpleNamespace(model_id="m", encoding=SimpleNamespace(kind="binary"))
+    errs = _send((sink, "dest"), ledger, predictor, "9.9", items)
+    if down:  # unreachable: one try of the whole batch, every study an error row
+        assert len(sink.calls) == 1 and [e["case_id"] for e in errs] == ["c0", "c1", "c2"]
+        assert not ledger.done
+    else:  # refused: the batch, then each study alone
+        assert sink.calls[0] == studies and len(sink.calls) == 4
+        assert [e["case_id"] for e in errs] == ["c1"] and errs[0]["stage"] == "store"
+        assert {s for s, _, _ in ledger.done} == {studies[0], studies[2]}
+        assert all(ledger.has(s, derived_uid(s, "m", "sr"), "dest") for s in (studies[0], studies[2]))
