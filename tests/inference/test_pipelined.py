@@ -66,3 +66,39 @@ def test_full_resolution_volumes_are_predicted_one_per_model_call():
     assert predict_chunk(SimpleNamespace(config=full, uses_image=True)) == 1
     assert predict_chunk(SimpleNamespace(config=fixed, uses_image=True)) == fixed.infer.batch_size > 1
     assert predict_chunk(SimpleNamespace(config=full, uses_image=False)) == full.infer.batch_size
+
+
+def test_model_runs_on_each_study_while_the_next_ones_load(world, tmp_path, monkeypatch):  # noqa: F811
+    """predict with workers and a full-resolution pipeline: the model runs on case k before case
+    k + 1 is taken from the workers, and while it runs the workers hold the next cases (loading or
+    loaded); before, a chunk of infer.batch_size cases was loaded before the model ran at all."""
+    import dataclasses
+
+    from mmai.inference.predictor import Predictor, predict_from_files
+
+    events: list[tuple[str, int]] = []
+    init, forward, load = Predictor.__init__, Predictor._forward, PrefetchLoader.load
+    live: list[PrefetchLoader] = []
+
+    def full_resolution(self, *a, **k):  # the world's run, seen as image.size: null (one shape per study)
+        init(self, *a, **k)
+        self.config = dataclasses.replace(self.config, image=dataclasses.replace(self.config.image, size=None))
+
+    def record_forward(self, *a, **k):
+        events.append(("model", len(live[0].futures) if live else -1))
+        return forward(self, *a, **k)
+
+    def record_load(self, *a, **k):
+        live[:] = [self]
+        events.append(("load", 0))
+        return load(self, *a, **k)
+
+    monkeypatch.setattr(Predictor, "__init__", full_resolution)
+    monkeypatch.setattr(Predictor, "_forward", record_forward)
+    monkeypatch.setattr(PrefetchLoader, "load", record_load)
+    man = world.cohort / "manifest.csv"
+    predict_from_files(world.run, tmp_path / "p.csv", manifest_path=man, workers=2, progress=False)
+    kinds = [e for e, _ in events]
+    assert kinds[:6] == ["load", "model"] * 3
+    assert all(n > 0 for e, n in events[:6] if e == "model")  # the workers are ahead while the model runs
+    assert len(pd.read_csv(tmp_path / "p.csv")) == len(pd.read_csv(man))
