@@ -9,7 +9,8 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
 (``model.windows``: 96^3 windows, overlap 0.25, batch 2; the demo's ResNet 8-16-32-64).
 
 - ``mmai``: ``python -m mmai predict --run RUN --dicom-root ROOT --out preds.csv`` in a subprocess
-  (default ``--workers``: the usable cores), wall time from start to the CSV; each study: scan,
+  (default ``--workers``: the usable cores; the model then runs on the cores the workers leave, at
+  least one thread, one study per model call), wall time from start to the CSV; each study: scan,
   series selection, read, preprocessing (the fast chain), window encoding, fusion.
 - ``monai``: the tutorial pipeline in one process: ``LoadImaged`` with MONAI's ``PydicomReader``,
   ``EnsureChannelFirstd``, ``Orientationd(RAS)``, ``Spacingd(1.5 mm, bilinear)``, one
