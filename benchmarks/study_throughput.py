@@ -9,7 +9,8 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
 (``model.windows``: 96^3 windows, overlap 0.25, batch 2; the demo's ResNet 8-16-32-64).
 
 - ``mmai``: ``python -m mmai predict --run RUN --dicom-root ROOT --out preds.csv`` in a subprocess
-  (default ``--workers``: the usable cores), wall time from start to the CSV; each study: scan,
+  (default ``--workers``: the usable cores; the model then runs on the cores the workers leave, at
+  least one thread, one study per model call), wall time from start to the CSV; each study: scan,
   series selection, read, preprocessing (the fast chain), window encoding, fusion.
 - ``monai``: the tutorial pipeline in one process: ``LoadImaged`` with MONAI's ``PydicomReader``,
   ``EnsureChannelFirstd``, ``Orientationd(RAS)``, ``Spacingd(1.5 mm, bilinear)``, one
@@ -20,7 +21,14 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
   outputs are written to a CSV.
 
 ``stage_s``: mmai's seconds per stage of one study, measured in this process on the first study
-(scan of the root, read + preprocess, model) plus both wall times. ``peak_rss_gb``: the peak
+after both pipelines ran, with the torch threads ``mmai predict`` gives each stage (a worker reads
+and preprocesses with 1 thread; the model gets the cores the workers leave): start-up (a fresh
+process importing predict's modules and loading the run), scan of the root, read + preprocess,
+model; ``cpu_s`` the same in CPU seconds; plus both wall times and both CPU times (``mmai_cpu_s``:
+the predict process and its workers; ``monai_cpu_s``: this process and its DataLoader workers
+during the timed loop). MONAI's wall time starts after its imports and model load; mmai's
+includes them (``start_s``). ``load_average_1min``: the machine's load before and after each
+pipeline (the machine may be shared). ``peak_rss_gb``: the peak
 resident memory of the ``mmai predict`` process (VmHWM) or of its largest worker (measured inside it);
 ``peak_rss_monai_gb``: this process's peak (the MONAI pipeline, its DataLoader in-process part,
 and writing the studies; training runs in a subprocess). The last line is JSON:
@@ -108,48 +116,81 @@ _MEASURED = ("import re, resource, sys\n"
              "sys.exit(rc)\n")
 
 
-def run_mmai(run: Path, root: Path, out: Path, workers: int | None) -> tuple[float, float]:
-    """``mmai predict`` in a subprocess -> (wall seconds, peak RSS GB of it and its workers)."""
+def run_mmai(run: Path, root: Path, out: Path, workers: int | None) -> tuple[float, float, float]:
+    """``mmai predict`` in a subprocess -> (wall seconds, peak RSS GB of it and its workers, CPU seconds
+    of it and its workers)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", _MEASURED, "predict", "--run", str(run), "--dicom-root", str(root),
            "--out", str(out), "-q", *(["--workers", str(workers)] if workers else [])]
+    c0 = cpu_s(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"mmai predict failed: {r.stderr[-3000:]}")
     kb = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("MMAI_PEAK_RSS_KB")]
-    return wall, (kb[-1] / 2**20 if kb else float("nan"))
+    return wall, (kb[-1] / 2**20 if kb else float("nan")), cpu_s(resource.RUSAGE_CHILDREN) - c0
 
 
-def mmai_stages(run: Path, root: Path, study: Path) -> dict[str, float]:
-    """Seconds of one study's stages in this process: scan of the root, read + preprocess, model."""
+def cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds of this process (or of its waited-for children)."""
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(fn: Any) -> tuple[Any, float, float]:
+    t0, c0 = time.perf_counter(), cpu_s()
+    out = fn()
+    return out, time.perf_counter() - t0, cpu_s() - c0
+
+
+def start_up(run: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of a fresh process importing what ``mmai predict`` imports and loading the run."""
+    code = ("import sys\nfrom pathlib import Path\nfrom mmai.inference.predictor import Predictor\n"
+            "Predictor(Path(sys.argv[1]))\n")
+    c0 = cpu_s(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(run)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                   check=True, capture_output=True)
+    return time.perf_counter() - t0, cpu_s(resource.RUSAGE_CHILDREN) - c0
+
+
+def mmai_stages(run: Path, root: Path, study: Path, workers: int | None) -> dict[str, Any]:
+    """Seconds (wall and CPU) of one study's stages in this process, with the torch threads ``mmai
+    predict`` gives them: scan of the root, read + preprocess (a worker: 1 thread), model (the
+    threads the workers leave, :func:`mmai.inference.pipelined.model_threads`)."""
     from mmai.config import load_config
     from mmai.inference.dicom_cases import predict_cases
+    from mmai.inference.pipelined import default_workers, model_threads
     from mmai.inference.predictor import Predictor
 
-    t0 = time.perf_counter()
-    predict_cases(root, None, load_config(run / "config.yaml"), progress=False)
-    scan = time.perf_counter() - t0
+    n_workers = default_workers() if workers is None else workers
+    threads = model_threads(n_workers) if n_workers >= 2 else torch.get_num_threads()
+    before = torch.get_num_threads()
+    _, scan, scan_cpu = _timed(lambda: predict_cases(root, None, load_config(run / "config.yaml"), progress=False))
     pred = Predictor(run)
+    torch.set_num_threads(1)
     pred.loader.load(str(study))  # warm-up (imports)
-    t0 = time.perf_counter()
-    arr, aff = pred.loader.load(str(study))
-    prep = time.perf_counter() - t0
+    (arr, aff), prep, prep_cpu = _timed(lambda: pred.loader.load(str(study)))
     x = torch.from_numpy(arr)[None]
     n_feat = pred.pre.num_features if pred.pre is not None else 0
     args = (x, torch.ones(1), torch.zeros(1, n_feat), torch.zeros(1, n_feat))
+    affine = torch.as_tensor(aff, dtype=torch.float32)[None]
+    torch.set_num_threads(threads)
     with torch.inference_mode():
-        pred.model(*args, affine=torch.as_tensor(aff, dtype=torch.float32)[None])
-        t0 = time.perf_counter()
-        pred.model(*args, affine=torch.as_tensor(aff, dtype=torch.float32)[None])
-    model = time.perf_counter() - t0
-    return {"scan_root_s": round(scan, 3), "read_preprocess_s": round(prep, 3), "model_s": round(model, 3),
-            "model_grid": list(arr.shape)}
+        pred.model(*args, affine=affine)
+        _, model, model_cpu = _timed(lambda: pred.model(*args, affine=affine))
+    torch.set_num_threads(before)
+    start, start_cpu = start_up(run)
+    return {"start_s": round(start, 3), "scan_root_s": round(scan, 3), "read_preprocess_s": round(prep, 3),
+            "model_s": round(model, 3), "cpu_s": {"start": round(start_cpu, 3), "scan_root": round(scan_cpu, 3),
+                                                  "read_preprocess": round(prep_cpu, 3), "model": round(model_cpu, 3)},
+            "model_threads": threads, "workers": n_workers, "model_grid": list(arr.shape)}
 
 
-def run_monai(run: Path, pipe: Path, folders: list[Path], out: Path) -> float:
-    """The MONAI-tutorial pipeline (module docstring) over the studies -> seconds."""
+def run_monai(run: Path, pipe: Path, folders: list[Path], out: Path) -> tuple[float, float]:
+    """The MONAI-tutorial pipeline (module docstring) over the studies -> (wall seconds, CPU seconds of
+    this process and its DataLoader workers)."""
     from monai.data import DataLoader, Dataset
     from monai.inferers import sliding_window_inference
     from monai.transforms import (
@@ -195,6 +236,7 @@ def run_monai(run: Path, pipe: Path, folders: list[Path], out: Path) -> float:
     data = [{"image": str(f), "case_id": f.name} for f in folders]
     loader = DataLoader(Dataset(data, tf), batch_size=1, num_workers=cores())
     rows = []
+    c0 = cpu_s() + cpu_s(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
@@ -207,10 +249,11 @@ def run_monai(run: Path, pipe: Path, folders: list[Path], out: Path) -> float:
             del model.image_tokens
             rows.append({"case_id": batch["case_id"][0], "logit": float(logit.flatten()[0])})
     wall = time.perf_counter() - t0
+    cpu = cpu_s() + cpu_s(resource.RUSAGE_CHILDREN) - c0  # the DataLoader's workers are joined by now
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(out, index=False)
-    return wall
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -226,12 +269,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folders = write_studies(tmp / "root", a.n)
         run, pipe = train_run(tmp)
         setup = time.perf_counter() - t0
-        mmai_wall, rss_mmai = run_mmai(run, tmp / "root", tmp / "preds.csv", a.workers)
+        load_before = os.getloadavg()
+        mmai_wall, rss_mmai, mmai_cpu = run_mmai(run, tmp / "root", tmp / "preds.csv", a.workers)
+        load_mid = os.getloadavg()
         import pandas as pd
 
         n_rows = len(pd.read_csv(tmp / "preds.csv"))
-        stages = mmai_stages(run, tmp / "root", folders[0])
-        monai_wall = None if a.skip_monai else run_monai(run, pipe, folders, tmp / "monai.csv")
+        monai_wall, monai_cpu = (None, None) if a.skip_monai else run_monai(run, pipe, folders, tmp / "monai.csv")
+        load_after = os.getloadavg()
+        stages = mmai_stages(run, tmp / "root", folders[0], a.workers)
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     mmai_sps = n_rows / mmai_wall
     monai_sps = None if monai_wall is None else a.n / monai_wall
@@ -239,7 +285,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "monai_studies_per_s": None if monai_sps is None else round(monai_sps, 4),
               "speedup": None if monai_sps is None else round(mmai_sps / monai_sps, 2),
               "stage_s": {**stages, "mmai_wall_s": round(mmai_wall, 2),
-                          "monai_wall_s": None if monai_wall is None else round(monai_wall, 2)},
+                          "monai_wall_s": None if monai_wall is None else round(monai_wall, 2),
+                          "mmai_cpu_s": round(mmai_cpu, 2),
+                          "monai_cpu_s": None if monai_cpu is None else round(monai_cpu, 2)},
+              "load_average_1min": {"before": round(load_before[0], 2), "after_mmai": round(load_mid[0], 2),
+                                    "after_monai": round(load_after[0], 2)},
               "peak_rss_gb": round(rss_mmai, 3), "peak_rss_monai_gb": round(rss_self, 3),
               "n_studies": a.n, "rows": n_rows, "cores": cores(), "setup_s": round(setup, 1),
               "study": {"shape": [512, 512, 400], "spacing_mm": [0.7, 0.7, 1.25], "format": "DICOM, int16"},

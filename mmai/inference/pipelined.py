@@ -11,6 +11,15 @@ workers finish does not matter), else the case is loaded in place. Errors are th
 
 ``--workers`` (``mmai predict``) defaults to :func:`default_workers`: the cores this process may use,
 capped at 8; 1 loads in place (no worker processes).
+
+Threads: each worker runs torch with one thread, and while workers are loading, the model process
+runs torch (on the CPU) with :func:`model_threads` threads, the cores the workers leave (at least 1),
+never more than it had. Running the model with every core while the workers also use them
+oversubscribes the cores, and torch's OpenMP threads then wait on each other: on 2 cores, the
+window encoding of a 512 x 512 x 400 chest CT took 3.5-8 s with 2 threads next to the workers
+against 1.2 s with one (docs/benchmarks.md). The threads come back when the workers stop (the last
+study keeps one thread too: on a busy machine two threads cost it several times more than they
+save on an idle one).
 """
 
 from __future__ import annotations
@@ -34,11 +43,35 @@ _WORKER_LOADER: Any = None
 
 def default_workers() -> int:
     """Preprocessing processes for ``mmai predict`` when ``--workers`` is not given: the usable cores, 1..8."""
+    return max(1, min(8, usable_cores()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
     try:
-        n = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+        return os.cpu_count() or 1
+
+
+def model_threads(workers: int, cores: int | None = None) -> int:
+    """Torch threads for the model while ``workers`` preprocessing processes run: the cores left, >= 1."""
+    return max(1, (usable_cores() if cores is None else cores) - workers)
+
+
+def predict_chunk(predictor: Any) -> int:
+    """Cases per model call of ``mmai predict``: ``infer.batch_size``, but 1 for full-resolution volumes
+    (``image.size: null``).
+
+    Those volumes differ in shape from study to study, so the model sees them one at a time anyway
+    (a batch is never padded), and a chunk of 16 would hold 16 volumes of ~100 MB and keep the model
+    waiting until the last of them is loaded: nothing would overlap the workers' loading. One case
+    per call lets the model run on study k while the workers load k + 1, k + 2, ...
+    """
+    cfg = predictor.config
+    if cfg.image is not None and cfg.image.size is None and getattr(predictor, "uses_image", True):
+        return 1
+    return int(cfg.infer.batch_size)
 
 
 def _init(loader: Any) -> None:
@@ -73,10 +106,15 @@ class PrefetchLoader:
         paths: the image paths of the cases to come, in the order they will be asked for.
         workers: worker processes (>= 1).
         ahead: how many volumes may be loaded and waiting at once (default ``workers + 2``).
+        threads: torch threads of this process while the workers live (None: leave them); the
+            previous number comes back at :meth:`close`.
     """
 
-    def __init__(self, loader: Any, paths: Sequence[Any], workers: int, ahead: int | None = None) -> None:
+    def __init__(self, loader: Any, paths: Sequence[Any], workers: int, ahead: int | None = None,
+                 threads: int | None = None) -> None:
         import copy
+
+        import torch
 
         self.loader = loader
         self.last_flags = ""  # the input flags of the case just loaded, as ImageLoader.last_flags
@@ -88,7 +126,19 @@ class PrefetchLoader:
         worker_loader._chain = None
         self.pool: ProcessPoolExecutor | None = ProcessPoolExecutor(max_workers=workers, initializer=_init,
                                                                      initargs=(worker_loader,))
+        self._threads_before: int | None = None
+        if threads is not None and threads < torch.get_num_threads():
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            log.debug("predict: model on %d torch thread(s) while %d worker(s) load", threads, workers)
         self._fill()
+
+    def _restore_threads(self) -> None:
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def _fill(self) -> None:
         while self.pool is not None and self.queue and len(self.futures) < self.ahead:
@@ -141,7 +191,8 @@ class PrefetchLoader:
         return getattr(self.loader, name)
 
     def close(self) -> None:
-        """Stop the workers (cases not asked for yet are dropped)."""
+        """Stop the workers (cases not asked for yet are dropped) and give back the model's threads."""
+        self._restore_threads()
         if self.pool is not None:
             for fut in self.futures.values():
                 fut.cancel()
@@ -160,7 +211,8 @@ def attach(predictor: Any, todo: Any, workers: int | None) -> Callable[[], None]
     if n < 2 or loader is None or cfg is None or not getattr(predictor, "uses_image", True) \
             or cfg.column not in todo.columns or len(todo) < 2:
         return lambda: None
-    prefetch = PrefetchLoader(loader, list(todo[cfg.column]), n)
+    on_cpu = str(getattr(predictor, "device", "cpu")).startswith("cpu")
+    prefetch = PrefetchLoader(loader, list(todo[cfg.column]), n, threads=model_threads(n) if on_cpu else None)
     predictor.loader = prefetch
     log.info("predict: %d preprocessing worker(s), %d volume(s) ahead", n, prefetch.ahead)
 

@@ -334,7 +334,7 @@ def predict_from_files(run_dir: Path, out_csv: Path, *, manifest_path: Path | No
     errors: list[dict[str, str]] = list(select_errors)
     n_pred = 0
     new_file = not out_csv.exists() or out_csv.stat().st_size == 0
-    bs = predictor.config.infer.batch_size
+    bs = pipelined.predict_chunk(predictor)  # 1 for full-resolution volumes: the model overlaps the loading
     stop_workers = pipelined.attach(predictor, todo, workers)  # the next studies load while the model runs
     with out_csv.open("a", newline="") as fh, tqdm(total=len(todo), desc="predict", unit="case",
                                                    disable=not progress) as bar:

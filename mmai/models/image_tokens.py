@@ -136,10 +136,14 @@ class WindowTokenizer(nn.Module):
         pairs = [(w, i) for w in range(len(slices)) for i in range(b)]  # window-major token order
         chunks: list[torch.Tensor] = []
         fmap_shape: tuple[int, int, int] = (1, 1, 1)
+        grad = torch.is_grad_enabled()
         for start, stop in _chunks(len(pairs), self.batch):
             part = pairs[start:stop]
-            x = torch.stack([padded[(i, slice(None), *slices[w])] for w, i in part])  # (n, C, r0, r1, r2)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            if grad:
+                x = torch.stack([padded[(i, slice(None), *slices[w])] for w, i in part])  # (n, C, r0, r1, r2)
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            else:  # straight into a channels-last batch: one copy per window, no stacked intermediate
+                x = _window_batch(padded, [(i, slices[w]) for w, i in part], self.roi_size)
             if self.capture is not None:
                 x = x.detach().requires_grad_(True)
                 self.capture.append((x, part))
@@ -157,6 +161,16 @@ class WindowTokenizer(nn.Module):
                               roi_size=self.roi_size, slices=tuple(slices), fmap_shape=fmap_shape,
                               centres_mm=mm.detach())
         return tok + self.pos(mm), layout  # (B, N, dim)
+
+
+def _window_batch(volume: torch.Tensor, where: list[tuple[int, tuple[slice, slice, slice]]],
+                  roi: tuple[int, int, int]) -> torch.Tensor:
+    """Windows of a (B, C, D, H, W) volume -> (n, C, r0, r1, r2) channels-last, one copy each (no grad)."""
+    out = torch.empty((len(where), volume.shape[1], *roi), dtype=volume.dtype, device=volume.device,
+                      memory_format=torch.channels_last_3d)
+    for j, (i, s) in enumerate(where):
+        out[j].copy_(volume[(i, slice(None), *s)])
+    return out
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

@@ -3,10 +3,14 @@ predictions CSV and the errors file are the ones of the in-place run."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
+import torch
 
-from mmai.inference.pipelined import PrefetchLoader, default_workers
+from mmai.config import load_config
+from mmai.inference.pipelined import PrefetchLoader, default_workers, model_threads, predict_chunk
 from tests.inference.predict_world import world  # noqa: F401 - the shared fixture
 
 
@@ -27,13 +31,74 @@ def test_prefetch_answers_by_path_whatever_the_order(world):  # noqa: F811
     pred = Predictor(world.run)
     m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
     paths = [str(world.cohort / p) for p in m["image"][:4]]
-    pre = PrefetchLoader(pred.loader, paths, workers=2, ahead=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
-        for p in reversed(paths):  # asked for in another order than loaded
-            arr, aff = pre.load(p)
-            ref, ref_aff = pred.loader.load(p)
-            assert arr.shape == ref.shape and (arr == ref).all() and (aff == ref_aff).all()
-        assert not pre.futures
+        pre = PrefetchLoader(pred.loader, paths, workers=2, ahead=4, threads=1)
+        try:
+            for p in reversed(paths):  # asked for in another order than loaded
+                arr, aff = pre.load(p)
+                assert torch.get_num_threads() == 1  # the model leaves the cores to the workers
+                ref, ref_aff = pred.loader.load(p)
+                assert arr.shape == ref.shape and (arr == ref).all() and (aff == ref_aff).all()
+            assert not pre.futures
+        finally:
+            pre.close()
+        assert torch.get_num_threads() == 2  # given back when the workers stop
     finally:
-        pre.close()
+        torch.set_num_threads(before)
     assert 1 <= default_workers() <= 8
+
+
+def test_model_gets_the_cores_the_workers_leave():
+    assert model_threads(2, cores=2) == 1  # 2 cores: two loading workers, the model on one thread
+    assert model_threads(4, cores=2) == 1
+    assert model_threads(8, cores=16) == 8
+    assert model_threads(1, cores=1) == 1
+
+
+def test_full_resolution_volumes_are_predicted_one_per_model_call():
+    """image.size null (each study its own shape): one case per call, so the model runs on study k
+    while the workers load the next ones; a fixed size keeps infer.batch_size."""
+    full = load_config("pipelines/ct_chest.yaml")
+    fixed = load_config("pipelines/demo.yaml")
+    assert full.image.size is None and fixed.image.size is not None
+    assert predict_chunk(SimpleNamespace(config=full, uses_image=True)) == 1
+    assert predict_chunk(SimpleNamespace(config=fixed, uses_image=True)) == fixed.infer.batch_size > 1
+    assert predict_chunk(SimpleNamespace(config=full, uses_image=False)) == full.infer.batch_size
+
+
+def test_model_runs_on_each_study_while_the_next_ones_load(world, tmp_path, monkeypatch):  # noqa: F811
+    """predict with workers and a full-resolution pipeline: the model runs on case k before case
+    k + 1 is taken from the workers, and while it runs the workers hold the next cases (loading or
+    loaded); before, a chunk of infer.batch_size cases was loaded before the model ran at all."""
+    import dataclasses
+
+    from mmai.inference.predictor import Predictor, predict_from_files
+
+    events: list[tuple[str, int]] = []
+    init, forward, load = Predictor.__init__, Predictor._forward, PrefetchLoader.load
+    live: list[PrefetchLoader] = []
+
+    def full_resolution(self, *a, **k):  # the world's run, seen as image.size: null (one shape per study)
+        init(self, *a, **k)
+        self.config = dataclasses.replace(self.config, image=dataclasses.replace(self.config.image, size=None))
+
+    def record_forward(self, *a, **k):
+        events.append(("model", len(live[0].futures) if live else -1))
+        return forward(self, *a, **k)
+
+    def record_load(self, *a, **k):
+        live[:] = [self]
+        events.append(("load", 0))
+        return load(self, *a, **k)
+
+    monkeypatch.setattr(Predictor, "__init__", full_resolution)
+    monkeypatch.setattr(Predictor, "_forward", record_forward)
+    monkeypatch.setattr(PrefetchLoader, "load", record_load)
+    man = world.cohort / "manifest.csv"
+    predict_from_files(world.run, tmp_path / "p.csv", manifest_path=man, workers=2, progress=False)
+    kinds = [e for e, _ in events]
+    assert kinds[:6] == ["load", "model"] * 3
+    assert all(n > 0 for e, n in events[:6] if e == "model")  # the workers are ahead while the model runs
+    assert len(pd.read_csv(tmp_path / "p.csv")) == len(pd.read_csv(man))

@@ -204,3 +204,16 @@ def test_no_window_batch_of_one_in_training():
     assert _chunks(9, 4) == [(0, 4), (4, 9)] and _chunks(8, 4) == [(0, 4), (4, 8)] and _chunks(1, 4) == [(0, 1)]
     m = model({"roi_size": [16, 16, 16], "batch": 4, "train_windows": 3}).train()
     m.image_tokens(torch.randn(3, 1, 32, 32, 32), None)  # 9 (window, case) pairs, 1x1x1 feature maps
+
+
+def test_inference_window_copies_equal_the_training_path():
+    """Without gradients the windows are copied straight into a channels-last batch; with them
+    they are stacked: same tokens (a padded volume, windows of both volumes of the batch)."""
+    m = model({"batch": 3})
+    image, *_ = inputs(b=2, size=(40, 28, 36))  # axis 1 padded to 32
+    aff = affine()
+    with torch.no_grad():
+        fast, layout = m.image_tokens(image, aff)
+    slow, _ = m.image_tokens(image, aff)  # grad enabled: the stacking path
+    assert len(layout.slices) > 2 and layout.pad[1] > 0
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=0)
