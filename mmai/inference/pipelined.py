@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -74,9 +75,26 @@ def predict_chunk(predictor: Any) -> int:
     return int(cfg.infer.batch_size)
 
 
+def _die_with_parent() -> None:
+    """In a freshly started worker (Linux): ask the kernel to kill it when the thread that forked it
+    dies, so a killed ``mmai predict`` leaves no process behind waiting for work."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the worker outlives a killed parent
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _init(loader: Any) -> None:
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(1)
     global _WORKER_LOADER
     _WORKER_LOADER = loader
@@ -126,6 +144,9 @@ class PrefetchLoader:
         worker_loader._chain = None
         self.pool: ProcessPoolExecutor | None = ProcessPoolExecutor(max_workers=workers, initializer=_init,
                                                                      initargs=(worker_loader,))
+        # a fork pool forks all its processes at the first submit: do it now, from this (long-lived)
+        # thread, which the workers' death-with-parent signal is tied to
+        self.pool.submit(int)
         self._threads_before: int | None = None
         if threads is not None and threads < torch.get_num_threads():
             self._threads_before = torch.get_num_threads()

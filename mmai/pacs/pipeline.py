@@ -20,9 +20,7 @@ loaded in place by the predictor.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -36,27 +34,6 @@ from mmai.inference.pipelined import PrefetchLoader, _key, _load
 
 log = logging.getLogger(__name__)
 STORE_BATCH = 16  # result objects of at most this many studies go in one store request
-_ARMED = False  # set while the preparing processes are forked: they then die with this process
-
-
-def _die_with_parent() -> None:
-    """In a freshly forked preparing process (Linux): ask the kernel to kill it when the process that
-    forked it dies, so a killed ``mmai predict`` leaves no process behind waiting for work."""
-    if not _ARMED or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # no prctl: the process outlives a killed parent, as before
-        return
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(1)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_die_with_parent)
 
 
 @dataclass
@@ -104,13 +81,6 @@ class StudyPrefetch(PrefetchLoader):
     def __init__(self, loader: Any, config: Any, workers: int) -> None:
         super().__init__(loader, [], workers)
         self.config = config
-        if self.pool is not None:  # start the processes now, from this thread, before any other thread runs
-            global _ARMED
-            _ARMED = True
-            try:
-                self.pool.submit(int)  # a fork pool forks all its processes at the first submit
-            finally:
-                _ARMED = False
 
     def submit(self, study_dir: Path, *, load: bool, header: bool) -> Future:
         """Prepare a fetched study in a process (in place when the pool is gone)."""
