@@ -33,7 +33,7 @@ recipe, so a long measurement can be split (e.g. ``--labels 400 --seeds 0`` on i
 
 Last line: ``{"task": .., "oracle_image": .., "bayes_test": .., "results": {"100": {"image_only":
 {"scratch": {"mean": .., "std": .., "values": [..]}, "pretrained": {...}, "gain": ..}, ...}, ...},
-"pretrain": {...}, "seconds": ..}``
+"pretrain": {...}, "timings": {"cohort": .., "runs": ..}, "seconds": ..}``
 """
 
 from __future__ import annotations
@@ -108,8 +108,11 @@ def oracle_image(test: pd.DataFrame, task: str) -> float:
 def run_pretrain(cfg: PipelineConfig, pool: pd.DataFrame, out: Path) -> dict[str, Any]:
     from mmai.pretrain.run import pretrain, pretrain_config
 
-    if (out / "pretrain.json").exists():
-        return json.loads((out / "pretrain.json").read_text())
+    if (out / "pretrain.json").exists():  # reused: the epochs' seconds from its log
+        summary = json.loads((out / "pretrain.json").read_text())
+        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+        summary["seconds"] = round(sum(float(r.get("seconds", 0)) for r in rows), 1)
+        return summary
     out.mkdir(parents=True, exist_ok=True)
     manifest = out.parent / "unlabelled.csv"
     pool[["case_id", "patient_id", cfg.image.column if cfg.image else "image"]].to_csv(manifest, index=False)
