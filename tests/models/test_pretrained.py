@@ -202,3 +202,61 @@ def test_config_ranges():
     assert config_from_dict({"model": {"freeze_pretrained": 3}}).model.freeze_pretrained == 3
     with pytest.raises(ConfigError, match="pretrain.mask_fraction"):
         config_from_dict({"pretrain": {"mask_fraction": 1.5}})
+
+
+def test_partial_load_reports_matched_missing_unexpected_and_logs_them(tmp_path, caplog):
+    """A checkpoint holding only part of the encoder plus foreign tensors: the matched tensors
+    arrive, the rest stays at initialisation, and the report (what metrics.json gets) and the run
+    log name the counts and the keys."""
+    src = create_encoder("resnet", widths=W)
+    sd = _randomised(src, 11)
+    keep = {k: v for k, v in sd.items() if not k.startswith("net.layer4.")}
+    dropped = sorted(set(sd) - set(keep))
+    extra = {"head.weight": torch.randn(3, 64), "decoder.up.0.weight": torch.randn(4, 4, 3, 3, 3)}
+    torch.save({"state_dict": {f"module.encoder.{k}": v for k, v in keep.items()}
+                | {f"module.{k}": v for k, v in extra.items()}}, tmp_path / "part.pth")
+    cfg = config_from_dict({"model": {"fusion": "image_only", "widths": list(W), "pretrained": str(tmp_path / "part.pth")}})
+    model = create_model("image_only", n_outputs=1, widths=W)
+    before = {k: v.clone() for k, v in model.image.encoder.state_dict().items()}
+    with caplog.at_level("INFO", logger="mmai.models.pretrained"):
+        report = apply_pretrained(model, cfg)
+    _assert_arrived(model.image.encoder, keep)
+    own = model.image.encoder.state_dict()
+    assert all(torch.equal(own[k], before[k]) for k in dropped)  # kept at initialisation
+    assert report["n_matched"] == len(keep) and report["n_missing"] == len(dropped)
+    assert report["n_unexpected"] == len(extra) and sorted(report["unexpected"]) == sorted(extra)
+    assert sorted(report["missing"]) == dropped and report["format"] == "state_dict"
+    assert report["rewrite"] == {"checkpoint_prefix": "encoder.", "encoder_prefix": ""}
+    text = caplog.text
+    assert f"{len(keep)} encoder tensors loaded, {len(dropped)} missing" in text and f"{len(extra)} unexpected" in text
+    assert "net.layer4.0.conv1.weight" in text  # the missing keys are named in the log
+    # the optimizer groups: only the tensors that arrived train at the pretrained learning rate
+    marked = model.pretrained_params
+    assert not any(".layer4." in n for n in marked) and any(".layer1." in n for n in marked)
+
+
+def test_monai_bundle_with_safetensors_weights_and_mmai_pretrain_folder(tmp_path):
+    """models/model.safetensors in a bundle; an `mmai pretrain` output folder (encoder.safetensors +
+    pretrain.json) read without the pretraining run, with the pipeline recorded in its notes."""
+    enc = create_encoder("resnet", widths=W)
+    sd = {k: v for k, v in _randomised(enc, 13).items() if v.is_floating_point()}
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    save_file({f"backbone.{k}": v for k, v in sd.items()}, str(bundle / "models" / "model.safetensors"))
+    tensors, fmt, meta = read_checkpoint(bundle)
+    dst = create_encoder("resnet", widths=W)
+    load_into(dst, tensors, source="b", fmt=fmt)
+    _assert_arrived(dst, sd)
+    assert fmt == "monai_bundle" and meta["weights"] == "models/model.safetensors"
+
+    out = tmp_path / "pre"
+    out.mkdir()
+    save_file(sd, str(out / "encoder.safetensors"))
+    (out / "pretrain.json").write_text(json.dumps({"format": "mmai-pretrain", "encoder": "resnet",
+                                                   "widths": list(W), "pipeline_id": "another"}))
+    cfg = config_from_dict({"model": {"fusion": "image_only", "widths": list(W), "pretrained": str(out)}})
+    model = create_model("image_only", n_outputs=1, widths=W)
+    report = apply_pretrained(model, cfg)
+    _assert_arrived(model.image.encoder, sd)
+    assert report["format"] == "mmai_pretrain" and report["n_matched"] == len(sd)
+    assert any("pretrained on image pipeline another" in n for n in report["notes"])
