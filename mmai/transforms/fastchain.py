@@ -29,6 +29,11 @@ from monai.utils import ensure_tuple
 from mmai.config import ImageConfig
 
 
+# stored dtypes the chain takes as they are (native byte order; torch has them): integers that a
+# float32 represents exactly, and float32 itself
+NATIVE_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.int16, np.uint8, np.int8))
+
+
 class FastLoadd(MapTransform):
     """mmai's ``LoadImaged`` (same reader, same metadata, channel first) without the row-major copy.
 
@@ -49,10 +54,14 @@ class FastLoadd(MapTransform):
         return d
 
     def load(self, source: Any) -> MetaTensor:
-        """A path / folder / file list -> (1, I, J, K) float32 MetaTensor with the reader's metadata."""
+        """A path / folder / file list -> (1, I, J, K) MetaTensor with the reader's metadata: float32, or
+        for an unscaled integer NIfTI its stored integers (the resampling step converts the body
+        region it reads; an uncompressed file is not even read whole)."""
         names = tuple(f"{Path(s).expanduser()}" for s in ensure_tuple(source))
-        arr, meta = self.reader.get_data(self.reader.read(names))
-        arr = np.asarray(arr, dtype=np.float32)  # a no-op or one pass in the array's own memory order
+        nifti = len(names) == 1 and names[0].lower().endswith((".nii", ".nii.gz"))
+        arr, meta = self.reader.get_data(self.reader.read(names, dtype="native") if nifti else self.reader.read(names))
+        if np.dtype(arr.dtype) not in NATIVE_DTYPES:
+            arr = np.asarray(arr, dtype=np.float32)  # a no-op or one pass in the array's own memory order
         if not (arr.flags.c_contiguous or arr.flags.f_contiguous) or any(s < 0 for s in arr.strides):
             arr = np.ascontiguousarray(arr)
         meta = switch_endianness(meta, "<")
@@ -87,4 +96,67 @@ def fast_spatial(cfg: ImageConfig, loader: Any, *, device: str, load: bool, raw:
     precrop = cfg.crop_foreground and cfg.roi is None and not raw
     chain.append(FastResampled(KEY, cfg.spacing, axcodes=cfg.orientation, antialias=cfg.antialias,
                                body_threshold=body_threshold(cfg) if precrop else None, margin=2, device=device))
+    return chain
+
+
+class WindowChannelsLastd(MapTransform):
+    """:class:`mmai.transforms.intensity.WindowChannelsd` written into one preallocated ``(W, I, J, K)``
+    tensor, the same operations in place (clamp, - low, / width, * output range, + b_min): the same
+    float32 values, without the five temporaries per window and the stacking copy.
+
+    Args:
+        keys: the image key ((1, I, J, K) raw intensities).
+        windows: W pairs ``(a_min, a_max)``; b_min, b_max: output range of every window.
+    """
+
+    def __init__(self, keys: Any, windows: Any, b_min: float = 0.0, b_max: float = 1.0) -> None:
+        super().__init__(keys)
+        self.windows = [(float(lo), float(hi)) for lo, hi in windows]
+        self.b_min, self.b_max = float(b_min), float(b_max)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from mmai.errors import PreprocessError
+
+        d: dict[Hashable, Any] = dict(data)
+        for k in self.key_iterator(d):
+            x = d[k]
+            if x.shape[0] != 1:
+                raise PreprocessError(f"intensity windows need a single-channel volume, got {x.shape[0]} channels")
+            src = torch.as_tensor(x)[0]
+            out = torch.empty((len(self.windows), *src.shape), dtype=torch.float32, device=src.device)
+            for c, (lo, hi) in zip(out, self.windows, strict=True):
+                torch.clamp(src, lo, hi, out=c)
+                c.sub_(lo).div_(hi - lo).mul_(self.b_max - self.b_min).add_(self.b_min)
+            d[k] = MetaTensor(out, meta=dict(x.meta)) if isinstance(x, MetaTensor) else out
+        return d
+
+
+def windows_last(cfg: ImageConfig) -> list[Any]:
+    """Body crop, fit to the grid, then the intensity window(s): the reference chain's tail (windows,
+    crop, fit) in the order that windows each voxel once, on the final grid.
+
+    Windowing is voxel-wise and the crop and the fit read only the body mask, so the order does not
+    change a voxel; the fit pads the raw volume with the lowest window's ``a_min``, which every
+    window maps to ``b_min``, the reference's padding value. Windowed CT only (``intensity.kind``
+    ``window`` / ``windows``; ``crop_foreground`` and ``fov`` as configured).
+    """
+    from monai.transforms import CropForegroundd
+
+    from mmai.transforms.pipelines import FG, KEY, _AboveThreshold, _intensity, _windows
+    from mmai.transforms.spatial import FitToGridd
+
+    it = cfg.intensity
+    if it.kind not in ("window", "windows"):
+        raise ValueError(f"windows_last: intensity.kind {it.kind!r}; allowed: window, windows")
+    chain: list[Any] = []
+    if cfg.crop_foreground:
+        chain.append(CropForegroundd([KEY, FG], source_key=FG, select_fn=_AboveThreshold(0.5), margin=2,
+                                     allow_smaller=True))
+    raw_background = min(lo for lo, _ in _windows(cfg))
+    chain.append(FitToGridd([KEY, FG], size=cfg.size, size_multiple=cfg.size_multiple, mode=cfg.fov.mode,
+                            tolerance=cfg.fov.tolerance, background=raw_background, fg_key=FG))
+    if it.kind == "windows":
+        chain.append(WindowChannelsLastd(KEY, it.windows, b_min=it.b_min, b_max=it.b_max))
+    else:
+        chain += _intensity(cfg, None)
     return chain
