@@ -28,7 +28,6 @@ from monai.utils import ensure_tuple
 
 from mmai.config import ImageConfig
 
-
 # stored dtypes the chain takes as they are (native byte order; torch has them): integers that a
 # float32 represents exactly, and float32 itself
 NATIVE_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.int16, np.uint8, np.int8))
