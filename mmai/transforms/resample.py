@@ -160,14 +160,19 @@ class FastResampled(MapTransform):
             None: no pre-crop (the whole output grid is computed).
         margin: the body crop's margin in output voxels (``CropForegroundd(margin=...)``).
         device: where the resampled volume lives (the cropped input moves there first).
+        contiguous: return a C-contiguous volume (True), or the resampled volume in the memory order
+            it was computed in (a permuted view; no transposing copy) for a chain whose next copy
+            (the pad of the fit to the grid, the windows' output) puts it in C order anyway.
     """
 
     def __init__(self, keys: Any, pixdim: Sequence[float], *, axcodes: str = "RAS", antialias: bool = True,
-                 body_threshold: float | None = None, margin: int = 2, device: str = "cpu") -> None:
+                 body_threshold: float | None = None, margin: int = 2, device: str = "cpu",
+                 contiguous: bool = True) -> None:
         super().__init__(keys)
         self.pixdim = [float(p) for p in pixdim]
         self.axcodes, self.antialias, self.threshold, self.margin = axcodes, antialias, body_threshold, margin
         self.device = torch.device(device)
+        self.contiguous = contiguous
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d: dict[Hashable, Any] = dict(data)
@@ -231,7 +236,9 @@ class FastResampled(MapTransform):
             y = src.to(device=self.device, dtype=torch.float32).contiguous()
         for i in steps:
             y = apply_axis(y, mats[order[i]], i)
-        y = y.permute(*np.argsort(order).tolist()).contiguous()
+        y = y.permute(*np.argsort(order).tolist())
+        if self.contiguous:
+            y = y.contiguous()
         shift = np.eye(4)
         shift[:3, 3] = [b0 for b0, _ in box]
         meta = dict(x.meta)

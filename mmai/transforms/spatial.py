@@ -145,7 +145,9 @@ class ForegroundMaskd(MapTransform):
         for k in self.key_iterator(d):
             x = d[k]
             t = self.threshold if self.threshold is not None else auto_threshold(self.kind, self.windows, x)
-            fg = (x > t).any(dim=0, keepdim=True).to(torch.uint8)
+            above = x > t
+            # one channel: the comparison's bytes are the mask (bool and uint8 are both one byte, 0/1)
+            fg = above.view(torch.uint8) if x.shape[0] == 1 else above.any(dim=0, keepdim=True).to(torch.uint8)
             d[self.fg_key] = fg
         return d
 

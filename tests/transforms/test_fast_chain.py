@@ -160,3 +160,37 @@ def test_apply_axis_is_the_matrix_along_one_axis(axis):
         y2 = apply_axis_from(view, m2, axis, slab_voxels=3 * 29 * 53)  # several slabs, a short last one
         ref = torch.tensordot(view.double(), torch.as_tensor(m2), dims=([axis], [1])).movedim(-1, axis)
         assert y2.dtype == torch.float32 and float((y2 - ref).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("b_min,b_max", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)])
+def test_windows_in_place_are_bitwise_the_reference_windows(b_min, b_max):
+    from mmai.transforms.fastchain import WindowChannelsLastd
+    from mmai.transforms.intensity import window_channels
+
+    gen = torch.Generator().manual_seed(1)
+    x = MetaTensor((torch.rand(1, 23, 19, 17, generator=gen) * 3000 - 1500), affine=torch.eye(4) * 0.5)
+    windows = [(-1000, 400), (-160, 240), (0, 80)]
+    ref = window_channels(x, windows, b_min, b_max)
+    out = WindowChannelsLastd(KEY, windows, b_min=b_min, b_max=b_max)({KEY: x})[KEY]
+    assert torch.equal(out.as_tensor(), ref.as_tensor())
+    assert torch.equal(out.affine, x.affine) and out.is_contiguous()
+
+
+@pytest.mark.parametrize("layout", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
+def test_mask_box_is_monais_bounding_box_in_any_memory_order(layout):
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    from mmai.transforms.fastchain import mask_box
+    from mmai.transforms.pipelines import _AboveThreshold
+
+    gen = torch.Generator().manual_seed(2)
+    m = torch.zeros(31, 27, 23, dtype=torch.uint8)
+    m[3:29, 1:25, 6:21] = (torch.rand(26, 24, 15, generator=gen) > 0.97).to(torch.uint8)
+    m[0, 26, 22] = 1  # a corner voxel: the margin is clipped at the image edge
+    inv = np.argsort(layout).tolist()
+    fg = m.permute(*layout).contiguous().permute(*inv)[None]  # same values, another memory order
+    for margin in (0, 2):
+        ref = generate_spatial_bounding_box(fg, _AboveThreshold(0.5), None, margin, True)
+        assert mask_box(fg, margin) == (list(ref[0]), list(ref[1]))
+    m[0, 26, 22] = 0
+    assert mask_box((m * 0)[None], 2) is None
