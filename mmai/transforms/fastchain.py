@@ -126,15 +126,71 @@ class WindowChannelsLastd(MapTransform):
                 raise PreprocessError(f"intensity windows need a single-channel volume, got {x.shape[0]} channels")
             src = torch.as_tensor(x)[0]
             out = torch.empty((len(self.windows), *src.shape), dtype=torch.float32, device=src.device)
-            scale = self.b_max - self.b_min
             for c, (lo, hi) in zip(out, self.windows, strict=True):
-                torch.clamp(src, lo, hi, out=c)
-                c.sub_(lo).div_(hi - lo)
-                if scale != 1.0:  # * 1 and + 0 change no float: skipped (the default [0, 1] output)
-                    c.mul_(scale)
-                if self.b_min != 0.0:
-                    c.add_(self.b_min)
+                window_into(c, src, lo, hi, self.b_min, self.b_max)
             d[k] = MetaTensor(out, meta=dict(x.meta)) if isinstance(x, MetaTensor) else out
+        return d
+
+
+def window_into(dst: torch.Tensor, src: torch.Tensor, lo: float, hi: float, b_min: float, b_max: float) -> None:
+    """``dst`` (any strides, ``src``'s shape) = :func:`mmai.transforms.intensity.window_channels`'s
+    channel of window ``(lo, hi)``, by the same float32 operations in place (``* 1`` and ``+ 0``,
+    which change no float, skipped)."""
+    torch.clamp(src, lo, hi, out=dst)
+    dst.sub_(lo).div_(hi - lo)
+    if b_max - b_min != 1.0:
+        dst.mul_(b_max - b_min)
+    if b_min != 0.0:
+        dst.add_(b_min)
+
+
+class FitWindowsd(MapTransform):
+    """:class:`~mmai.transforms.spatial.FitToGridd` (the FOV guard, centre pad/crop to the grid) and
+    :class:`WindowChannelsd` in one step: each window is written once, straight into its channel of
+    the output grid, from the raw voxels that the grid keeps; the rest of the grid is ``b_min`` (the
+    reference pads the windowed channels with it). The grid (shape, affine) is MONAI's own pad/crop
+    of the input, run lazily. ``fg_key`` is read for the guard and left as it is (the chain drops it).
+
+    Args:
+        keys: the image key ((1, I, J, K) raw intensities, any memory order).
+        fit: the pipeline's :class:`~mmai.transforms.spatial.FitToGridd` (size, multiple, FOV guard).
+        windows: W pairs ``(a_min, a_max)``; b_min, b_max: output range of every window.
+    """
+
+    def __init__(self, keys: Any, fit: Any, windows: Any, b_min: float = 0.0, b_max: float = 1.0) -> None:
+        super().__init__(keys)
+        self.fitter = fit
+        self.windows = [(float(lo), float(hi)) for lo, hi in windows]
+        self.b_min, self.b_max = float(b_min), float(b_max)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from mmai.errors import PreprocessError
+
+        d: dict[Hashable, Any] = dict(data)
+        lost = self.fitter.check(d)
+        for k in self.key_iterator(d):
+            x = d[k]
+            if x.shape[0] != 1:
+                raise PreprocessError(f"intensity windows need a single-channel volume, got {x.shape[0]} channels")
+            src = torch.as_tensor(x)[0]
+            lazy: Any = self.fitter.fit(self.b_min, lazy=True)(MetaTensor(src[None], meta=dict(x.meta)))
+            aff = torch.as_tensor(lazy.peek_pending_affine(), dtype=torch.float64)
+            shape = [int(n) for n in lazy.peek_pending_shape()]
+            step = np.linalg.solve(np.asarray(x.affine, np.float64), aff.numpy())  # output voxel -> input voxel
+            shift = np.rint(step[:3, 3]).astype(int)
+            if not np.allclose(step[:3, :3], np.eye(3)) or not np.allclose(step[:3, 3], shift, atol=1e-4):
+                raise PreprocessError(f"FitWindowsd: the fit to the grid is not a voxel shift ({step.round(4).tolist()})")
+            keep_out = tuple(slice(max(0, -t), min(n_out, n_in - t)) for t, n_out, n_in in
+                             zip(shift, shape, src.shape, strict=True))
+            keep_in = tuple(slice(o.start + t, o.stop + t) for o, t in zip(keep_out, shift, strict=True))
+            out = torch.full((len(self.windows), *shape), self.b_min, dtype=torch.float32, device=src.device)
+            if all(o.stop > o.start for o in keep_out):
+                for c, (lo, hi) in zip(out, self.windows, strict=True):
+                    window_into(c[keep_out], src[keep_in], lo, hi, self.b_min, self.b_max)
+            y = MetaTensor(out, meta=dict(x.meta))
+            y.affine = aff
+            d[k] = y
+        d["fov_lost_fraction"] = float(lost)
         return d
 
 
@@ -203,10 +259,10 @@ def windows_last(cfg: ImageConfig) -> list[Any]:
         chain.append(FastCropForegroundd([KEY, FG], source_key=FG, select_fn=_AboveThreshold(0.5), margin=2,
                                      allow_smaller=True))
     raw_background = min(lo for lo, _ in _windows(cfg))
-    chain.append(FitToGridd([KEY, FG], size=cfg.size, size_multiple=cfg.size_multiple, mode=cfg.fov.mode,
-                            tolerance=cfg.fov.tolerance, background=raw_background, fg_key=FG))
+    fit = FitToGridd([KEY, FG], size=cfg.size, size_multiple=cfg.size_multiple, mode=cfg.fov.mode,
+                     tolerance=cfg.fov.tolerance, background=raw_background, fg_key=FG)
     if it.kind == "windows":
-        chain.append(WindowChannelsLastd(KEY, it.windows, b_min=it.b_min, b_max=it.b_max))
+        chain.append(FitWindowsd(KEY, fit, it.windows, b_min=it.b_min, b_max=it.b_max))
     else:
-        chain += _intensity(cfg, None)
+        chain += [fit, *_intensity(cfg, None)]
     return chain

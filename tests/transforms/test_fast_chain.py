@@ -194,3 +194,20 @@ def test_mask_box_is_monais_bounding_box_in_any_memory_order(layout):
         assert mask_box(fg, margin) == (list(ref[0]), list(ref[1]))
     m[0, 26, 22] = 0
     assert mask_box((m * 0)[None], 2) is None
+
+
+@pytest.mark.parametrize("size", [(48, 40, 24), (96, 80, 64), (40, 96, 30)])
+def test_fit_and_windows_in_one_step_on_a_fixed_grid(tmp_path, size):
+    """A fixed ``size`` that cuts the body (fov: crop), pads it, or both at once: the fused fit +
+    windows step gives the reference's grid, values, padding and lost fraction."""
+    from mmai.transforms.fastchain import FitWindowsd
+
+    path = synthetic_ct(tmp_path / "ct.nii", _affine("lps"), seed=5)
+    base = ready("ct_chest")
+    cfg = dataclasses.replace(base, size=size, fov=dataclasses.replace(base.fov, mode="crop"))
+    assert any(isinstance(t, FitWindowsd) for t in preprocess_transforms(cfg).transforms)
+    ref, fast = both(cfg, str(path))
+    assert_same(ref, fast)
+    assert tuple(fast[KEY].shape[1:]) == size
+    if size == (48, 40, 24):
+        assert fast["fov_lost_fraction"] > 0.1
