@@ -100,38 +100,6 @@ def fast_spatial(cfg: ImageConfig, loader: Any, *, device: str, load: bool, raw:
     return chain
 
 
-class WindowChannelsLastd(MapTransform):
-    """:class:`mmai.transforms.intensity.WindowChannelsd` written into one preallocated ``(W, I, J, K)``
-    tensor, the same operations in place (clamp, - low, / width, * output range, + b_min; the last two
-    skipped where they are * 1 and + 0): the same float32 values, without the five temporaries per
-    window and the stacking copy.
-
-    Args:
-        keys: the image key ((1, I, J, K) raw intensities).
-        windows: W pairs ``(a_min, a_max)``; b_min, b_max: output range of every window.
-    """
-
-    def __init__(self, keys: Any, windows: Any, b_min: float = 0.0, b_max: float = 1.0) -> None:
-        super().__init__(keys)
-        self.windows = [(float(lo), float(hi)) for lo, hi in windows]
-        self.b_min, self.b_max = float(b_min), float(b_max)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from mmai.errors import PreprocessError
-
-        d: dict[Hashable, Any] = dict(data)
-        for k in self.key_iterator(d):
-            x = d[k]
-            if x.shape[0] != 1:
-                raise PreprocessError(f"intensity windows need a single-channel volume, got {x.shape[0]} channels")
-            src = torch.as_tensor(x)[0]
-            out = torch.empty((len(self.windows), *src.shape), dtype=torch.float32, device=src.device)
-            for c, (lo, hi) in zip(out, self.windows, strict=True):
-                window_into(c, src, lo, hi, self.b_min, self.b_max)
-            d[k] = MetaTensor(out, meta=dict(x.meta)) if isinstance(x, MetaTensor) else out
-        return d
-
-
 def window_into(dst: torch.Tensor, src: torch.Tensor, lo: float, hi: float, b_min: float, b_max: float) -> None:
     """``dst`` (any strides, ``src``'s shape) = :func:`mmai.transforms.intensity.window_channels`'s
     channel of window ``(lo, hi)``, by the same float32 operations in place (``* 1`` and ``+ 0``,

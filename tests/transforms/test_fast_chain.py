@@ -164,16 +164,18 @@ def test_apply_axis_is_the_matrix_along_one_axis(axis):
 
 @pytest.mark.parametrize("b_min,b_max", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)])
 def test_windows_in_place_are_bitwise_the_reference_windows(b_min, b_max):
-    from mmai.transforms.fastchain import WindowChannelsLastd
+    from mmai.transforms.fastchain import window_into
     from mmai.transforms.intensity import window_channels
 
     gen = torch.Generator().manual_seed(1)
-    x = MetaTensor((torch.rand(1, 23, 19, 17, generator=gen) * 3000 - 1500), affine=torch.eye(4) * 0.5)
+    x = (torch.rand(1, 23, 19, 17, generator=gen) * 3000 - 1500).permute(0, 3, 2, 1)  # not contiguous
     windows = [(-1000, 400), (-160, 240), (0, 80)]
     ref = window_channels(x, windows, b_min, b_max)
-    out = WindowChannelsLastd(KEY, windows, b_min=b_min, b_max=b_max)({KEY: x})[KEY]
-    assert torch.equal(out.as_tensor(), ref.as_tensor())
-    assert torch.equal(out.affine, x.affine) and out.is_contiguous()
+    out = torch.full((3, 19, 17, 27), 7.0).permute(0, 2, 1, 3)  # strided destination, larger than the source
+    for c, (lo, hi) in enumerate(windows):
+        window_into(out[c, :, :, 2:25], x[0], lo, hi, b_min, b_max)
+    assert torch.equal(out[:, :, :, 2:25], ref)
+    assert bool((out[:, :, :, :2] == 7.0).all()) and bool((out[:, :, :, 25:] == 7.0).all())
 
 
 @pytest.mark.parametrize("layout", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
