@@ -213,3 +213,24 @@ def test_fit_and_windows_in_one_step_on_a_fixed_grid(tmp_path, size):
     assert tuple(fast[KEY].shape[1:]) == size
     if size == (48, 40, 24):
         assert fast["fov_lost_fraction"] > 0.1
+
+
+@pytest.mark.parametrize("dtype", [">i2", "float64", "float32", "int8-scaled"])
+def test_stored_dtypes_and_byte_orders_of_a_nifti(tmp_path, dtype):
+    """Stored int16 / float32 stay as stored until the resampling reads them; big-endian, float64
+    and scaled data are converted to float32 at load, as the reference does."""
+    src = synthetic_ct(tmp_path / "src.nii", _affine("lps"), seed=7)
+    img = nib.load(str(src))
+    vol = np.asarray(img.dataobj)
+    path = tmp_path / "ct.nii"
+    if dtype == "int8-scaled":  # HU / 16 stored as int8, scl_slope 16
+        out = nib.Nifti1Image(np.clip(vol // 16, -128, 127).astype(np.int8), img.affine)
+        out.header.set_slope_inter(16.0, 0.0)
+    else:
+        header = nib.Nifti1Header(endianness=">" if dtype.startswith(">") else "<")
+        header.set_data_dtype(np.dtype(dtype).newbyteorder("="))
+        out = nib.Nifti1Image(vol.astype(dtype), img.affine, header=header)
+    nib.save(out, str(path))
+    if dtype == ">i2":
+        assert np.asanyarray(nib.load(str(path)).dataobj).dtype == np.dtype(">i2")  # really big-endian on disk
+    assert_same(*both(ready("ct_chest"), str(path)))
