@@ -28,9 +28,17 @@ that machine load hits both alike, and ``preprocess_speedup`` = reference / fast
 ``pipelines/ct_head.yaml``, timed the same way; ``studies_per_s`` = 1 / (preprocess_s + mmai's whole model forward);
 ``peak_rss_gb``: peak resident memory of the whole process (``resource.getrusage``), and
 ``peak_rss_preprocess_gb`` the peak reached before the model was built (synthesis, file writing
-and preprocessing). The last line is JSON.
+and preprocessing; the reference chain's), ``peak_rss_fast_chain_gb`` the peak after the first
+fast-chain run (the fast chain runs first). Every ``*_s`` of the chains has a ``*_cpu_s`` twin:
+CPU seconds of the process (``time.process_time``, least of ``--repeats``), per transform in
+``stage_cpu_s``; on a shared machine the CPU seconds of a one-thread run (``--threads 1``) are the
+figure other jobs inflate least. ``load_average``: the machine's at the start and the end. The last
+line is JSON.
 
-    python benchmarks/predict_throughput.py [--repeats 3] [--device cuda --amp bf16]
+    python benchmarks/predict_throughput.py [--repeats 3] [--threads 1] [--preprocess-only] [--device cuda --amp bf16]
+
+``--preprocess-only`` times the two chains on both studies and stops before the model (seconds
+instead of minutes; the JSON keeps the preprocessing keys).
 
 ``--device cuda`` runs the preprocessing chain and the model on the GPU (``preprocess_transforms(...,
 device=...)``); ``--amp bf16`` wraps the encoding in bfloat16 autocast. Both CUDA options are
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--overlap", type=float, default=None)
     ap.add_argument("--window-batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--preprocess-only", action="store_true",
+                    help="time the preprocessing chains only (no model): the JSON keeps the preprocess_* keys")
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the reference chain (MONAI step by step; timed back to back with the fast one)")
     ap.add_argument("--threads", type=int, default=None,
@@ -253,6 +263,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     head_s = head["fast"]["wall_s"]
     head_ref_s = head["reference"]["wall_s"] if "reference" in head else None
     rss_prep = rss_gb()
+    prep = {"preprocess_s": round(prep_s, 3), "preprocess_cpu_s": round(chest["fast"]["cpu_s"], 3),
+            "preprocess_reference_s": None if ref_s is None else round(ref_s, 3),
+            "preprocess_reference_cpu_s": round(chest["reference"]["cpu_s"], 3) if ref_s else None,
+            "preprocess_speedup": None if ref_s is None else round(ref_s / prep_s, 2),
+            "stage_s": chest["fast"]["stage_s"], "stage_cpu_s": chest["fast"]["stage_cpu_s"],
+            "reference_stage_s": chest["reference"]["stage_s"] if ref_s else None,
+            "reference_stage_cpu_s": chest["reference"]["stage_cpu_s"] if ref_s else None,
+            "head_preprocess_s": round(head_s, 3),
+            "head_preprocess_reference_s": None if head_ref_s is None else round(head_ref_s, 3),
+            "head_preprocess_cpu_s": round(head["fast"]["cpu_s"], 3),
+            "head_preprocess_reference_cpu_s": round(head["reference"]["cpu_s"], 3) if head_ref_s else None,
+            "head_stage_s": head["fast"]["stage_s"], "head_stage_cpu_s": head["fast"]["stage_cpu_s"],
+            "head_reference_stage_s": head["reference"]["stage_s"] if head_ref_s else None,
+            "head_input_shape": [512, 512, 300], "input_shape": [512, 512, 400], "model_grid": list(x.shape[2:]),
+            "peak_rss_preprocess_gb": round(rss_prep, 3), "rss_after_write_gb": round(rss_written, 3),
+            "peak_rss_fast_chain_gb": round(chest["rss_fast_gb"], 3), "torch_threads": torch.get_num_threads()}
+    if a.preprocess_only:
+        prep["load_average"] = [load_start, load_average()]
+        print(json.dumps(prep))
+        return prep
     x, aff = x.to(dev), aff.to(dev)
     win = _windows(a.roi, a.overlap, a.window_batch)
     roi, overlap, wbatch = list(win["roi_size"]), win["overlap"], win["batch"]
@@ -296,25 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_tok = mmai_tokens().shape[1]
     result = {"mmai_s": round(mmai_s, 3), "monai_swi_s": round(monai_s, 3), "speedup": round(monai_s / mmai_s, 3),
               "peak_rss_gb": round(rss_gb(), 3), "studies_per_s": round(1.0 / (prep_s + predict_s), 4),
-              "preprocess_s": round(prep_s, 3), "predict_s": round(predict_s, 3),
-              "preprocess_reference_s": None if ref_s is None else round(ref_s, 3),
-              "preprocess_speedup": None if ref_s is None else round(ref_s / prep_s, 2),
+              "predict_s": round(predict_s, 3), **prep,
               "preprocess_over_encoding": round(prep_s / mmai_s, 2),
-              "preprocess_cpu_s": round(chest["fast"]["cpu_s"], 3),
-              "preprocess_reference_cpu_s": round(chest["reference"]["cpu_s"], 3) if ref_s else None,
-              "stage_s": chest["fast"]["stage_s"], "stage_cpu_s": chest["fast"]["stage_cpu_s"],
-              "reference_stage_s": chest["reference"]["stage_s"] if ref_s else None,
-              "reference_stage_cpu_s": chest["reference"]["stage_cpu_s"] if ref_s else None,
-              "head_preprocess_s": round(head_s, 3),
-              "head_preprocess_reference_s": None if head_ref_s is None else round(head_ref_s, 3),
-              "head_preprocess_cpu_s": round(head["fast"]["cpu_s"], 3),
-              "head_preprocess_reference_cpu_s": round(head["reference"]["cpu_s"], 3) if head_ref_s else None,
-              "head_stage_s": head["fast"]["stage_s"], "head_stage_cpu_s": head["fast"]["stage_cpu_s"],
-              "head_reference_stage_s": head["reference"]["stage_s"] if head_ref_s else None,
-              "head_input_shape": [512, 512, 300],
-              "peak_rss_preprocess_gb": round(rss_prep, 3), "rss_after_write_gb": round(rss_written, 3),
-              "peak_rss_fast_chain_gb": round(chest["rss_fast_gb"], 3),
-              "input_shape": [512, 512, 400], "model_grid": list(x.shape[2:]), "channels": int(x.shape[1]),
+              "channels": int(x.shape[1]),
               "fov_lost_fraction": info["fov_lost_fraction"], "tokens": int(n_tok), "windows": win,
               "torch_threads": torch.get_num_threads(), "device": str(dev), "amp": a.amp,
               "pipeline": "pipelines/ct_chest.yaml", "load_average": [load_start, load_average()]}
