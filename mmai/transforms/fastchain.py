@@ -1,16 +1,17 @@
 """The fast preprocessing chain (the default of :func:`mmai.transforms.pipelines.preprocess_transforms`).
 
-Same steps and same output (to float32 rounding) as the reference chain that MONAI transforms spell
-out one by one (``preprocess_transforms(..., fast=False)``, kept for the equality tests and the
-benchmarks), with three changes where the time went (docs/benchmarks.md):
+Same steps, same guards and same output (to float32 rounding) as the reference chain that MONAI
+transforms spell out one by one (``preprocess_transforms(..., fast=False)``, kept for the equality
+tests and the benchmarks), rebuilt where the time went (docs/pipelines.md, docs/benchmarks.md):
 
-- :class:`FastLoadd` reads with mmai's reader but keeps the array in its memory order: a NIfTI
-  volume is column-major, and MONAI's ``LoadImage`` made it row-major (a full transposing copy,
-  about half of the old chain's time on a 512 x 512 x 400 CT);
+- :class:`FastLoadd` reads with mmai's reader but keeps the array in its memory order (a NIfTI
+  volume is column-major; MONAI's ``LoadImage`` made it row-major, a full transposing copy) and an
+  unscaled integer NIfTI in its stored dtype (uncompressed: memory-mapped);
 - :class:`mmai.transforms.resample.FastResampled` replaces ``Orientationd`` + ``AntiAliasd`` +
   ``Spacingd`` by one separable pass over the body region only;
-- what follows (body mask, intensity windows, body crop, fit to the grid) is unchanged, on a
-  volume that is already nearly cut to the body.
+- the tail (:func:`windows_last`): body mask, body crop (:class:`FastCropForegroundd`, MONAI's box
+  from one numpy maximum per axis), then the fit to the grid and the intensity windows in one step
+  (:class:`FitWindowsd`): each voxel is windowed once, on the final grid.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class FitWindowsd(MapTransform):
             step = np.linalg.solve(np.asarray(x.affine, np.float64), aff.numpy())  # output voxel -> input voxel
             shift = np.rint(step[:3, 3]).astype(int)
             if not np.allclose(step[:3, :3], np.eye(3)) or not np.allclose(step[:3, 3], shift, atol=1e-4):
-                raise PreprocessError(f"FitWindowsd: the fit to the grid is not a voxel shift ({step.round(4).tolist()})")
+                raise PreprocessError(f"{x.meta.get('filename_or_obj', 'image')}: the fit to the grid is not a voxel "
+                                      f"shift ({step.round(4).tolist()}); internal error of FitWindowsd")
             keep_out = tuple(slice(max(0, -t), min(n_out, n_in - t)) for t, n_out, n_in in
                              zip(shift, shape, src.shape, strict=True))
             keep_in = tuple(slice(o.start + t, o.stop + t) for o, t in zip(keep_out, shift, strict=True))
