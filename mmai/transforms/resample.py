@@ -62,8 +62,24 @@ def axis_matrix(n_in: int, out_index: np.ndarray, scale: float, offset: float, s
     return m
 
 
+Plan = tuple[torch.Tensor, list[tuple[int, int, int, int]]]
+
+
+def band_plan(m: np.ndarray, axis: int, block: int | None, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The weights as a tensor and the (out start, out stop, in start, in stop) of each block of
+    ``block`` output rows (default :data:`BLOCK`, :data:`INNER_BLOCK` along axis 2)."""
+    block = block or (INNER_BLOCK if axis == 2 else BLOCK)
+    nz = m != 0
+    blocks = []
+    for o0 in range(0, m.shape[0], block):
+        o1 = min(o0 + block, m.shape[0])
+        cols = np.flatnonzero(nz[o0:o1].any(axis=0))
+        blocks.append((o0, o1, *((int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1))))
+    return torch.as_tensor(m, dtype=dtype, device=device), blocks
+
+
 def apply_axis(x: torch.Tensor, m: np.ndarray, axis: int, block: int | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, plan: Plan | None = None) -> torch.Tensor:
     """``y = m`` applied along ``axis`` (0, 1 or 2) of a C-contiguous (A, B, C) float tensor, as banded
     matrix products of ``block`` output rows each (only the columns a block touches are read;
     default :data:`BLOCK`, :data:`INNER_BLOCK` along the contiguous axis). Along axes 0 and 2 each
@@ -74,6 +90,8 @@ def apply_axis(x: torch.Tensor, m: np.ndarray, axis: int, block: int | None = No
         x: (A, B, C) float32, C-contiguous.
         m: (n_out, n_in) weights, n_in = ``x.shape[axis]``.
         out: where to write (C-contiguous, the output's shape), or None: a new tensor.
+        plan: :func:`band_plan` of ``m`` (computed here when None; given when ``m`` is applied to
+            many slabs).
 
     Returns:
         C-contiguous float32 tensor, ``x.shape`` with ``n_out`` at ``axis``.
@@ -85,15 +103,10 @@ def apply_axis(x: torch.Tensor, m: np.ndarray, axis: int, block: int | None = No
         out = x.new_empty(shape)
     elif list(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"apply_axis: out must be C-contiguous of shape {shape}, got {list(out.shape)}")
-    mt = torch.as_tensor(m, dtype=x.dtype, device=x.device)
-    nz = m != 0
-    block = block or (INNER_BLOCK if axis == 2 else BLOCK)
+    mt, blocks = plan if plan is not None else band_plan(m, axis, block, x.dtype, x.device)
     x2 = x.reshape(x.shape[0], -1) if axis == 0 else x.reshape(-1, x.shape[2]) if axis == 2 else None
     o2 = out.view(n_out, -1) if axis == 0 else out.view(-1, n_out) if axis == 2 else None
-    for o0 in range(0, n_out, block):
-        o1 = min(o0 + block, n_out)
-        cols = np.flatnonzero(nz[o0:o1].any(axis=0))
-        c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1)
+    for o0, o1, c0, c1 in blocks:
         w = mt[o0:o1, c0:c1]
         if axis == 0:
             torch.matmul(w, x2[c0:c1], out=o2[o0:o1])  # type: ignore[index]
@@ -119,11 +132,12 @@ def apply_axis_from(src: torch.Tensor, m: np.ndarray, axis: int, slab_voxels: in
     out = torch.empty(shape, dtype=torch.float32, device=src.device)
     step = max(1, slab_voxels // max(1, src[0].numel()))
     buf = torch.empty((min(step, src.shape[0]), *src.shape[1:]), dtype=torch.float32, device=src.device)
+    plan = band_plan(m, axis, None, torch.float32, src.device)
     for a0 in range(0, src.shape[0], step):
         a1 = min(a0 + step, src.shape[0])
         slab = buf[: a1 - a0]
         slab.copy_(src[a0:a1])
-        apply_axis(slab, m, axis, out=out[a0:a1])
+        apply_axis(slab, m, axis, out=out[a0:a1], plan=plan)
     return out
 
 
