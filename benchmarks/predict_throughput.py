@@ -28,9 +28,17 @@ that machine load hits both alike, and ``preprocess_speedup`` = reference / fast
 ``pipelines/ct_head.yaml``, timed the same way; ``studies_per_s`` = 1 / (preprocess_s + mmai's whole model forward);
 ``peak_rss_gb``: peak resident memory of the whole process (``resource.getrusage``), and
 ``peak_rss_preprocess_gb`` the peak reached before the model was built (synthesis, file writing
-and preprocessing). The last line is JSON.
+and preprocessing; the reference chain's), ``peak_rss_fast_chain_gb`` the peak after the first
+fast-chain run (the fast chain runs first). Every ``*_s`` of the chains has a ``*_cpu_s`` twin:
+CPU seconds of the process (``time.process_time``, least of ``--repeats``), per transform in
+``stage_cpu_s``; on a shared machine the CPU seconds of a one-thread run (``--threads 1``) are the
+figure other jobs inflate least. ``load_average``: the machine's at the start and the end. The last
+line is JSON.
 
-    python benchmarks/predict_throughput.py [--repeats 3] [--device cuda --amp bf16]
+    python benchmarks/predict_throughput.py [--repeats 3] [--threads 1] [--preprocess-only] [--device cuda --amp bf16]
+
+``--preprocess-only`` times the two chains on both studies and stops before the model (seconds
+instead of minutes; the JSON keeps the preprocessing keys).
 
 ``--device cuda`` runs the preprocessing chain and the model on the GPU (``preprocess_transforms(...,
 device=...)``); ``--amp bf16`` wraps the encoding in bfloat16 autocast. Both CUDA options are
@@ -116,17 +124,22 @@ def write_nifti(folder: Path, head: bool = False) -> Path:
     return path
 
 
-def run_stages(chain: Any, data: dict[str, Any], device: str) -> tuple[dict[str, Any], dict[str, float]]:
-    """Run a Compose chain transform by transform -> (output, {transform name: seconds})."""
+def run_stages(chain: Any, data: dict[str, Any], device: str
+               ) -> tuple[dict[str, Any], dict[str, float], dict[str, float]]:
+    """Run a Compose chain transform by transform -> (output, {transform name: wall seconds},
+    {transform name: CPU seconds of this process, all threads}); on a shared machine the CPU
+    seconds of a one-thread run (``--threads 1``) are the figure that other jobs do not inflate."""
     stages: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for t in chain.transforms:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         data = t(data)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         name = type(t).__name__.lstrip("_")
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
-    return data, stages
+        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
+    return data, stages, cpu
 
 
 def preprocess(path: Path, device: str, *, fast: bool = True,
@@ -139,12 +152,52 @@ def preprocess(path: Path, device: str, *, fast: bool = True,
     cfg = load_config(str(pipeline))
     image_cfg = dataclasses.replace(cfg.image, cache="memory", cache_dir=None)  # time the chain, not a cache
     chain = preprocess_transforms(image_cfg, device=device, fast=fast)
+    c0 = time.process_time()
     with torch.no_grad():
-        out, stages = run_stages(chain, {KEY: str(path)}, device)
+        out, stages, cpu = run_stages(chain, {KEY: str(path)}, device)
     x = out[KEY]
     info = {"fov_lost_fraction": float(out.get("fov_lost_fraction", 0.0)),
-            "stage_s": {k: round(v, 3) for k, v in stages.items()}}
+            "stage_s": {k: round(v, 3) for k, v in stages.items()},
+            "stage_cpu_s": {k: round(v, 3) for k, v in cpu.items()}, "cpu_s": time.process_time() - c0}
     return x.as_tensor()[None].contiguous(), x.affine.float()[None], info
+
+
+def time_preprocess(path: Path, device: str, repeats: int, *, reference: bool,
+                    pipeline: Path = PIPELINE) -> dict[str, Any]:
+    """Time the fast chain (and the reference chain, back to back with it) ``repeats`` times each ->
+    ``{"fast": {...}, "reference": {...}, "rss_fast_gb"}``; per chain ``wall_s`` (fastest run) with
+    that run's ``stage_s``, and ``cpu_s`` (least CPU) with that run's ``stage_cpu_s``; ``output``
+    of the fast chain's last run. The fast chain runs first, so ``rss_fast_gb`` (peak RSS after its
+    first run) is the peak of the synthesis, the file writing and the fast chain, before the reference
+    chain ever runs."""
+    runs: dict[str, list[tuple[float, dict[str, Any]]]] = {"fast": [], "reference": []}
+    out: dict[str, Any] = {}
+    kept = None
+    for _ in range(max(1, repeats)):
+        for name in ("fast", "reference") if reference else ("fast",):
+            t0 = time.perf_counter()
+            x, aff, info = preprocess(path, device, fast=name == "fast", pipeline=pipeline)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            runs[name].append((time.perf_counter() - t0, info))
+            if name == "fast":
+                kept = (x, aff, info)
+                out.setdefault("rss_fast_gb", rss_gb())
+            x = aff = None  # free this run's output before the next
+    for name, rs in runs.items():
+        if rs:
+            wall, winfo = min(rs, key=lambda r: r[0])
+            cinfo = min(rs, key=lambda r: r[1]["cpu_s"])[1]
+            out[name] = {"wall_s": wall, "stage_s": winfo["stage_s"], "cpu_s": cinfo["cpu_s"],
+                         "stage_cpu_s": cinfo["stage_cpu_s"]}
+    out["fast"]["output"] = kept
+    return out
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages (what else ran on the cores)."""
+    with open("/proc/loadavg") as f:
+        return [float(v) for v in f.read().split()[:3]]
 
 
 def timed(fns, repeats: int) -> list[float]:  # noqa: ANN001
@@ -180,9 +233,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--overlap", type=float, default=None)
     ap.add_argument("--window-batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--preprocess-only", action="store_true",
+                    help="time the preprocessing chains only (no model): the JSON keeps the preprocess_* keys")
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the reference chain (MONAI step by step; timed back to back with the fast one)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 gives the CPU-time figures of a one-thread run")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    load_start = load_average()
     from monai.inferers import sliding_window_inference
 
     from mmai.transforms.pipelines import image_channels
@@ -194,29 +254,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mmai_throughput_") as tmp:
         path = write_nifti(Path(tmp))
         rss_written = rss_gb()
-        prep_times: dict[bool, list[float]] = {True: [], False: []}
-        ref_stages: dict[str, float] = {}
-        for _ in range(max(1, a.repeats)):  # the reference chain and the fast one back to back
-            for fast in ((True,) if a.no_reference else (False, True)):
-                x = aff = None  # free the previous run's output before the next
-                t0 = time.perf_counter()
-                x, aff, info = preprocess(path, a.device, fast=fast)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                prep_times[fast].append(time.perf_counter() - t0)
-                if not fast:
-                    ref_stages = info["stage_s"]
-        head = write_nifti(Path(tmp), head=True)
-        head_times: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(max(1, a.repeats)):
-            for fast in ((True,) if a.no_reference else (False, True)):
-                t0 = time.perf_counter()
-                _, _, head_info = preprocess(head, a.device, fast=fast, pipeline=PIPELINE.parent / "ct_head.yaml")
-                head_times[fast].append(time.perf_counter() - t0)
-    prep_s = min(prep_times[True])
-    ref_s = min(prep_times[False]) if prep_times[False] else None
-    head_s, head_ref_s = min(head_times[True]), (min(head_times[False]) if head_times[False] else None)
+        chest = time_preprocess(path, a.device, a.repeats, reference=not a.no_reference)
+        head = time_preprocess(write_nifti(Path(tmp), head=True), a.device, a.repeats,
+                               reference=not a.no_reference, pipeline=PIPELINE.parent / "ct_head.yaml")
+    x, aff, info = chest["fast"]["output"]
+    prep_s = chest["fast"]["wall_s"]
+    ref_s = chest["reference"]["wall_s"] if "reference" in chest else None
+    head_s = head["fast"]["wall_s"]
+    head_ref_s = head["reference"]["wall_s"] if "reference" in head else None
     rss_prep = rss_gb()
+    prep = {"preprocess_s": round(prep_s, 3), "preprocess_cpu_s": round(chest["fast"]["cpu_s"], 3),
+            "preprocess_reference_s": None if ref_s is None else round(ref_s, 3),
+            "preprocess_reference_cpu_s": round(chest["reference"]["cpu_s"], 3) if ref_s else None,
+            "preprocess_speedup": None if ref_s is None else round(ref_s / prep_s, 2),
+            "stage_s": chest["fast"]["stage_s"], "stage_cpu_s": chest["fast"]["stage_cpu_s"],
+            "reference_stage_s": chest["reference"]["stage_s"] if ref_s else None,
+            "reference_stage_cpu_s": chest["reference"]["stage_cpu_s"] if ref_s else None,
+            "head_preprocess_s": round(head_s, 3),
+            "head_preprocess_reference_s": None if head_ref_s is None else round(head_ref_s, 3),
+            "head_preprocess_cpu_s": round(head["fast"]["cpu_s"], 3),
+            "head_preprocess_reference_cpu_s": round(head["reference"]["cpu_s"], 3) if head_ref_s else None,
+            "head_stage_s": head["fast"]["stage_s"], "head_stage_cpu_s": head["fast"]["stage_cpu_s"],
+            "head_reference_stage_s": head["reference"]["stage_s"] if head_ref_s else None,
+            "head_input_shape": [512, 512, 300], "input_shape": [512, 512, 400], "model_grid": list(x.shape[2:]),
+            "peak_rss_preprocess_gb": round(rss_prep, 3), "rss_after_write_gb": round(rss_written, 3),
+            "peak_rss_fast_chain_gb": round(chest["rss_fast_gb"], 3), "torch_threads": torch.get_num_threads()}
+    if a.preprocess_only:
+        prep["load_average"] = [load_start, load_average()]
+        print(json.dumps(prep))
+        return prep
     x, aff = x.to(dev), aff.to(dev)
     win = _windows(a.roi, a.overlap, a.window_batch)
     roi, overlap, wbatch = list(win["roi_size"]), win["overlap"], win["batch"]
@@ -260,19 +326,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_tok = mmai_tokens().shape[1]
     result = {"mmai_s": round(mmai_s, 3), "monai_swi_s": round(monai_s, 3), "speedup": round(monai_s / mmai_s, 3),
               "peak_rss_gb": round(rss_gb(), 3), "studies_per_s": round(1.0 / (prep_s + predict_s), 4),
-              "preprocess_s": round(prep_s, 3), "predict_s": round(predict_s, 3),
-              "preprocess_reference_s": None if ref_s is None else round(ref_s, 3),
-              "preprocess_speedup": None if ref_s is None else round(ref_s / prep_s, 2),
+              "predict_s": round(predict_s, 3), **prep,
               "preprocess_over_encoding": round(prep_s / mmai_s, 2),
-              "stage_s": info["stage_s"], "reference_stage_s": ref_stages or None,
-              "head_preprocess_s": round(head_s, 3),
-              "head_preprocess_reference_s": None if head_ref_s is None else round(head_ref_s, 3),
-              "head_stage_s": head_info["stage_s"], "head_input_shape": [512, 512, 300],
-              "peak_rss_preprocess_gb": round(rss_prep, 3), "rss_after_write_gb": round(rss_written, 3),
-              "input_shape": [512, 512, 400], "model_grid": list(x.shape[2:]), "channels": int(x.shape[1]),
+              "channels": int(x.shape[1]),
               "fov_lost_fraction": info["fov_lost_fraction"], "tokens": int(n_tok), "windows": win,
               "torch_threads": torch.get_num_threads(), "device": str(dev), "amp": a.amp,
-              "pipeline": "pipelines/ct_chest.yaml"}
+              "pipeline": "pipelines/ct_chest.yaml", "load_average": [load_start, load_average()]}
     if dev.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(dev)
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)

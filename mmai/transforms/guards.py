@@ -71,6 +71,24 @@ class ModalityGuardd(MapTransform):
         return d
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no voxel of ``x`` is NaN or inf.
+
+    An integer volume always is; a float one is when its minimum and maximum are finite (NaN
+    propagates through both). On the CPU this reads the array in its memory order with numpy (two
+    vectorised passes; ``torch.isfinite`` on a column-major NIfTI volume costs about 20x more).
+    """
+    if not (x.is_floating_point() or x.is_complex()):
+        return True
+    if x.numel() == 0:
+        return True
+    t = torch.as_tensor(x).detach()
+    if t.device.type == "cpu" and not t.is_complex() and t.dtype != torch.bfloat16:
+        a = t.numpy()
+        return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+    return bool(torch.isfinite(t).all())
+
+
 def check_volume(x: torch.Tensor, *, name: str = "image", nonfinite: str = "error", min_voxels: int = MIN_VOXELS,
                  min_extent_mm: float = 0.0, spacing: Sequence[float] | None = None
                  ) -> tuple[torch.Tensor, dict[str, int]]:
@@ -112,9 +130,9 @@ def check_volume(x: torch.Tensor, *, name: str = "image", nonfinite: str = "erro
                                   f"{min_extent_mm:g} mm ({min_voxels} voxels at the pipeline's finest "
                                   "image.spacing) a 3D volume needs along every axis")
     flags: dict[str, int] = {}
-    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
-        return x, flags  # integers, or a finite sum: every voxel finite (one pass, no 100 M-voxel mask)
-    bad = ~torch.isfinite(x)  # a NaN / inf voxel, or a sum past float range: count them
+    if all_finite(x):
+        return x, flags
+    bad = ~torch.isfinite(x)
     n_bad = int(bad.sum())
     if n_bad:
         if nonfinite != "fill":

@@ -161,7 +161,8 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
             loader = mmai_load_imaged(KEY, select=cfg.select, dicom=cfg.dicom, load_dtype=np.float32, image_only=True)
     guards = [InputGuardd(KEY, nonfinite=cfg.nonfinite, target_spacing=cfg.spacing),
               ModalityGuardd(KEY, cfg.modality, cfg.modality_check)]
-    if fast and cfg.spacing is not None and cfg.roi is None:
+    fast = fast and cfg.spacing is not None and cfg.roi is None
+    if fast:
         from mmai.transforms.fastchain import fast_spatial
 
         spatial = fast_spatial(cfg, loader if load else None, device=device, load=load, raw=raw)
@@ -174,14 +175,19 @@ def preprocess_transforms(cfg: ImageConfig, *, device: str = "cpu", load: bool =
     chain.append(ForegroundMaskd(KEY, cfg.foreground, it.kind, _windows(cfg), fg_key=FG))
     if raw:
         return Compose(chain)
-    chain += _intensity(cfg, stats)
-    if cfg.roi is None:
+    if fast and it.kind in ("window", "windows"):
+        from mmai.transforms.fastchain import windows_last
+
+        chain += windows_last(cfg)  # crop, fit, then each voxel windowed once (same output)
+    elif cfg.roi is None:
+        chain += _intensity(cfg, stats)
         if cfg.crop_foreground:
             chain.append(CropForegroundd([KEY, FG], source_key=FG, select_fn=_AboveThreshold(0.5), margin=2,
                                          allow_smaller=True))
         chain.append(FitToGridd([KEY, FG], size=cfg.size, size_multiple=cfg.size_multiple, mode=cfg.fov.mode,
                                 tolerance=cfg.fov.tolerance, background=background_value(cfg), fg_key=FG))
     else:
+        chain += _intensity(cfg, stats)
         chain.append(AppendMaskd(KEY))
     chain.append(DeleteItemsd(FG))
     return Compose(chain)

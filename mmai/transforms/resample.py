@@ -39,7 +39,9 @@ from mmai.transforms.spatial import antialias, antialias_sigma, gaussian_kernel,
 log = logging.getLogger(__name__)
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+SLAB_VOXELS = 1 << 22  # 4 Mi voxels (16 MB float32): the converted input slab of the first pass
 BLOCK = 8  # output rows per banded matrix product (small: less wasted work; large: better BLAS)
+INNER_BLOCK = 32  # the same along the contiguous axis, where each product is one tall, thin BLAS call
 
 
 def axis_matrix(n_in: int, out_index: np.ndarray, scale: float, offset: float, sigma: float) -> np.ndarray:
@@ -60,13 +62,36 @@ def axis_matrix(n_in: int, out_index: np.ndarray, scale: float, offset: float, s
     return m
 
 
-def apply_axis(x: torch.Tensor, m: np.ndarray, axis: int, block: int = BLOCK) -> torch.Tensor:
+Plan = tuple[torch.Tensor, list[tuple[int, int, int, int]]]
+
+
+def band_plan(m: np.ndarray, axis: int, block: int | None, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The weights as a tensor and the (out start, out stop, in start, in stop) of each block of
+    ``block`` output rows (default :data:`BLOCK`, :data:`INNER_BLOCK` along axis 2)."""
+    block = block or (INNER_BLOCK if axis == 2 else BLOCK)
+    nz = m != 0
+    blocks = []
+    for o0 in range(0, m.shape[0], block):
+        o1 = min(o0 + block, m.shape[0])
+        cols = np.flatnonzero(nz[o0:o1].any(axis=0))
+        blocks.append((o0, o1, *((int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1))))
+    return torch.as_tensor(m, dtype=dtype, device=device), blocks
+
+
+def apply_axis(x: torch.Tensor, m: np.ndarray, axis: int, block: int | None = None,
+               out: torch.Tensor | None = None, plan: Plan | None = None) -> torch.Tensor:
     """``y = m`` applied along ``axis`` (0, 1 or 2) of a C-contiguous (A, B, C) float tensor, as banded
-    matrix products of ``block`` output rows each (only the columns a block touches are read).
+    matrix products of ``block`` output rows each (only the columns a block touches are read;
+    default :data:`BLOCK`, :data:`INNER_BLOCK` along the contiguous axis). Along axes 0 and 2 each
+    product reads and writes strided 2-D views of the volume in place (BLAS leading dimensions),
+    without temporaries.
 
     Args:
         x: (A, B, C) float32, C-contiguous.
         m: (n_out, n_in) weights, n_in = ``x.shape[axis]``.
+        out: where to write (C-contiguous, the output's shape), or None: a new tensor.
+        plan: :func:`band_plan` of ``m`` (computed here when None; given when ``m`` is applied to
+            many slabs).
 
     Returns:
         C-contiguous float32 tensor, ``x.shape`` with ``n_out`` at ``axis``.
@@ -74,22 +99,45 @@ def apply_axis(x: torch.Tensor, m: np.ndarray, axis: int, block: int = BLOCK) ->
     n_out = m.shape[0]
     shape = list(x.shape)
     shape[axis] = n_out
-    out = x.new_empty(shape)
-    mt = torch.as_tensor(m, dtype=x.dtype, device=x.device)
-    nz = m != 0
-    x2 = x.reshape(x.shape[0], -1) if axis == 0 else None
-    o2 = out.view(n_out, -1) if axis == 0 else None
-    for o0 in range(0, n_out, block):
-        o1 = min(o0 + block, n_out)
-        cols = np.flatnonzero(nz[o0:o1].any(axis=0))
-        c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1)
+    if out is None:
+        out = x.new_empty(shape)
+    elif list(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"apply_axis: out must be C-contiguous of shape {shape}, got {list(out.shape)}")
+    mt, blocks = plan if plan is not None else band_plan(m, axis, block, x.dtype, x.device)
+    x2 = x.reshape(x.shape[0], -1) if axis == 0 else x.reshape(-1, x.shape[2]) if axis == 2 else None
+    o2 = out.view(n_out, -1) if axis == 0 else out.view(-1, n_out) if axis == 2 else None
+    for o0, o1, c0, c1 in blocks:
         w = mt[o0:o1, c0:c1]
         if axis == 0:
             torch.matmul(w, x2[c0:c1], out=o2[o0:o1])  # type: ignore[index]
         elif axis == 1:
-            out[:, o0:o1] = torch.matmul(w, x[:, c0:c1])
+            torch.bmm(w.expand(x.shape[0], -1, -1), x[:, c0:c1], out=out[:, o0:o1])
         else:
-            out[:, :, o0:o1] = torch.matmul(x[:, :, c0:c1], w.T)
+            torch.mm(x2[:, c0:c1], w.T, out=o2[:, o0:o1])  # type: ignore[index]
+    return out
+
+
+def apply_axis_from(src: torch.Tensor, m: np.ndarray, axis: int, slab_voxels: int = SLAB_VOXELS) -> torch.Tensor:
+    """:func:`apply_axis` along ``axis`` (1 or 2) of a strided (A, B, C) view of any dtype (e.g. the
+    body region of a memory-mapped int16 volume), read in slabs along axis 0: each slab is converted
+    to float32 in one reused buffer of ``slab_voxels``, so the cropped input is never copied whole.
+
+    Returns:
+        C-contiguous float32 tensor, ``src.shape`` with ``m.shape[0]`` at ``axis``.
+    """
+    if axis not in (1, 2):
+        raise ValueError(f"apply_axis_from: axis {axis}; allowed: 1, 2 (slabs are cut along axis 0)")
+    shape = list(src.shape)
+    shape[axis] = m.shape[0]
+    out = torch.empty(shape, dtype=torch.float32, device=src.device)
+    step = max(1, slab_voxels // max(1, src[0].numel()))
+    buf = torch.empty((min(step, src.shape[0]), *src.shape[1:]), dtype=torch.float32, device=src.device)
+    plan = band_plan(m, axis, None, torch.float32, src.device)
+    for a0 in range(0, src.shape[0], step):
+        a1 = min(a0 + step, src.shape[0])
+        slab = buf[: a1 - a0]
+        slab.copy_(src[a0:a1])
+        apply_axis(slab, m, axis, out=out[a0:a1], plan=plan)
     return out
 
 
@@ -126,14 +174,19 @@ class FastResampled(MapTransform):
             None: no pre-crop (the whole output grid is computed).
         margin: the body crop's margin in output voxels (``CropForegroundd(margin=...)``).
         device: where the resampled volume lives (the cropped input moves there first).
+        contiguous: return a C-contiguous volume (True), or the resampled volume in the memory order
+            it was computed in (a permuted view; no transposing copy) for a chain whose next copy
+            (the pad of the fit to the grid, the windows' output) puts it in C order anyway.
     """
 
     def __init__(self, keys: Any, pixdim: Sequence[float], *, axcodes: str = "RAS", antialias: bool = True,
-                 body_threshold: float | None = None, margin: int = 2, device: str = "cpu") -> None:
+                 body_threshold: float | None = None, margin: int = 2, device: str = "cpu",
+                 contiguous: bool = True) -> None:
         super().__init__(keys)
         self.pixdim = [float(p) for p in pixdim]
         self.axcodes, self.antialias, self.threshold, self.margin = axcodes, antialias, body_threshold, margin
         self.device = torch.device(device)
+        self.contiguous = contiguous
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d: dict[Hashable, Any] = dict(data)
@@ -187,12 +240,19 @@ class FastResampled(MapTransform):
         view = vol.permute(*perm)
         view = view[tuple(slice(s0, s1) for s0, s1 in sup)]
         order = sorted(range(3), key=lambda a: -int(view.stride()[a]))
-        y = view.permute(*order).to(device=self.device, dtype=torch.float32).contiguous()
+        src = view.permute(*order)
         # largest reduction first: later axes see the smaller volume
         steps = sorted(range(3), key=lambda i: mats[order[i]].shape[0] / max(1, mats[order[i]].shape[1]))
+        if steps[0] != 0 and self.device.type == "cpu" and src.device.type == "cpu":
+            y = apply_axis_from(src, mats[order[steps[0]]], steps[0])  # reads the stored input slab by slab
+            steps = steps[1:]
+        else:
+            y = src.to(device=self.device, dtype=torch.float32).contiguous()
         for i in steps:
             y = apply_axis(y, mats[order[i]], i)
-        y = y.permute(*np.argsort(order).tolist()).contiguous()
+        y = y.permute(*np.argsort(order).tolist())
+        if self.contiguous:
+            y = y.contiguous()
         shift = np.eye(4)
         shift[:3, 3] = [b0 for b0, _ in box]
         meta = dict(x.meta)

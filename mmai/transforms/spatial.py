@@ -145,7 +145,9 @@ class ForegroundMaskd(MapTransform):
         for k in self.key_iterator(d):
             x = d[k]
             t = self.threshold if self.threshold is not None else auto_threshold(self.kind, self.windows, x)
-            fg = (x > t).any(dim=0, keepdim=True).to(torch.uint8)
+            above = x > t
+            # one channel: the comparison's bytes are the mask (bool and uint8 are both one byte, 0/1)
+            fg = above.view(torch.uint8) if x.shape[0] == 1 else above.any(dim=0, keepdim=True).to(torch.uint8)
             d[self.fg_key] = fg
         return d
 
@@ -186,8 +188,9 @@ class FitToGridd(MapTransform):
         self.size_multiple, self.mode, self.tolerance = size_multiple, mode, tolerance
         self.background, self.fg_key = background, fg_key
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d: dict[Hashable, Any] = dict(data)
+    def check(self, d: Mapping[Hashable, Any]) -> float:
+        """The FOV guard: the fraction of ``d[fg_key]`` the box cuts (0 without a fixed size); raises
+        :class:`PreprocessError` above the tolerance with ``mode: error``, logs a crop otherwise."""
         lost = 0.0
         if self.size is not None and self.fg_key in d:
             lost = lost_fraction(d[self.fg_key], self.size)
@@ -201,12 +204,19 @@ class FitToGridd(MapTransform):
                 log.log(logging.WARNING if lost > self.tolerance else logging.INFO,
                         "%s: cropped to %s voxels, %.2f%% of the foreground lost", _source_name(d), list(self.size),
                         100 * lost)
+        return float(lost)
+
+    def fit(self, value: float, lazy: bool = False) -> Any:
+        """The MONAI transform that centre pads/crops to the grid, padding with ``value``."""
+        if self.size is not None:
+            return ResizeWithPadOrCrop(self.size, mode="constant", value=value, lazy=lazy)
+        return DivisiblePad(self.size_multiple, mode="constant", value=value, lazy=lazy)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d: dict[Hashable, Any] = dict(data)
+        lost = self.check(d)
         for k in self.key_iterator(d):
-            value = self.background if k != self.fg_key else 0
-            if self.size is not None:
-                d[k] = ResizeWithPadOrCrop(self.size, mode="constant", value=value)(d[k])
-            else:
-                d[k] = DivisiblePad(self.size_multiple, mode="constant", value=value)(d[k])
+            d[k] = self.fit(self.background if k != self.fg_key else 0)(d[k])
         d["fov_lost_fraction"] = float(lost)
         return d
 

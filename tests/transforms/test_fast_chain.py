@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 
 from mmai.config import ImageConfig, load_config
 from mmai.transforms.pipelines import KEY, apply_chain, preprocess_transforms
-from mmai.transforms.resample import FastResampled, axis_matrix
+from mmai.transforms.resample import FastResampled, apply_axis, apply_axis_from, axis_matrix
 from tests.data.real_pixels import ct_series, mr_brain_nifti
 
 TOL = 2e-5  # windowed output in [0, 1]: float32 rounding of sums of ~20 terms of HU-sized values
@@ -136,3 +136,101 @@ def test_axis_matrix_is_smoothing_then_linear_interpolation():
     smooth = axis_matrix(10, np.arange(5), 2.0, 0.5, sigma=1.0)
     np.testing.assert_allclose(smooth.sum(1), 1.0)
     assert (smooth[2] > 0).sum() > 2  # the Gaussian's support, replicated at the border
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_apply_axis_is_the_matrix_along_one_axis(axis):
+    """The banded, in-place BLAS products equal a dense float64 tensordot along the axis; so does
+    the slab-wise first pass over a strided int16 view (a cropped, memory-mapped NIfTI)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 29, 53, generator=gen) * 300
+    m = axis_matrix(x.shape[axis], np.arange(19), 2.3, 0.4, sigma=1.1)
+
+    def dense(v: torch.Tensor) -> torch.Tensor:
+        return torch.tensordot(v.double(), torch.as_tensor(m), dims=([axis], [1])).movedim(-1, axis)
+
+    y = apply_axis(x, m, axis, block=5)
+    assert y.is_contiguous() and y.dtype == torch.float32
+    assert float((y - dense(x)).abs().max()) < 1e-3
+    assert torch.equal(apply_axis(x, m, axis), apply_axis(x, m, axis, out=torch.empty_like(y)))
+    if axis:
+        big = (x * 3).to(torch.int16).permute(2, 1, 0).contiguous().permute(2, 1, 0)  # column-major
+        view = big[2:35]  # cropped: not contiguous
+        m2 = axis_matrix(view.shape[axis], np.arange(19), 1.4, 0.2, sigma=0.7)
+        y2 = apply_axis_from(view, m2, axis, slab_voxels=3 * 29 * 53)  # several slabs, a short last one
+        ref = torch.tensordot(view.double(), torch.as_tensor(m2), dims=([axis], [1])).movedim(-1, axis)
+        assert y2.dtype == torch.float32 and float((y2 - ref).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("b_min,b_max", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)])
+def test_windows_in_place_are_bitwise_the_reference_windows(b_min, b_max):
+    from mmai.transforms.fastchain import window_into
+    from mmai.transforms.intensity import window_channels
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(1, 23, 19, 17, generator=gen) * 3000 - 1500).permute(0, 3, 2, 1)  # not contiguous
+    windows = [(-1000, 400), (-160, 240), (0, 80)]
+    ref = window_channels(x, windows, b_min, b_max)
+    out = torch.full((3, 19, 17, 27), 7.0).permute(0, 2, 1, 3)  # strided destination, larger than the source
+    for c, (lo, hi) in enumerate(windows):
+        window_into(out[c, :, :, 2:25], x[0], lo, hi, b_min, b_max)
+    assert torch.equal(out[:, :, :, 2:25], ref)
+    assert bool((out[:, :, :, :2] == 7.0).all()) and bool((out[:, :, :, 25:] == 7.0).all())
+
+
+@pytest.mark.parametrize("layout", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
+def test_mask_box_is_monais_bounding_box_in_any_memory_order(layout):
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    from mmai.transforms.fastchain import mask_box
+    from mmai.transforms.pipelines import _AboveThreshold
+
+    gen = torch.Generator().manual_seed(2)
+    m = torch.zeros(31, 27, 23, dtype=torch.uint8)
+    m[3:29, 1:25, 6:21] = (torch.rand(26, 24, 15, generator=gen) > 0.97).to(torch.uint8)
+    m[0, 26, 22] = 1  # a corner voxel: the margin is clipped at the image edge
+    inv = np.argsort(layout).tolist()
+    fg = m.permute(*layout).contiguous().permute(*inv)[None]  # same values, another memory order
+    for margin in (0, 2):
+        ref = generate_spatial_bounding_box(fg, _AboveThreshold(0.5), None, margin, True)
+        assert mask_box(fg, margin) == (list(ref[0]), list(ref[1]))
+    m[0, 26, 22] = 0
+    assert mask_box((m * 0)[None], 2) is None
+
+
+@pytest.mark.parametrize("size", [(48, 40, 24), (96, 80, 64), (40, 96, 30)])
+def test_fit_and_windows_in_one_step_on_a_fixed_grid(tmp_path, size):
+    """A fixed ``size`` that cuts the body (fov: crop), pads it, or both at once: the fused fit +
+    windows step gives the reference's grid, values, padding and lost fraction."""
+    from mmai.transforms.fastchain import FitWindowsd
+
+    path = synthetic_ct(tmp_path / "ct.nii", _affine("lps"), seed=5)
+    base = ready("ct_chest")
+    cfg = dataclasses.replace(base, size=size, fov=dataclasses.replace(base.fov, mode="crop"))
+    assert any(isinstance(t, FitWindowsd) for t in preprocess_transforms(cfg).transforms)
+    ref, fast = both(cfg, str(path))
+    assert_same(ref, fast)
+    assert tuple(fast[KEY].shape[1:]) == size
+    if size == (48, 40, 24):
+        assert fast["fov_lost_fraction"] > 0.1
+
+
+@pytest.mark.parametrize("dtype", [">i2", "float64", "float32", "int8-scaled"])
+def test_stored_dtypes_and_byte_orders_of_a_nifti(tmp_path, dtype):
+    """Stored int16 / float32 stay as stored until the resampling reads them; big-endian, float64
+    and scaled data are converted to float32 at load, as the reference does."""
+    src = synthetic_ct(tmp_path / "src.nii", _affine("lps"), seed=7)
+    img = nib.load(str(src))
+    vol = np.asarray(img.dataobj)
+    path = tmp_path / "ct.nii"
+    if dtype == "int8-scaled":  # HU / 16 stored as int8, scl_slope 16
+        out = nib.Nifti1Image(np.clip(vol // 16, -128, 127).astype(np.int8), img.affine)
+        out.header.set_slope_inter(16.0, 0.0)
+    else:
+        header = nib.Nifti1Header(endianness=">" if dtype.startswith(">") else "<")
+        header.set_data_dtype(np.dtype(dtype).newbyteorder("="))
+        out = nib.Nifti1Image(vol.astype(dtype), img.affine, header=header)
+    nib.save(out, str(path))
+    if dtype == ">i2":
+        assert np.asanyarray(nib.load(str(path)).dataobj).dtype == np.dtype(">i2")  # really big-endian on disk
+    assert_same(*both(ready("ct_chest"), str(path)))
