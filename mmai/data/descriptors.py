@@ -58,11 +58,11 @@ def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
     if img is None or img.descriptors is False:
         return ()
     if img.roi is None or img.roi.mask is None:
-        from mmai.transforms.focal import FOCAL_NAMES
+        from mmai.transforms.focal import FOCAL_INPUTS
 
         if img.roi is not None or config.model.fusion in NO_FOCAL:
             return ()
-        return FOCAL_NAMES
+        return FOCAL_INPUTS
     if config.model.fusion in NO_DESCRIPTORS:
         return ()
     return DESCRIPTOR_NAMES
@@ -87,7 +87,9 @@ def extend_schema(schema: Any, names: tuple[str, ...], source: str = "pipeline")
     if clash:
         raise ConfigError(f"{source}: clinical column(s) {clash} have the names of lesion descriptors, which "
                           "image.descriptors adds by itself; rename them or set image.descriptors: false")
-    cols = declared + [ClinicalColumn(name=n, kind="numeric") for n in names]
+    # focal volumes span four decades (a 5 mm node to a 12 cm tumour): log1p, as a statistician would
+    cols = declared + [ClinicalColumn(name=n, kind="numeric", log=n.startswith("focal_") and n.endswith("_mm3"))
+                       for n in names]
     cols.sort(key=lambda c: KINDS.index(c.kind))  # stable: descriptors after the declared numerics
     return ClinicalSchema(columns=tuple(cols))
 
