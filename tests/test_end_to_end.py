@@ -79,7 +79,10 @@ def test_run_directory_contract(world):
 
     assert state["clinical"]["version"] == STATE_VERSION
     pre = ClinicalPreprocessor.from_state(state["clinical"])  # the fitted preprocessor, reloadable as saved
-    assert set(pre.feature_names) == {"age", "crp", "bmi", "sex", "smoking", "diabetes"}
+    # the clinical columns + the mask-free focal inventory measured on each image (image.descriptors: auto)
+    assert set(pre.feature_names) == {"age", "crp", "bmi", "sex", "smoking", "diabetes", "focal_count",
+                                      "focal_largest_diameter_mm"}
+    assert state["descriptors"]["kind"] == "focal"
     assert state["target"]["classes"] == ["0", "1"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_test"] == 6 and "test" in metrics and "auroc" in metrics["test"]
