@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_pipeline(tmp: Path, **model) -> Path:
     cfg = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     cfg["image"].update(spacing=[12.0, 12.0, 12.0], size=[24, 24, 16], fov={"mode": "crop"})  # cuts 7.5 % of z: logged
+    # this world tests the run / predict / export contracts on the clinical columns: no focal inventory
+    # (tests/data/test_focal_run.py and tests/inference/test_ensemble.py cover runs that take it)
+    cfg["image"]["descriptors"] = False
     cfg["model"].update(widths=[4, 8, 8, 16], dim=16, heads=2, **model)
     cfg["train"].update(epochs=2, batch_size=8, patience=5)
     p = tmp / "tiny.yaml"
@@ -79,10 +82,7 @@ def test_run_directory_contract(world):
 
     assert state["clinical"]["version"] == STATE_VERSION
     pre = ClinicalPreprocessor.from_state(state["clinical"])  # the fitted preprocessor, reloadable as saved
-    # the clinical columns + the mask-free focal inventory measured on each image (image.descriptors: auto)
-    assert set(pre.feature_names) == {"age", "crp", "bmi", "sex", "smoking", "diabetes", "focal_count",
-                                      "focal_largest_diameter_mm"}
-    assert state["descriptors"]["kind"] == "focal"
+    assert set(pre.feature_names) == {"age", "crp", "bmi", "sex", "smoking", "diabetes"}
     assert state["target"]["classes"] == ["0", "1"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_test"] == 6 and "test" in metrics and "auroc" in metrics["test"]

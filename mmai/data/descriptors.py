@@ -44,6 +44,10 @@ STATE_KEY = "descriptors"
 NO_DESCRIPTORS = ("clinical_only", "image_only")
 #: fusions that never take the mask-free focal inventory (mmai.data.focal)
 NO_FOCAL = ("clinical_only",)
+#: intensity kinds the focal inventory is measured on: calibrated CT windows (HU), where a focal
+#: enhancing object is brighter than the soft tissue around it; per-cohort / per-volume MR
+#: normalisations are not (yet) validated for it
+FOCAL_INTENSITY = ("window", "windows")
 
 
 def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
@@ -51,8 +55,9 @@ def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
 
     ``image.descriptors: auto`` (default) or ``true``: with ``image.roi.mask`` the lesion
     descriptors, when ``model.fusion`` has a clinical path other than clinical_only; without a
-    mask the focal-object inventory (:mod:`mmai.data.focal`), for every fusion with an image path
-    (``image_only`` too: they are measured on the image); ``false``: none.
+    mask or box the focal-object inventory (:mod:`mmai.data.focal`) of a windowed (CT) pipeline,
+    for every fusion with an image path (``image_only`` too: they are measured on the image);
+    ``false``: none.
     """
     img = config.image
     if img is None or img.descriptors is False:
@@ -60,7 +65,7 @@ def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
     if img.roi is None or img.roi.mask is None:
         from mmai.transforms.focal import FOCAL_INPUTS
 
-        if img.roi is not None or config.model.fusion in NO_FOCAL:
+        if img.roi is not None or config.model.fusion in NO_FOCAL or img.intensity.kind not in FOCAL_INTENSITY:
             return ()
         return FOCAL_INPUTS
     if config.model.fusion in NO_DESCRIPTORS:

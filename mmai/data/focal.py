@@ -88,12 +88,12 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
         try:
             arr, affine = loader.load(image)
             values = focal_descriptors(np.asarray(arr)[min(ch, arr.shape[0] - 1)], _spacing(affine))
-        except MmaiError as exc:
-            log.warning("case %s: image descriptors missing: %s", cid, exc)
+        except MmaiError:  # the reader's message may hold a patient folder: the case's own error row reports it
+            log.warning("case %s: image descriptors missing (its image could not be read)", cid)
             missing.append(str(cid))
             continue
         except Exception as exc:  # noqa: BLE001 - any reader failure: missing descriptors, named
-            log.warning("case %s: image descriptors missing: %s: %s", cid, type(exc).__name__, exc)
+            log.warning("case %s: image descriptors missing (%s while reading its image)", cid, type(exc).__name__)
             missing.append(str(cid))
             continue
         rows[i] = values
