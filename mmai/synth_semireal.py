@@ -105,12 +105,12 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
     # glandular tissue: a smooth random field, thresholded, in the breast cone only
     field = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=(4.0, 4.0, 2.0))
     field /= field.std() + 1e-9
-    cone = np.broadcast_to((np.abs(X) < 0.65 * a) & (Y < wall - 8) & (Y > yc - b + 12), SHAPE)
+    cone = np.broadcast_to((np.abs(X) < 0.65 * a) & (wall - 8 > Y) & (yc - b + 12 < Y), SHAPE)
     gland = np.clip(field - 0.3, 0.0, 0.5) / 0.5  # (0..1) partial gland fraction
     vol = np.where(body & cone, vol + (GLAND_HU - FAT_HU) * gland, vol)
-    muscle = body & np.broadcast_to((Y >= wall) & (Y < wall + thick), SHAPE)
+    muscle = body & np.broadcast_to((wall <= Y) & (wall + thick > Y), SHAPE)
     vol[muscle] = MUSCLE_HU
-    vol[body & np.broadcast_to(Y >= wall + thick, SHAPE)] = LUNG_HU
+    vol[body & np.broadcast_to(wall + thick <= Y, SHAPE)] = LUNG_HU
     # tissue texture (soft, correlated) in the body
     texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=1.0) * 8.0
     vol = np.where(body, vol + texture, vol).astype(np.float32)
