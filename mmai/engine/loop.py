@@ -203,7 +203,7 @@ def validate_initial_model(eng: Engine, state: TrainState) -> dict[str, Any] | N
     if eng.val_loader is None or getattr(eng.raw, "glm", None) is None:
         return None
     row: dict[str, Any] = {"epoch": 0, **validate(eng)}
-    state.best_score = selection_score(row, eng.kind, eng.select_metric)  # as every later epoch is scored
+    state.best_score = selection_score(row, eng.kind, eng.config.train.select_metric)
     state.best_epoch = 0
     state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}
     state.initial = row

@@ -110,24 +110,3 @@ def test_clinical_only_reaches_logistic_regression_on_a_linear_logit(tmp_path, o
     lr = LogisticRegression(max_iter=5000).fit(pre.transform_onehot(train), train["label"])
     lr_auc = roc_auc_score(test["label"], lr.decision_function(pre.transform_onehot(test)))
     assert mmai_auc >= lr_auc - 0.01, (mmai_auc, lr_auc)
-
-
-def test_epoch_0_is_scored_as_the_later_epochs_are(monkeypatch):
-    """A split that selects on the validation loss (small validation set) must score the GLM's
-    epoch 0 by its loss too: scored by minus its C-index, no later epoch's loss could beat it and
-    every such run shipped the GLM (docs/benchmarks.md, "Semi-real cohort")."""
-    from types import SimpleNamespace
-
-    from mmai.engine import loop
-
-    model = torch.nn.Linear(1, 1)
-    eng = SimpleNamespace(val_loader=object(), raw=SimpleNamespace(glm=object()), kind="survival",
-                          select_metric="loss", eval_model=model, info=None,
-                          config=SimpleNamespace(train=SimpleNamespace(select_metric="auto", patience=15)))
-    monkeypatch.setattr(loop, "validate", lambda e: {"val_loss": 3.737, "val_c_index": 0.610})
-    monkeypatch.setattr(loop, "broadcast_flag", lambda flag, info: flag)
-    state = SimpleNamespace(best_score=float("inf"), best_epoch=-1, bad_epochs=0, best_weights=None, initial=None)
-    loop.validate_initial_model(eng, state)
-    assert state.best_score == pytest.approx(3.737)
-    loop.keep_best_and_check_stop(eng, state, {"epoch": 13, "val_loss": 3.680, "val_c_index": 0.644})
-    assert state.best_epoch == 13
