@@ -48,6 +48,9 @@ NO_FOCAL = ("clinical_only",)
 #: enhancing object is brighter than the soft tissue around it; per-cohort / per-volume MR
 #: normalisations are not (yet) validated for it
 FOCAL_INTENSITY = ("window", "windows")
+#: coarser grids do not resolve the objects the inventory counts (5-15 mm lymph nodes are 1-4
+#: voxels at 4 mm); the demo's 9 mm grid keeps its CNN-only image path
+FOCAL_MAX_SPACING_MM = 4.0
 
 
 def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
@@ -55,7 +58,8 @@ def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
 
     ``image.descriptors: auto`` (default) or ``true``: with ``image.roi.mask`` the lesion
     descriptors, when ``model.fusion`` has a clinical path other than clinical_only; without a
-    mask or box the focal-object inventory (:mod:`mmai.data.focal`) of a windowed (CT) pipeline,
+    mask or box the focal-object inventory (:mod:`mmai.data.focal`) of a windowed (CT) pipeline at
+    a spacing of at most :data:`FOCAL_MAX_SPACING_MM`,
     for every fusion with an image path (``image_only`` too: they are measured on the image);
     ``false``: none.
     """
@@ -66,6 +70,8 @@ def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
         from mmai.transforms.focal import FOCAL_INPUTS
 
         if img.roi is not None or config.model.fusion in NO_FOCAL or img.intensity.kind not in FOCAL_INTENSITY:
+            return ()
+        if img.spacing is not None and max(img.spacing) > FOCAL_MAX_SPACING_MM:
             return ()
         return FOCAL_INPUTS
     if config.model.fusion in NO_DESCRIPTORS:

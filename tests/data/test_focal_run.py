@@ -18,7 +18,7 @@ PIPELINE = {
     "task": {"kind": "survival", "time": "time", "event": "event"},
     "clinical": {"numeric": [{"name": "age", "range": [0, 120]}],
                  "categorical": [{"name": "tgrade", "levels": ["I", "II", "III"]}]},
-    "image": {"column": "image", "modality": "CT", "spacing": [6.0, 6.0, 6.0], "size": [32, 32, 24],
+    "image": {"column": "image", "modality": "CT", "spacing": [4.0, 4.0, 4.0], "size": [48, 48, 36],
               "intensity": {"kind": "window", "a_min": -160, "a_max": 240, "b_min": 0.0, "b_max": 1.0}},
     "model": {"encoder": "resnet", "widths": [4, 4, 8, 8], "dim": 16, "heads": 2, "fusion": "image_only"},
     "train": {"epochs": 1, "batch_size": 4, "seed": 0, "val_fraction": 0.25},
@@ -38,6 +38,8 @@ def test_switch():
     assert descriptor_names(_cfg(fusion="clinical_only")) == ()
     off = cfg.replace(image=dataclasses.replace(cfg.image, descriptors=False))
     assert descriptor_names(off) == ()
+    coarse = cfg.replace(image=dataclasses.replace(cfg.image, spacing=(6.0, 6.0, 6.0), size=(32, 32, 24)))
+    assert descriptor_names(coarse) == ()  # a grid too coarse for 5-15 mm objects
 
 
 @pytest.fixture(scope="module")

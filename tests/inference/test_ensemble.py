@@ -32,7 +32,7 @@ def test_kfold_run_predicts_the_mean_of_its_fold_models(tmp_path):
 
     info = json.loads((tmp_path / "ex" / "c0_explain.json").read_text())
     assert info["model_id"] == spec.model_id and "c0_saliency.nii.gz" in info["files"]
-    assert [a["feature"] for a in info["attributions"]] == ["age", "focal_count", "focal_largest_diameter_mm"]
+    assert [a["feature"] for a in info["attributions"]] == ["age"]
     final = _predict(tmp_path / "run", manifest, tmp_path / "final.csv", "--no-ensemble")
     assert len(ens) == N
     mean = (folds[0]["prob_1"] + folds[1]["prob_1"]) / 2
