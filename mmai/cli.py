@@ -270,6 +270,13 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         info = write_nodule_cohort(Path(a.out), n=a.n, seed=a.seed, progress=not a.quiet, workers=a.workers)
         log.info("wrote a %d-case nodule cohort to %s (Bayes-optimal auroc = %.3f)", a.n, a.out, info["bayes"])
         return 0
+    if a.kind == "semireal":
+        from mmai.synth_semireal import write_semireal_cohort
+
+        info = write_semireal_cohort(Path(a.out), seed=a.seed, mask=a.mask, progress=not a.quiet, workers=a.workers)
+        log.info("wrote the %d-patient semi-real GBSG2 cohort to %s (tsize and pnodes in the images only)",
+                 info["n"], a.out)
+        return 0
     spec = SynthSpec(n=a.n, task=a.task, seed=a.seed, fmt=a.format)
     info = write_cohort(Path(a.out), spec, progress=not a.quiet, workers=a.workers)
     log.info("wrote a %d-case %s cohort to %s (Bayes-optimal %s = %.3f)",
@@ -459,9 +466,12 @@ def _parser_synth(sub: Any) -> None:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--format", choices=["dicom", "nifti"], default="dicom", help="image format")
     _add_workers(s, "processes writing images (same cohort for any value)")
-    s.add_argument("--kind", choices=["demo", "nodule"], default="demo",
+    s.add_argument("--kind", choices=["demo", "nodule", "semireal"], default="demo",
                    help="demo: the demo's 4x4x5 mm chest cohort; nodule: 2 mm chests with a lesion mask whose "
-                        "deciding feature is seen only at full resolution (needs --format nifti)")
+                        "deciding feature is seen only at full resolution (needs --format nifti); semireal: the "
+                        "GBSG2 table (686 patients, survival) with tumour size and node count drawn into breast "
+                        "CTs (NIfTI) and removed from the table (--n, --task, --format do not apply)")
+    s.add_argument("--mask", action="store_true", help="semireal: also write the tumour mask (lesion_mask)")
     _add_common(s)
     s.set_defaults(func=_cmd_synth)
 

@@ -156,8 +156,9 @@ class ImageConfig:
         roi: a lesion box instead of the whole scan (:class:`RoiConfig`), or None.
         descriptors: lesion descriptors (first-order + shape statistics inside ``roi.mask``,
             :mod:`mmai.transforms.descriptors`) as extra clinical features: ``auto`` (default: on
-            when ``roi.mask`` is set, for fusions with a clinical path other than clinical_only),
-            ``true`` (the same, and an error without ``roi.mask``) or ``false``.
+            when ``roi.mask`` is set, for fusions with a clinical path other than clinical_only;
+            without a lesion box, the mask-free focal-object inventory of :mod:`mmai.data.focal`
+            for every fusion with an image path), ``true`` (the same) or ``false``.
         cache: ``memory`` (small grids), ``disk`` (full resolution: ``cache_dir``) or ``none``.
         cache_dir: folder of the disk cache (keyed by file content + pipeline id).
         nonfinite: NaN / inf voxels in an input: ``error`` (default: the case is an error row) or

@@ -134,9 +134,9 @@ def _check_image(image: ImageConfig, source: str) -> None:
     if image.cache == "disk" and not image.cache_dir:
         raise ConfigError(f"{source}: image.cache = disk needs image.cache_dir (a folder)")
     roi = image.roi
-    if image.descriptors is True and (roi is None or roi.mask is None):
-        raise ConfigError(f"{source}: image.descriptors = true needs a lesion mask (image.roi.mask: COLUMN); "
-                          "allowed without one: auto or false")
+    if image.descriptors is True and roi is not None and roi.mask is None:
+        raise ConfigError(f"{source}: image.descriptors = true needs a lesion mask (image.roi.mask: COLUMN) with a "
+                          "box around a given centre; allowed there: auto or false")
     if roi is not None:
         if (roi.mask is None) == (roi.center is None):
             raise ConfigError(f"{source}: image.roi needs exactly one of 'mask' (a mask column) or 'center' "

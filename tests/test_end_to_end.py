@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_pipeline(tmp: Path, **model) -> Path:
     cfg = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     cfg["image"].update(spacing=[12.0, 12.0, 12.0], size=[24, 24, 16], fov={"mode": "crop"})  # cuts 7.5 % of z: logged
+    # this world tests the run / predict / export contracts on the clinical columns: no focal inventory
+    # (tests/data/test_focal_run.py and tests/inference/test_ensemble.py cover runs that take it)
+    cfg["image"]["descriptors"] = False
     cfg["model"].update(widths=[4, 8, 8, 16], dim=16, heads=2, **model)
     cfg["train"].update(epochs=2, batch_size=8, patience=5)
     p = tmp / "tiny.yaml"

@@ -40,22 +40,48 @@ log = logging.getLogger(__name__)
 #: key of the run's descriptor record in state.json
 STATE_KEY = "descriptors"
 #: fusions that never take descriptors: the clinical-only baseline stays clinical only, and
-#: image_only has no clinical path (it stays a pure CNN)
+#: image_only has no clinical path (with a lesion mask it stays a pure CNN)
 NO_DESCRIPTORS = ("clinical_only", "image_only")
+#: fusions that never take the mask-free focal inventory (mmai.data.focal)
+NO_FOCAL = ("clinical_only",)
+#: intensity kinds the focal inventory is measured on: calibrated CT windows (HU), where a focal
+#: enhancing object is brighter than the soft tissue around it; per-cohort / per-volume MR
+#: normalisations are not (yet) validated for it
+FOCAL_INTENSITY = ("window", "windows")
+#: coarser grids do not resolve the objects the inventory counts (5-15 mm lymph nodes are 1-4
+#: voxels at 4 mm); the demo's 9 mm grid keeps its CNN-only image path
+FOCAL_MAX_SPACING_MM = 4.0
 
 
 def descriptor_names(config: PipelineConfig) -> tuple[str, ...]:
     """The descriptors a model of ``config`` takes as inputs (empty when none).
 
-    ``image.descriptors: auto`` (default) or ``true``: all of them when ``image.roi.mask`` is set
-    and ``model.fusion`` has a clinical path other than clinical_only; ``false``: none.
+    ``image.descriptors: auto`` (default) or ``true``: with ``image.roi.mask`` the lesion
+    descriptors, when ``model.fusion`` has a clinical path other than clinical_only; without a
+    mask or box the focal-object inventory (:mod:`mmai.data.focal`) of a windowed (CT) pipeline at
+    a spacing of at most :data:`FOCAL_MAX_SPACING_MM`,
+    for every fusion with an image path (``image_only`` too: they are measured on the image);
+    ``false``: none.
     """
     img = config.image
-    if img is None or img.descriptors is False or img.roi is None or img.roi.mask is None:
+    if img is None or img.descriptors is False:
         return ()
+    if img.roi is None or img.roi.mask is None:
+        from mmai.transforms.focal import FOCAL_INPUTS
+
+        if img.roi is not None or config.model.fusion in NO_FOCAL or img.intensity.kind not in FOCAL_INTENSITY:
+            return ()
+        if img.spacing is not None and max(img.spacing) > FOCAL_MAX_SPACING_MM:
+            return ()
+        return FOCAL_INPUTS
     if config.model.fusion in NO_DESCRIPTORS:
         return ()
     return DESCRIPTOR_NAMES
+
+
+def is_focal(names: tuple[str, ...]) -> bool:
+    """Whether ``names`` are the mask-free focal inventory (not lesion descriptors)."""
+    return bool(names) and all(n.startswith("focal_") for n in names)
 
 
 def extend_schema(schema: Any, names: tuple[str, ...], source: str = "pipeline") -> Any:
@@ -72,7 +98,9 @@ def extend_schema(schema: Any, names: tuple[str, ...], source: str = "pipeline")
     if clash:
         raise ConfigError(f"{source}: clinical column(s) {clash} have the names of lesion descriptors, which "
                           "image.descriptors adds by itself; rename them or set image.descriptors: false")
-    cols = declared + [ClinicalColumn(name=n, kind="numeric") for n in names]
+    # focal volumes span four decades (a 5 mm node to a 12 cm tumour): log1p, as a statistician would
+    cols = declared + [ClinicalColumn(name=n, kind="numeric", log=n.startswith("focal_") and n.endswith("_mm3"))
+                       for n in names]
     cols.sort(key=lambda c: KINDS.index(c.kind))  # stable: descriptors after the declared numerics
     return ClinicalSchema(columns=tuple(cols))
 
@@ -81,6 +109,10 @@ def descriptor_state(names: tuple[str, ...]) -> dict[str, Any]:
     """The state.json record of the descriptors a run used (empty dict when none)."""
     if not names:
         return {}
+    if is_focal(names):
+        from mmai.data.focal import focal_state
+
+        return {STATE_KEY: focal_state(names)}
     return {STATE_KEY: {"names": list(names), "version": DESCRIPTORS_VERSION,
                         "computed_on": "lesion box at image.spacing, before intensity windowing",
                         "definitions": "IBSI (Zwanenburg et al. 2020) / pyradiomics; mmai.transforms.descriptors"}}
@@ -103,6 +135,15 @@ def names_from_state(state: dict[str, Any]) -> tuple[str, ...]:
     if not rec:
         return ()
     names = tuple(rec.get("names") or ())
+    if rec.get("kind") == "focal":
+        from mmai.transforms.focal import FOCAL_NAMES, FOCAL_VERSION
+
+        bad = [n for n in names if n not in FOCAL_NAMES]
+        if bad or rec.get("version") != FOCAL_VERSION:
+            raise CheckpointError(f"state.json: the run used image descriptors {bad or names} of version "
+                                  f"{rec.get('version')!r}; this mmai computes version {FOCAL_VERSION} "
+                                  f"({list(FOCAL_NAMES)}); predict with the mmai that trained the run")
+        return names
     unknown = [n for n in names if n not in DESCRIPTOR_NAMES]
     if unknown or rec.get("version") != DESCRIPTORS_VERSION:
         raise CheckpointError(f"state.json: the run used lesion descriptors {unknown or names} of version "
@@ -202,6 +243,10 @@ def attach_descriptors(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...
     """
     if not names:
         return df
+    if is_focal(names):
+        from mmai.data.focal import attach_focal
+
+        return attach_focal(cfg, df, names, device=device)
     compute = _Computer(cfg, device)
     mask_col = cfg.roi.mask if cfg.roi is not None else None
     masks = resolve_mask_paths(cfg, df, base_dir)[mask_col] if mask_col in df else [None] * len(df)

@@ -79,9 +79,10 @@ def fit_clinical(config: PipelineConfig, train: pd.DataFrame) -> ClinicalPreproc
     from mmai.data.descriptors import descriptor_names, extend_schema
 
     names = descriptor_names(config)
-    if config.clinical is None and not names:
+    clinical = None if config.model.fusion == "image_only" else config.clinical  # image_only: descriptors only
+    if clinical is None and not names:
         return None
-    schema = extend_schema(config.clinical, names, config.source) if names else config.clinical
+    schema = extend_schema(clinical, names, config.source) if names else clinical
     pre = ClinicalPreprocessor(schema, scaling=config.train.scaling, impute=config.train.impute)
     return pre.fit(train, source="training rows")
 

@@ -63,6 +63,8 @@ def _build_model(config: PipelineConfig, kind: str, n_classes: int, pre: Any) ->
                                   layers=mc.layers, dropout=mc.dropout, clinical_encoder=mc.clinical_encoder,
                                   windows=dataclasses.asdict(mc.windows) if mc.windows else None,
                                   bidirectional=mc.bidirectional, base=mc.base)
+    if mc.fusion == "image_only" and pre is not None:  # its features are image descriptors (mmai.data.focal)
+        kwargs["image_features"] = True
     try:
         model = create_model(mc.fusion, feature_specs=feature_specs(pre), **kwargs)
     except ValueError as exc:

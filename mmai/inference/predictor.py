@@ -205,6 +205,9 @@ class Predictor:
                                   strict=True))
             preds.append(spec.predictions(torch.stack([out_of[i] for i in keep])))  # (B, Q), manifest order
         mask0 = clinical[0][1]
+        pre0 = self.members[0][0].clinical
+        if pre0 is not None and self.descriptors:  # measured on the image: not clinical values
+            mask0 = mask0[:, [n not in self.descriptors for n in pre0.feature_names]]
         clinical_present = np.asarray(mask0[keep].any(axis=1) if mask0.shape[1] else np.zeros(len(keep), bool))
         return self.spec.rows([str(df["case_id"].iloc[i]) for i in keep], np.mean(preds, axis=0),
                               clinical_present.astype(int), self._passthrough(df, keep))

@@ -120,17 +120,27 @@ class _PooledImage(nn.Module):
 
 
 class ImageOnly(MultimodalModel):
-    """Image encoder -> pooled features -> head."""
+    """Image encoder -> pooled features -> head.
+
+    With ``feature_specs`` (the image descriptors a run measures on each volume, never clinical
+    columns; :mod:`mmai.data.focal`) and ``base="glm"``, the model is, like every fusion, a frozen
+    GLM on those descriptors plus the CNN's head as a zero-initialised residual: it starts as the
+    radiomics model and the CNN must earn its place. Without them it is the plain CNN."""
 
     uses_clinical = False
 
-    def __init__(self, encoder: ImageEncoder, n_outputs: int, dim: int = 64, dropout: float = 0.1, **_: object):
+    def __init__(self, encoder: ImageEncoder, n_outputs: int, dim: int = 64, dropout: float = 0.1,
+                 feature_specs: Any = None, base: str = "none", **_: object):
         super().__init__()
+        residual = bool(feature_specs) and self._init_base(base, feature_specs, n_outputs)
         self.image = _PooledImage(encoder, dim)
-        self.head = Head(dim, n_outputs, dropout)
+        self.head = Head(dim, n_outputs, dropout, zero_init=residual)
 
     def forward(self, image, image_present, clinical=None, clinical_mask=None, *, return_aux=False):
-        return _with_aux(self.head(self.image(image, image_present)), return_aux)
+        out = self.head(self.image(image, image_present))
+        if self.glm is not None and clinical is not None and clinical_mask is not None:
+            out = self._plus_base(out, clinical, clinical_mask)
+        return _with_aux(out, return_aux)
 
 
 class ClinicalOnly(MultimodalModel):

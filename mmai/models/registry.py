@@ -33,7 +33,7 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
                  encoder: str = "resnet", widths: Sequence[int] = (16, 32, 64, 128), dim: int = 64,
                  heads: int = 4, layers: int = 1, dropout: float = 0.1,
                  clinical_encoder: str = "tokens", windows: dict[str, Any] | None = None,
-                 bidirectional: bool = False, base: str = "none") -> F.MultimodalModel:
+                 bidirectional: bool = False, base: str = "none", image_features: bool = False) -> F.MultimodalModel:
     """Build a fusion model.
 
     Args:
@@ -54,6 +54,8 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
             and zero-initialised residual heads; ``none``: no base term. The trainer passes
             ``model.base`` (default ``glm``); the default here, ``none``, rebuilds runs saved
             before the base term existed.
+        image_features: image_only only: ``feature_specs`` are image descriptors measured on the
+            volume (mmai.data.focal); with ``base="glm"`` the model adds the GLM base term on them.
     """
     cls = look_up_option(name, MODELS)
     feature_specs = list(feature_specs)
@@ -64,6 +66,8 @@ def create_model(name: str, *, n_outputs: int, feature_specs: Sequence[Any] = ()
     if cls.uses_clinical:
         kwargs["feature_specs"] = feature_specs
         kwargs["base"] = base
+    if cls is F.ImageOnly and image_features and feature_specs:
+        kwargs.update(feature_specs=feature_specs, base=base)
     if cls in (F.ClinicalOnly, F.CrossAttentionFusion):
         kwargs["clinical_encoder"] = clinical_encoder
     if cls is F.CrossAttentionFusion:

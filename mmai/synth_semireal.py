@@ -1,0 +1,249 @@
+"""Semi-real survival cohort (``mmai synth --kind semireal``): a real table, two of its columns in the image only.
+
+The table is the German Breast Cancer Study Group 2 trial (GBSG2, 686 patients; Schumacher et al.
+1994; as shipped by lifelines, ``lifelines.datasets.load_gbsg2``): hormonal therapy, age,
+menopausal status, tumour grade, progesterone and oestrogen receptors, recurrence-free survival
+(days) and its event indicator. Two prognostic columns are REMOVED from the table and drawn into
+each patient's CT instead:
+
+- ``tsize`` (tumour size, 3-120 mm): one enhancing tumour (+95 HU) of that diameter in the breast;
+- ``pnodes`` (positive lymph nodes, 1-51): that many enhancing nodules (+80 HU, 5-15 mm across)
+  in the axillary fat (spilling over into the lateral breast when many do not fit there).
+
+Each image is an axial CT of one breast and its axilla, HU, int16 NIfTI, anisotropic voxels
+(:data:`SPACING` = 2 x 2 x 4 mm, :data:`SHAPE` = 96 x 96 x 36, i.e. 192 x 192 x 144 mm): air,
+a body of subcutaneous fat (-100 HU) with smooth fibroglandular tissue (up to 0 HU) in the breast, the
+pectoral muscle (+45 HU) and lung (-850 HU) behind it, tissue texture and Gaussian noise (12 HU).
+The outcome is the REAL one: the image carries exactly the information the two removed columns
+carried, so Cox PH on the full table is the reachable target and Cox PH on the two true values
+alone is the image-only oracle.
+
+Writes DIR/manifest.csv (``case_id``, ``patient_id``, ``image``, the table without tsize and
+pnodes, ``time``, ``event``, ``split``; with ``mask=True`` also ``lesion_mask``: the tumour only,
+nodes are never in a mask), clinical.csv, truth.csv (``tsize``, ``pnodes``, node diameters),
+truth.json, images/<case>.nii.gz [, masks/<case>.nii.gz]. The split is fixed by the seed:
+:data:`TEST_FRACTION` of the patients (219 of 686) are ``test``, the rest (467) train + validation.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from mmai.errors import ConfigError
+from mmai.utils import atomic_write_json
+
+SHAPE = (96, 96, 36)
+SPACING = (2.0, 2.0, 4.0)
+TEST_FRACTION = 0.32
+TABLE_COLUMNS = ("horTh", "age", "menostat", "tgrade", "progrec", "estrec")
+IMAGE_COLUMNS = ("tsize", "pnodes")
+FAT_HU, GLAND_HU, MUSCLE_HU, LUNG_HU = -100.0, 0.0, 45.0, -850.0
+TUMOUR_HU, NODE_HU = 95.0, 80.0
+NODE_MM = (5.0, 15.0)
+NOISE_HU = 12.0
+
+
+def load_table() -> pd.DataFrame:
+    """The GBSG2 table (686 rows) as lifelines ships it."""
+    from lifelines.datasets import load_gbsg2
+
+    return load_gbsg2()
+
+
+def affine_ras() -> np.ndarray:
+    """Voxel -> RAS mm of the phantom grid (i: right -> left, j: anterior -> posterior, k: feet -> head),
+    centred on the origin."""
+    aff = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
+    aff[:3, 3] = [(SHAPE[0] - 1) / 2 * SPACING[0], (SHAPE[1] - 1) / 2 * SPACING[1], -(SHAPE[2] - 1) / 2 * SPACING[2]]
+    return aff
+
+
+def _soft_ball(dist: np.ndarray, radius: float) -> np.ndarray:
+    """Partial-volume occupancy of a ball from the distance to its centre (1 mm soft edge)."""
+    return np.clip((radius - dist) / 1.0 + 0.5, 0.0, 1.0)
+
+
+def _place(rng: np.random.Generator, radius: float, lo: np.ndarray, hi: np.ndarray,
+           taken: list[tuple[np.ndarray, float]], gap: float, inside: Any, tries: int = 400) -> np.ndarray | None:
+    """A centre in the box [lo, hi] (mm) whose ball keeps ``gap`` mm from every taken ball and
+    satisfies ``inside(centre, radius)``; None when none was found."""
+    for _ in range(tries):
+        c = lo + (hi - lo) * rng.random(3)
+        if not inside(c, radius):
+            continue
+        if all(np.linalg.norm(c - t) >= radius + r + gap for t, r in taken):
+            return c
+    return None
+
+
+def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int, *, noise: bool = True
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One breast CT: (volume HU float32 (I, J, K), tumour mask uint8 (I, J, K), info).
+
+    ``info``: ``tumour_centre_mm`` (3,), ``node_centres_mm`` (pnodes, 3), ``node_diameters_mm``
+    (pnodes,), in the phantom's centred LPS-like frame (x right -> left, y anterior -> posterior).
+    Every node keeps 4 mm from the tumour and from every other node, so each is its own object.
+    """
+    x, y, z = ((np.arange(n) - (n - 1) / 2) * s for n, s in zip(SHAPE, SPACING, strict=True))
+    X, Y, Z = np.meshgrid(x, y, z, indexing="ij", sparse=True)
+    a, b = rng.uniform(80, 90), rng.uniform(105, 115)  # body ellipse (x, y); its centre is posterior
+    yc = 30.0
+    body = np.broadcast_to((X / a) ** 2 + ((Y - yc) / b) ** 2 <= 1.0, SHAPE)
+    wall = rng.uniform(45, 55)  # anterior face of the pectoral muscle (y, mm)
+    thick = rng.uniform(12, 18)
+    vol = np.full(SHAPE, -1000.0, dtype=np.float32)
+    vol[body] = FAT_HU
+    # glandular tissue: a smooth random field, thresholded, in the breast cone only
+    field = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=(4.0, 4.0, 2.0))
+    field /= field.std() + 1e-9
+    cone = np.broadcast_to((np.abs(X) < 0.65 * a) & (wall - 8 > Y) & (yc - b + 12 < Y), SHAPE)
+    gland = np.clip(field - 0.3, 0.0, 0.5) / 0.5  # (0..1) partial gland fraction
+    vol = np.where(body & cone, vol + (GLAND_HU - FAT_HU) * gland, vol)
+    muscle = body & np.broadcast_to((wall <= Y) & (wall + thick > Y), SHAPE)
+    vol[muscle] = MUSCLE_HU
+    vol[body & np.broadcast_to(wall + thick <= Y, SHAPE)] = LUNG_HU
+    # tissue texture (soft, correlated) in the body
+    texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=1.0) * 8.0
+    vol = np.where(body, vol + texture, vol).astype(np.float32)
+
+    def in_breast(c: np.ndarray, r: float) -> bool:
+        return bool((c[0] / (a - r - 4)) ** 2 + ((c[1] - yc) / (b - r - 4)) ** 2 <= 1.0 and c[1] + r < wall + 2)
+
+    r_t = tsize_mm / 2.0
+    z_half = SHAPE[2] * SPACING[2] / 2
+    lo_t = np.array([-0.45 * a, yc - b, -z_half + r_t + 4])
+    hi_t = np.array([0.2 * a, wall - r_t, z_half - r_t - 4])
+    hi_t = np.maximum(hi_t, lo_t + 1e-3)
+    centre = _place(rng, r_t, lo_t, hi_t, [], 0.0, in_breast)
+    if centre is None:  # a very large tumour: as central as the breast allows
+        centre = np.array([-0.1 * a, min(wall - r_t, yc - 0.3 * b), 0.0])
+    taken: list[tuple[np.ndarray, float]] = [(centre, r_t)]
+    diam = rng.uniform(*NODE_MM, pnodes)
+    nodes: list[np.ndarray] = []
+    x_lat = a - 2  # the axilla: lateral (patient's left = +x), at and in front of the chest wall, cranial
+
+    def in_body(c: np.ndarray, r: float) -> bool:
+        return bool((c[0] / (a - r - 3)) ** 2 + ((c[1] - yc) / (b - r - 3)) ** 2 <= 1.0 and c[1] + r < wall - 1
+                    and abs(c[2]) + r < z_half - 2)
+
+    regions = [(np.array([0.35 * a, wall - 55, -10.0]), np.array([x_lat, wall - 2, z_half])),
+               (np.array([0.0, yc - b, -z_half]), np.array([x_lat, wall - 2, z_half])),
+               (np.array([-x_lat, yc - b, -z_half]), np.array([x_lat, wall - 2, z_half]))]
+    for k in range(pnodes):
+        c = None
+        for d in (diam[k], max(NODE_MM[0], diam[k] * 0.7), NODE_MM[0]):
+            for lo, hi in regions:
+                c = _place(rng, d / 2, lo, hi, taken, 4.0, in_body, tries=300)
+                if c is not None:
+                    diam[k] = d
+                    break
+            if c is not None:
+                break
+        if c is None:
+            raise ConfigError(f"semireal phantom: cannot place lymph node {k + 1} of {pnodes} "
+                              f"(tumour {tsize_mm:g} mm)")
+        taken.append((c, diam[k] / 2))
+        nodes.append(c)
+
+    def ball(c: np.ndarray, r: float) -> np.ndarray:
+        return _soft_ball(np.sqrt((X - c[0]) ** 2 + (Y - c[1]) ** 2 + (Z - c[2]) ** 2), r)
+
+    f_t = ball(centre, r_t)
+    vol = (vol * (1 - f_t) + (TUMOUR_HU + texture * 0.5) * f_t).astype(np.float32)
+    for c, d in zip(nodes, diam, strict=True):
+        f_n = ball(c, d / 2)
+        vol = (vol * (1 - f_n) + NODE_HU * f_n).astype(np.float32)
+    if noise:
+        vol += rng.normal(0, NOISE_HU, SHAPE).astype(np.float32)
+    mask = (f_t >= 0.5).astype(np.uint8)
+    info = {"tumour_centre_mm": centre.round(2).tolist(),
+            "node_centres_mm": [c.round(2).tolist() for c in nodes],
+            "node_diameters_mm": [round(float(d), 2) for d in diam]}
+    return vol, mask, info
+
+
+def sample_semireal_table(seed: int = 0) -> pd.DataFrame:
+    """The GBSG2 rows with case ids, the fixed split and the two image-only columns kept aside."""
+    t = load_table().reset_index(drop=True)
+    n = len(t)
+    rng = np.random.default_rng([seed, 16])
+    df = pd.DataFrame({"case_id": [f"gbsg{i:04d}" for i in range(n)], "patient_id": [f"G{i:04d}" for i in range(n)]})
+    for col in TABLE_COLUMNS:
+        df[col] = t[col].to_numpy()
+    df["time"] = t["time"].astype(float).to_numpy()
+    df["event"] = t["cens"].astype(int).to_numpy()
+    df["tsize"] = t["tsize"].astype(float).to_numpy()
+    df["pnodes"] = t["pnodes"].astype(int).to_numpy()
+    df["split"] = "train"
+    df.loc[rng.permutation(n)[: int(TEST_FRACTION * n)], "split"] = "test"
+    return df
+
+
+def _semireal_case(job: tuple[Path, int, str, float, int, int, bool]) -> tuple[str, str, list[float]]:
+    out, i, case_id, tsize, pnodes, seed, with_mask = job
+    vol, mask, info = make_semireal_phantom(np.random.default_rng([seed, 3, i]), tsize, pnodes)
+    aff = affine_ras()
+    nib.save(nib.Nifti1Image(np.round(vol).astype(np.int16), aff), str(out / "images" / f"{case_id}.nii.gz"))
+    mask_path = ""
+    if with_mask:
+        nib.save(nib.Nifti1Image(mask, aff), str(out / "masks" / f"{case_id}.nii.gz"))
+        mask_path = f"masks/{case_id}.nii.gz"
+    return f"images/{case_id}.nii.gz", mask_path, info["node_diameters_mm"]
+
+
+def write_semireal_cohort(out_dir: Path, *, seed: int = 0, n: int | None = None, mask: bool = False,
+                          progress: bool = True, workers: int = 1) -> dict[str, Any]:
+    """Write the semi-real GBSG2 cohort (module docstring); returns truth.json's contents.
+
+    Args:
+        out_dir: output folder.
+        seed: phantom anatomy, placements and the split.
+        n: first ``n`` patients only (tests; None = all 686).
+        mask: also write the tumour mask (``lesion_mask`` column); the default is none, as a
+            cohort without segmentations has none (nodes are never in a mask).
+        workers: processes writing images (the files do not depend on it).
+    """
+    if workers < 1:
+        raise ConfigError(f"synth: --workers must be at least 1, got {workers}")
+    df = sample_semireal_table(seed)
+    if n is not None:
+        if n < 4:
+            raise ConfigError(f"synth: --n must be at least 4, got {n}")
+        df = df.iloc[:n].reset_index(drop=True)
+    out_dir = Path(out_dir)
+    for sub in ("images", *(("masks",) if mask else ())):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    jobs = [(out_dir, i, r.case_id, float(r.tsize), int(r.pnodes), seed, mask) for i, r in enumerate(df.itertuples())]
+    rows = []
+    with tqdm(total=len(jobs), desc="synth semireal", disable=not progress, unit="case") as bar, \
+            contextlib.ExitStack() as st:
+        results = (st.enter_context(cf.ProcessPoolExecutor(workers)).map(_semireal_case, jobs, chunksize=8)
+                   if workers > 1 else map(_semireal_case, jobs))
+        for res in results:
+            rows.append(res)
+            bar.update()
+    df["image"] = [r[0] for r in rows]
+    cols = ["case_id", "patient_id", "image"]
+    if mask:
+        df["lesion_mask"] = [r[1] for r in rows]
+        cols.append("lesion_mask")
+    df[["case_id", "patient_id", *TABLE_COLUMNS]].to_csv(out_dir / "clinical.csv", index=False)
+    df[[*cols, *TABLE_COLUMNS, "time", "event", "split"]].to_csv(out_dir / "manifest.csv", index=False)
+    truth = df[["case_id", "tsize", "pnodes"]].copy()
+    truth["node_diameters_mm"] = [";".join(f"{d:g}" for d in r[2]) for r in rows]
+    truth.to_csv(out_dir / "truth.csv", index=False)
+    info = {"task": "survival", "kind": "semireal", "metric": "c_index", "n": len(df), "seed": seed,
+            "n_test": int((df["split"] == "test").sum()), "table": "GBSG2 (lifelines.datasets.load_gbsg2)",
+            "image_only_columns": list(IMAGE_COLUMNS), "mask": mask, "shape": list(SHAPE),
+            "spacing_mm": list(SPACING), "tumour_hu": TUMOUR_HU, "node_hu": NODE_HU, "node_mm": list(NODE_MM)}
+    atomic_write_json(out_dir / "truth.json", info)
+    return info

@@ -1,0 +1,62 @@
+"""The semi-real GBSG2 cohort: the table loses tsize / pnodes, the image carries them (measured back)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from mmai.synth_semireal import (
+    NODE_HU,
+    SPACING,
+    TUMOUR_HU,
+    make_semireal_phantom,
+    sample_semireal_table,
+    write_semireal_cohort,
+)
+
+
+def _objects(vol: np.ndarray, level: float) -> tuple[np.ndarray, int]:
+    """Connected components (6-connected) above ``level`` HU and their count."""
+    return ndimage.label(vol > level)
+
+
+@pytest.mark.parametrize(("tsize", "pnodes"), [(21.0, 3), (57.0, 24), (8.0, 1), (120.0, 51)])
+def test_tumour_diameter_and_node_count_are_rendered(tsize, pnodes):
+    vol, mask, info = make_semireal_phantom(np.random.default_rng([5, int(tsize)]), tsize, pnodes, noise=False)
+    voxel = float(np.prod(SPACING))
+    # the tumour: its mask's volume is the sphere of diameter tsize (partial-volume edge at half occupancy)
+    d_mask = (6.0 * mask.sum() * voxel / np.pi) ** (1 / 3)
+    assert abs(d_mask - tsize) <= max(SPACING), (d_mask, tsize)
+    # without noise everything above the midpoint between the brightest tissue (muscle, +45 HU) and
+    # the nodes (+80 HU) is a tumour or a node: one component each, and the biggest one is the tumour
+    lab, n = _objects(vol, (45.0 + NODE_HU) / 2)
+    sizes = np.bincount(lab.ravel())[1:]
+    assert n == pnodes + 1, (n, pnodes)
+    d_big = (6.0 * sizes.max() * voxel / np.pi) ** (1 / 3)
+    if tsize >= 16:  # larger than every node
+        assert abs(d_big - tsize) <= 2 * max(SPACING), (d_big, tsize)
+    assert vol.max() <= TUMOUR_HU + 30 and len(info["node_diameters_mm"]) == pnodes
+    assert all(5.0 - 1e-6 <= d <= 15.0 + 1e-6 for d in info["node_diameters_mm"])
+
+
+def test_table_split_and_files(tmp_path):
+    table = sample_semireal_table(seed=0)
+    assert len(table) == 686 and (table["split"] == "train").sum() == 467
+    assert table.equals(sample_semireal_table(seed=0))  # the split is fixed by the seed
+    info = write_semireal_cohort(tmp_path, n=5, mask=True, progress=False)
+    m = pd.read_csv(tmp_path / "manifest.csv")
+    assert "tsize" not in m and "pnodes" not in m and {"time", "event", "lesion_mask", "tgrade"} <= set(m)
+    truth = pd.read_csv(tmp_path / "truth.csv")
+    assert list(truth["tsize"]) == list(table["tsize"][:5])
+    img = nib.load(tmp_path / m["image"][0])
+    assert img.shape == (96, 96, 36) and np.allclose(img.header.get_zooms(), SPACING)
+    assert img.get_data_dtype() == np.int16 and -1100 < float(np.asarray(img.dataobj).min()) < -900
+    assert json.loads((tmp_path / "truth.json").read_text())["n"] == info["n"] == 5
+    mask = np.asarray(nib.load(tmp_path / m["lesion_mask"][0]).dataobj)
+    d = (6.0 * mask.sum() * float(np.prod(SPACING)) / np.pi) ** (1 / 3)
+    assert abs(d - truth["tsize"][0]) <= max(SPACING)
+    no_mask = write_semireal_cohort(tmp_path / "plain", n=4, progress=False)
+    assert not no_mask["mask"] and "lesion_mask" not in pd.read_csv(tmp_path / "plain" / "manifest.csv")
