@@ -33,6 +33,7 @@ from mmai.engine.checkpoint import CheckpointStore
 from mmai.engine.distributed import DistInfo, all_sum, average_batchnorm, broadcast_flag, maybe_no_sync
 from mmai.engine.ema import EMA
 from mmai.engine.engine import Engine
+from mmai.engine.glm_guard import clears_initial, outputs_doc
 from mmai.engine.runlog import RunLog
 from mmai.engine.state import TrainState, load_checkpoint, save_checkpoint
 from mmai.engine.trainer import (
@@ -169,8 +170,13 @@ def train_one_epoch(eng: Engine, epoch: int, state: TrainState) -> dict[str, Any
 def validate(eng: Engine) -> dict[str, Any]:
     """Precise BatchNorm (pooled over ranks), then validation loss and headline metric of the
     eval model over the whole validation set (each rank predicts its shard; outputs gathered)."""
+    return validate_outputs(eng)[0]
+
+
+def validate_outputs(eng: Engine) -> tuple[dict[str, Any], torch.Tensor | None, dict[str, torch.Tensor]]:
+    """:func:`validate`'s row, with the validation outputs (N, Q) and targets it came from."""
     if eng.val_loader is None:
-        return {}
+        return {}, None, {}
     recompute_batchnorm(eng.eval_model, eng.train_loader, eng.device)
     average_batchnorm(eng.eval_model, eng.info)
     out, tgt = predict_outputs(eng.eval_model, eng.val_loader, eng.device, eng.amp, eng.info)
@@ -179,18 +185,34 @@ def validate(eng: Engine) -> dict[str, Any]:
     head = headline(eng.kind)
     if val.get(head) is not None:
         row[f"val_{head}"] = val[head]
-    return row
+    return row, out, tgt
 
 
-def keep_best_and_check_stop(eng: Engine, state: TrainState, row: dict[str, Any]) -> None:
+def keep_best_and_check_stop(eng: Engine, state: TrainState, row: dict[str, Any], out: torch.Tensor | None = None,
+                             targets: dict[str, torch.Tensor] | None = None) -> None:
     """Update the best epoch and weights and the early-stopping counter (every rank computes the
-    same numbers; rank 0's stop flag is broadcast so no rank can wait for another forever)."""
+    same numbers; rank 0's stop flag is broadcast so no rank can wait for another forever).
+
+    With a validated GLM (epoch 0) an epoch replaces it only when it clears the GLM by more than one
+    bootstrap SE (:mod:`mmai.engine.glm_guard`); early stopping counts from the best score of any
+    epoch, so a model still improving is not stopped because it has not yet cleared the GLM."""
     score = selection_score(row, eng.kind, eng.select_metric)
-    if score < state.best_score - 1e-5:
-        state.best_score, state.best_epoch, state.bad_epochs = score, row["epoch"], 0
-        state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}
+    if score < min(state.raw_best, state.best_score) - 1e-5:
+        state.raw_best, state.bad_epochs = score, 0
     else:
         state.bad_epochs += 1
+    if score < state.best_score - 1e-5:
+        clears = True
+        if state.initial_outputs is not None and out is not None:
+            clears, diff, se = clears_initial(eng.kind, eng.select_metric, eng.classes, out, targets or {},
+                                              state.initial_outputs, seed=int(row["epoch"]))
+            row["vs_glm"] = {"difference": round(diff, 5), "se": round(se, 5), "clears": clears}
+            if not clears:
+                log.info("epoch %d beats the GLM on validation by %.4f, less than one bootstrap SE (%.4f): the "
+                         "GLM stays the shipped model", row["epoch"], -diff, se)
+        if clears:
+            state.best_score, state.best_epoch = score, row["epoch"]
+            state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}
     state.stopped = broadcast_flag(state.bad_epochs >= eng.config.train.patience, eng.info)
     if state.stopped:
         log.info("early stopping at epoch %d (best epoch %d)", row["epoch"], state.best_epoch)
@@ -204,8 +226,10 @@ def validate_initial_model(eng: Engine, state: TrainState) -> dict[str, Any] | N
     initial weights are random. Returns the epoch-0 row (also kept in ``state.initial``)."""
     if eng.val_loader is None or getattr(eng.raw, "glm", None) is None:
         return None
-    row: dict[str, Any] = {"epoch": 0, **validate(eng)}
-    state.best_score = selection_score(row, eng.kind, eng.select_metric)
+    val, out, _ = validate_outputs(eng)
+    row: dict[str, Any] = {"epoch": 0, **val}
+    state.best_score = state.raw_best = selection_score(row, eng.kind, eng.select_metric)
+    state.initial_outputs = outputs_doc(out) if out is not None else None
     state.best_epoch = 0
     state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}
     state.initial = row
@@ -251,8 +275,9 @@ def fit(eng: Engine, *, ckpt_dir: Path | None = None, resume: bool = False, log_
             if state.stopped:
                 break
             row = train_one_epoch(eng, epoch, state)
-            row.update(validate(eng))
-            keep_best_and_check_stop(eng, state, row)
+            val, out, tgt = validate_outputs(eng)
+            row.update(val)
+            keep_best_and_check_stop(eng, state, row, out, tgt)
             state.history.append(row)
             runlog.write(row)
             if tb_images.due(epoch):  # TensorBoard only: validation overlays (mmai.figures.tensorboard)

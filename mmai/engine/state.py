@@ -39,6 +39,8 @@ class TrainState:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     log_pos: int = 0
     initial: dict[str, Any] | None = None  # epoch 0's validation row (the GLM base term), if validated
+    initial_outputs: list[list[float]] | None = None  # epoch 0's validation outputs (the one-SE rule)
+    raw_best: float = math.inf  # the best selection score of any epoch (early stopping counts from it)
     best_weights: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     def counters(self) -> dict[str, Any]:
