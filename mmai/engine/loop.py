@@ -33,7 +33,7 @@ from mmai.engine.checkpoint import CheckpointStore
 from mmai.engine.distributed import DistInfo, all_sum, average_batchnorm, broadcast_flag, maybe_no_sync
 from mmai.engine.ema import EMA
 from mmai.engine.engine import Engine
-from mmai.engine.glm_guard import clears_initial, outputs_doc
+from mmai.engine.glm_guard import Z_ONE_SIDED, clears_initial, outputs_doc
 from mmai.engine.runlog import RunLog
 from mmai.engine.state import TrainState, load_checkpoint, save_checkpoint
 from mmai.engine.trainer import (
@@ -193,8 +193,8 @@ def keep_best_and_check_stop(eng: Engine, state: TrainState, row: dict[str, Any]
     """Update the best epoch and weights and the early-stopping counter (every rank computes the
     same numbers; rank 0's stop flag is broadcast so no rank can wait for another forever).
 
-    With a validated GLM (epoch 0) an epoch replaces it only when it clears the GLM by more than one
-    bootstrap SE (:mod:`mmai.engine.glm_guard`); early stopping counts from the best score of any
+    With a validated GLM (epoch 0) an epoch replaces it only when it beats the GLM significantly
+    (one-sided paired bootstrap test, :mod:`mmai.engine.glm_guard`); early stopping counts from the best score of any
     epoch, so a model still improving is not stopped because it has not yet cleared the GLM."""
     score = selection_score(row, eng.kind, eng.select_metric)
     if score < min(state.raw_best, state.best_score) - 1e-5:
@@ -208,8 +208,8 @@ def keep_best_and_check_stop(eng: Engine, state: TrainState, row: dict[str, Any]
                                               state.initial_outputs, seed=int(row["epoch"]))
             row["vs_glm"] = {"difference": round(diff, 5), "se": round(se, 5), "clears": clears}
             if not clears:
-                log.info("epoch %d beats the GLM on validation by %.4f, less than one bootstrap SE (%.4f): the "
-                         "GLM stays the shipped model", row["epoch"], -diff, se)
+                log.info("epoch %d beats the GLM on validation by %.4f, not significantly (bootstrap SE %.4f; "
+                         "needs %.2f SE): the GLM stays the shipped model", row["epoch"], -diff, se, Z_ONE_SIDED)
         if clears:
             state.best_score, state.best_epoch = score, row["epoch"]
             state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}

@@ -67,8 +67,8 @@ def _guarded(monkeypatch, select: str, glm_signal: float, epoch_signal: float, n
     return state
 
 
-def test_an_epoch_must_clear_the_glm_by_one_bootstrap_se(monkeypatch):
-    """The one-SE rule (mmai.engine.glm_guard): an epoch whose validation loss is lower than the
+def test_an_epoch_must_beat_the_glm_significantly(monkeypatch):
+    """The significance rule (mmai.engine.glm_guard): an epoch whose validation loss is lower than the
     GLM's by less than the paired bootstrap SE leaves the GLM shipped; a clear gain replaces it."""
     chance = _guarded(monkeypatch, "loss", glm_signal=0.8, epoch_signal=0.0)
     assert chance.best_epoch == 0 and chance.bad_epochs == 0  # still improving: no early-stopping count
