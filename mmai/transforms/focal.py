@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 #: bump when a definition changes (recorded in state.json)
-FOCAL_VERSION = 1
+FOCAL_VERSION = 2  # 2: volumes over MAX_VOXELS measured block-averaged towards WORK_SPACING_MM
 FOCAL_NAMES: tuple[str, ...] = (
     "focal_count", "focal_log_count", "focal_count_lt10mm", "focal_count_10_20mm", "focal_count_ge20mm",
     "focal_largest_diameter_mm", "focal_largest_volume_mm3", "focal_second_diameter_mm", "focal_total_volume_mm3")
@@ -56,6 +56,8 @@ K_NOISE = 4.0
 LEVEL = 0.5
 MAX_OBJECTS = 200
 K_FLOOR = 2.0
+MAX_VOXELS = 2_000_000
+WORK_SPACING_MM = 3.0
 
 
 def _body(x: np.ndarray) -> np.ndarray:
@@ -181,7 +183,25 @@ def inventory(objects: list[dict[str, float]]) -> np.ndarray:
         float(v.sum())])
 
 
+def coarsened(volume: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``volume`` block-averaged towards :data:`WORK_SPACING_MM` when it has more than
+    :data:`MAX_VOXELS` voxels (whole factors per axis, none where the spacing is already coarser),
+    with its new spacing. The inventory was measured at 2-4 mm; a 1.5 mm chest CT's 10 M voxels
+    cost about 15 s of LoG filtering, its 3 mm version about 1/8 of that."""
+    x = np.asarray(volume)
+    sp = np.asarray(spacing, dtype=np.float64)
+    if x.size <= MAX_VOXELS:
+        return x, sp
+    f = np.maximum(1, np.floor(WORK_SPACING_MM / sp + 1e-6)).astype(int)
+    n = np.asarray(x.shape) // f
+    if (f == 1).all() or (n < 3).any():
+        return x, sp
+    cut = x[: n[0] * f[0], : n[1] * f[1], : n[2] * f[2]].astype(np.float32)
+    blocks = cut.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+    return blocks, sp * f
+
+
 def focal_descriptors(volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """The focal-object inventory of ``volume`` (I, J, K) at ``spacing`` (3,) mm, in the order of
-    :data:`FOCAL_NAMES`."""
-    return inventory(focal_objects(volume, spacing))
+    :data:`FOCAL_NAMES` (a volume over :data:`MAX_VOXELS` voxels is measured on :func:`coarsened`)."""
+    return inventory(focal_objects(*coarsened(volume, spacing)))
