@@ -230,7 +230,7 @@ class _Computer:
 
 
 def attach_descriptors(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, device: str = "cpu",
-                       base_dir: Path | None = None) -> pd.DataFrame:
+                       base_dir: Path | None = None, loader: Any = None) -> pd.DataFrame:
     """``df`` with one float column per descriptor of ``names`` (NaN = missing), computed from each
     row's image (and lesion mask, for raw images); any columns of those names are replaced.
 
@@ -240,13 +240,15 @@ def attach_descriptors(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...
         names: the descriptors to attach (:func:`descriptor_names`, or a run's state).
         device: device of the preprocessing chain for raw images.
         base_dir: folder that relative mask paths are relative to (the manifest's).
+        loader: for the focal inventory, the caller's image loader (predict's: its volumes are then
+            loaded once for the inventory and the model); None: a loader of ``cfg``.
     """
     if not names:
         return df
     if is_focal(names):
         from mmai.data.focal import attach_focal
 
-        return attach_focal(cfg, df, names, device=device)
+        return attach_focal(cfg, df, names, device=device, loader=loader)
     compute = _Computer(cfg, device)
     mask_col = cfg.roi.mask if cfg.roi is not None else None
     masks = resolve_mask_paths(cfg, df, base_dir)[mask_col] if mask_col in df else [None] * len(df)

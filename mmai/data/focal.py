@@ -59,7 +59,7 @@ def _blank(v: Any) -> bool:
 
 
 def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, device: str = "cpu",
-                 run_state: dict[str, Any] | None = None) -> pd.DataFrame:
+                 run_state: dict[str, Any] | None = None, loader: Any = None) -> pd.DataFrame:
     """``df`` with one float column per focal descriptor of ``names`` (NaN = missing: no image, or
     an image that cannot be loaded, with a warning naming the case).
 
@@ -69,11 +69,15 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
         names: the descriptors to attach (subset of :data:`~mmai.transforms.focal.FOCAL_NAMES`).
         device: device of the preprocessing chain for raw images.
         run_state: a trained run's ``state["image"]`` (fitted intensity statistics), if any.
+        loader: an image loader to use instead of a new one of ``cfg``; one with ``peek`` (predict's
+            :class:`~mmai.inference.pipelined.PrefetchLoader`) keeps each volume for the model's load.
     """
     from mmai.data.dataset import ImageLoader
     from mmai.transforms.pipelines import image_pipeline_id
 
-    loader = ImageLoader(cfg, device=device, run_state=run_state)
+    if loader is None:
+        loader = ImageLoader(cfg, device=device, run_state=run_state)
+    load = getattr(loader, "peek", loader.load)
     pid, ch = image_pipeline_id(cfg), channel_for(cfg)
     rows = np.full((len(df), len(FOCAL_NAMES)), np.nan)
     missing: list[str] = []
@@ -86,7 +90,7 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
             rows[i] = _MEMO[key]
             continue
         try:
-            arr, affine = loader.load(image)
+            arr, affine = load(image)
             values = focal_descriptors(np.asarray(arr)[min(ch, arr.shape[0] - 1)], _spacing(affine))
         except MmaiError:  # the reader's message may hold a patient folder: the case's own error row reports it
             log.warning("case %s: image descriptors missing (its image could not be read)", cid)

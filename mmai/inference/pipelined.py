@@ -139,6 +139,7 @@ class PrefetchLoader:
         self.ahead = ahead or workers + 2
         self.queue: deque[Any] = deque(p for p in paths if p is not None and not (isinstance(p, float) and np.isnan(p)))
         self.futures: dict[Any, Future] = {}
+        self._recent: dict[Any, tuple[np.ndarray, np.ndarray, str]] = {}  # peeked volumes (:meth:`peek`)
         worker_loader = copy.copy(loader)
         worker_loader.device = "cpu"  # the workers feed the model's device; they preprocess on the CPU
         worker_loader._chain = None
@@ -175,8 +176,24 @@ class PrefetchLoader:
         log.warning("a preprocessing worker died (out of memory?); loading the remaining cases in place")
         self.close()
 
+    def peek(self, path: Any) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`load`, keeping the volume for the next ``load`` of the same path (the focal
+        inventory measures the volume the model then gets: one load, one preprocessing)."""
+        key = _key(path)
+        if key in self._recent:
+            arr, affine, self.last_flags = self._recent[key]
+            return arr, affine
+        arr, affine = self.load(path)
+        if len(self._recent) >= self.ahead:  # bounded: volumes peeked but never asked for again
+            self._recent.clear()
+        self._recent[key] = (arr, affine, self.last_flags)
+        return arr, affine
+
     def load(self, path: Any, roi: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(array (C, I, J, K), affine (4, 4)) of one case, from the workers when they loaded it."""
+        if roi is None and (kept := self._recent.pop(_key(path), None)) is not None:
+            arr, affine, self.last_flags = kept
+            return arr, affine
         fut = self.futures.pop(_key(path), None) if roi is None else None
         self._fill()
         if fut is None:

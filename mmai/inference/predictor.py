@@ -136,7 +136,8 @@ class Predictor:
         as at training (never read from the table); unchanged for runs without descriptors."""
         if not self.descriptors or self.config.image is None:
             return df
-        return attach_descriptors(self.config.image, df, self.descriptors, device=self.device, base_dir=self.base_dir)
+        return attach_descriptors(self.config.image, df, self.descriptors, device=self.device, base_dir=self.base_dir,
+                                  loader=self.loader)
 
     def load_image(self, row: dict[str, Any], roi: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
         """One case's model-ready volume (C, D, H, W) and its RAS affine (4, 4), raw or preprocessed."""

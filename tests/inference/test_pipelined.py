@@ -50,6 +50,26 @@ def test_prefetch_answers_by_path_whatever_the_order(world):  # noqa: F811
     assert 1 <= default_workers() <= 8
 
 
+def test_a_peeked_volume_is_the_one_the_model_gets_and_is_loaded_once(world):  # noqa: F811
+    """The focal inventory peeks at each study's volume before the model: the model's load must
+    get that same array (no second load or preprocessing), and only once."""
+    from mmai.inference.predictor import Predictor
+
+    pred = Predictor(world.run)
+    m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
+    paths = [str(world.cohort / p) for p in m["image"][:2]]
+    pre = PrefetchLoader(pred.loader, paths, workers=1, ahead=2, threads=None)
+    try:
+        seen, _ = pre.peek(paths[0])
+        assert pre.peek(paths[0])[0] is seen  # peeking again: the kept volume
+        got, _ = pre.load(paths[0])
+        assert got is seen and not pre._recent  # handed to the model, then forgotten
+        again, _ = pre.load(paths[0])  # a later load reads the file again
+        assert again is not seen and (again == seen).all()
+    finally:
+        pre.close()
+
+
 def test_model_gets_the_cores_the_workers_leave():
     assert model_threads(2, cores=2) == 1  # 2 cores: two loading workers, the model on one thread
     assert model_threads(4, cores=2) == 1
