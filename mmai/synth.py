@@ -77,6 +77,32 @@ class SynthSpec:
 # ----------------------------------------------------------------------------- outcome model
 
 
+def centred_affine_ras(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    """Voxel -> RAS mm (4, 4) of a phantom grid centred on the origin (i: right -> left, j: anterior
+    -> posterior, k: feet -> head), as the NIfTI phantoms of ``mmai synth`` are written."""
+    aff = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    aff[:3, 3] = [(shape[0] - 1) / 2 * spacing[0], (shape[1] - 1) / 2 * spacing[1], -(shape[2] - 1) / 2 * spacing[2]]
+    return aff
+
+
+def soft_ball(dist: np.ndarray, radius: float) -> np.ndarray:
+    """Partial-volume occupancy of a ball from the distance to its centre (1 mm soft edge)."""
+    return np.clip((radius - dist) / 1.0 + 0.5, 0.0, 1.0)
+
+
+def map_cases(fn: Any, jobs: list[Any], *, workers: int, desc: str, progress: bool, chunksize: int = 8) -> list[Any]:
+    """``[fn(job) for job in jobs]`` in order, in ``workers`` processes when > 1, with a progress bar."""
+    out: list[Any] = []
+    with tqdm(total=len(jobs), desc=desc, disable=not progress, unit="case") as bar, \
+            contextlib.ExitStack() as stack:
+        results = (stack.enter_context(cf.ProcessPoolExecutor(workers)).map(fn, jobs, chunksize=chunksize)
+                   if workers > 1 else map(fn, jobs))
+        for res in results:
+            out.append(res)
+            bar.update()
+    return out
+
+
 def image_score(radius_mm: np.ndarray) -> np.ndarray:
     """Standardised image latent: the lesion volume (from its radius in mm), mean 0 and SD 1
     over the generating distribution (volume uniform on [V_MIN, V_MAX])."""
@@ -235,15 +261,7 @@ def write_cohort(out_dir: Path, spec: SynthSpec, *, progress: bool = True, worke
     df = sample_cohort(spec)
     jobs = [(out_dir / "images", i, row.case_id, row.patient_id, float(row.lesion_radius_mm), spec)
             for i, row in enumerate(df.itertuples(index=False))]
-    images: list[str] = []
-    with tqdm(total=len(jobs), desc="synth images", disable=not progress, unit="case") as bar, \
-            contextlib.ExitStack() as stack:
-        results = (stack.enter_context(cf.ProcessPoolExecutor(workers)).map(_synth_case, jobs, chunksize=16)
-                   if workers > 1 else map(_synth_case, jobs))
-        for path in results:
-            images.append(path)
-            bar.update()
-    df["image"] = images
+    df["image"] = map_cases(_synth_case, jobs, workers=workers, desc="synth images", progress=progress, chunksize=16)
     clinical_cols = ["case_id", "patient_id", *CLINICAL_COLUMNS]
     outcome = ["label"] if spec.task == "binary" else ["time", "event"]
     df[clinical_cols].to_csv(out_dir / "clinical.csv", index=False)

@@ -20,18 +20,23 @@ Writes DIR/manifest.csv (``image``, ``lesion_mask``, ``lesion_x/y/z`` RAS mm, cl
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from mmai.errors import ConfigError
-from mmai.synth import CLINICAL_COLUMNS, bayes_metric, clinical_score, sample_clinical
+from mmai.synth import (
+    CLINICAL_COLUMNS,
+    bayes_metric,
+    centred_affine_ras,
+    clinical_score,
+    map_cases,
+    sample_clinical,
+    soft_ball,
+)
 from mmai.utils import atomic_write_json
 
 SHAPE = (128, 112, 96)
@@ -49,16 +54,8 @@ def true_logit(calcified: np.ndarray, z_clin: np.ndarray) -> np.ndarray:
 
 
 def affine_ras() -> np.ndarray:
-    """Voxel -> RAS mm of the phantom grid (i: right -> left, j: anterior -> posterior, k: feet -> head),
-    centred on the origin."""
-    aff = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
-    aff[:3, 3] = [(SHAPE[0] - 1) / 2 * SPACING[0], (SHAPE[1] - 1) / 2 * SPACING[1], -(SHAPE[2] - 1) / 2 * SPACING[2]]
-    return aff
-
-
-def _soft_ball(dist: np.ndarray, radius: float) -> np.ndarray:
-    """Partial-volume sphere occupancy from the distance to its centre (1 mm soft edge)."""
-    return np.clip((radius - dist) / 1.0 + 0.5, 0.0, 1.0)
+    """Voxel -> RAS mm of the nodule phantom grid (:func:`mmai.synth.centred_affine_ras`)."""
+    return centred_affine_ras(SHAPE, SPACING)
 
 
 def make_nodule_phantom(rng: np.random.Generator, radius_mm: float, calcified: bool,
@@ -95,14 +92,14 @@ def make_nodule_phantom(rng: np.random.Generator, radius_mm: float, calcified: b
         vx, vy = cx + rng.uniform(-0.7, 0.7) * la, -5 + rng.uniform(-0.7, 0.7) * lb
         if np.hypot(vx - centre[0], vy - centre[1]) < radius_mm + 5:
             continue
-        tube = _soft_ball(np.sqrt((X - vx) ** 2 + (Y - vy) ** 2), rng.uniform(1.0, 2.0))  # (I, J, 1)
+        tube = soft_ball(np.sqrt((X - vx) ** 2 + (Y - vy) ** 2), rng.uniform(1.0, 2.0))  # (I, J, 1)
         in_lung = vol == -850.0
         vol = np.where((tube > 0) & in_lung, vol * (1 - tube) + 40.0 * tube, vol).astype(np.float32)
     dist = np.sqrt((X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2)
-    f_les = _soft_ball(dist, radius_mm)
+    f_les = soft_ball(dist, radius_mm)
     lesion = np.full(SHAPE, MEAN_HU, dtype=np.float64)
     if calcified:  # rim darker so that the mean over the lesion (weighted by occupancy) stays MEAN_HU
-        f_core = _soft_ball(dist, CORE_FRACTION * radius_mm)
+        f_core = soft_ball(dist, CORE_FRACTION * radius_mm)
         q = float(f_core.sum() / f_les.sum())
         rim = (MEAN_HU - CORE_HU * q) / (1.0 - q)
         lesion = rim + (CORE_HU - rim) * f_core
@@ -158,13 +155,7 @@ def write_nodule_cohort(out_dir: Path, *, n: int = 300, seed: int = 0, progress:
     df = sample_nodule_cohort(n, seed)
     jobs = [(out_dir, i, r.case_id, float(r.lesion_radius_mm), bool(r.calcified), seed)
             for i, r in enumerate(df.itertuples(index=False))]
-    rows = []
-    with tqdm(total=n, desc="synth nodules", disable=not progress, unit="case") as bar, contextlib.ExitStack() as st:
-        results = (st.enter_context(cf.ProcessPoolExecutor(workers)).map(_nodule_case, jobs, chunksize=8)
-                   if workers > 1 else map(_nodule_case, jobs))
-        for res in results:
-            rows.append(res)
-            bar.update()
+    rows = map_cases(_nodule_case, jobs, workers=workers, desc="synth nodules", progress=progress)
     df["image"] = [r[0] for r in rows]
     df["lesion_mask"] = [r[1] for r in rows]
     for k, name in enumerate(("lesion_x", "lesion_y", "lesion_z")):

@@ -27,8 +27,6 @@ truth.json, images/<case>.nii.gz [, masks/<case>.nii.gz]. The split is fixed by 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +34,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from mmai.errors import ConfigError
+from mmai.synth import centred_affine_ras, map_cases, soft_ball
 from mmai.utils import atomic_write_json
 
 SHAPE = (96, 96, 36)
@@ -60,16 +58,8 @@ def load_table() -> pd.DataFrame:
 
 
 def affine_ras() -> np.ndarray:
-    """Voxel -> RAS mm of the phantom grid (i: right -> left, j: anterior -> posterior, k: feet -> head),
-    centred on the origin."""
-    aff = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
-    aff[:3, 3] = [(SHAPE[0] - 1) / 2 * SPACING[0], (SHAPE[1] - 1) / 2 * SPACING[1], -(SHAPE[2] - 1) / 2 * SPACING[2]]
-    return aff
-
-
-def _soft_ball(dist: np.ndarray, radius: float) -> np.ndarray:
-    """Partial-volume occupancy of a ball from the distance to its centre (1 mm soft edge)."""
-    return np.clip((radius - dist) / 1.0 + 0.5, 0.0, 1.0)
+    """Voxel -> RAS mm of the semi-real phantom grid (:func:`mmai.synth.centred_affine_ras`)."""
+    return centred_affine_ras(SHAPE, SPACING)
 
 
 def _place(rng: np.random.Generator, radius: float, lo: np.ndarray, hi: np.ndarray,
@@ -155,7 +145,7 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
         nodes.append(c)
 
     def ball(c: np.ndarray, r: float) -> np.ndarray:
-        return _soft_ball(np.sqrt((X - c[0]) ** 2 + (Y - c[1]) ** 2 + (Z - c[2]) ** 2), r)
+        return soft_ball(np.sqrt((X - c[0]) ** 2 + (Y - c[1]) ** 2 + (Z - c[2]) ** 2), r)
 
     f_t = ball(centre, r_t)
     vol = (vol * (1 - f_t) + (TUMOUR_HU + texture * 0.5) * f_t).astype(np.float32)
@@ -223,14 +213,7 @@ def write_semireal_cohort(out_dir: Path, *, seed: int = 0, n: int | None = None,
     for sub in ("images", *(("masks",) if mask else ())):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     jobs = [(out_dir, i, r.case_id, float(r.tsize), int(r.pnodes), seed, mask) for i, r in enumerate(df.itertuples())]
-    rows = []
-    with tqdm(total=len(jobs), desc="synth semireal", disable=not progress, unit="case") as bar, \
-            contextlib.ExitStack() as st:
-        results = (st.enter_context(cf.ProcessPoolExecutor(workers)).map(_semireal_case, jobs, chunksize=8)
-                   if workers > 1 else map(_semireal_case, jobs))
-        for res in results:
-            rows.append(res)
-            bar.update()
+    rows = map_cases(_semireal_case, jobs, workers=workers, desc="synth semireal", progress=progress)
     df["image"] = [r[0] for r in rows]
     cols = ["case_id", "patient_id", "image"]
     if mask:
