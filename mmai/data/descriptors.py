@@ -138,17 +138,14 @@ def names_from_state(state: dict[str, Any]) -> tuple[str, ...]:
     if rec.get("kind") == "focal":
         from mmai.transforms.focal import FOCAL_NAMES, FOCAL_VERSION
 
-        bad = [n for n in names if n not in FOCAL_NAMES]
-        if bad or rec.get("version") != FOCAL_VERSION:
-            raise CheckpointError(f"state.json: the run used image descriptors {bad or names} of version "
-                                  f"{rec.get('version')!r}; this mmai computes version {FOCAL_VERSION} "
-                                  f"({list(FOCAL_NAMES)}); predict with the mmai that trained the run")
-        return names
-    unknown = [n for n in names if n not in DESCRIPTOR_NAMES]
-    if unknown or rec.get("version") != DESCRIPTORS_VERSION:
-        raise CheckpointError(f"state.json: the run used lesion descriptors {unknown or names} of version "
-                              f"{rec.get('version')!r}; this mmai computes version {DESCRIPTORS_VERSION} "
-                              f"({list(DESCRIPTOR_NAMES)}); predict with the mmai that trained the run")
+        what, known, version = "image descriptors", FOCAL_NAMES, FOCAL_VERSION
+    else:
+        what, known, version = "lesion descriptors", DESCRIPTOR_NAMES, DESCRIPTORS_VERSION
+    unknown = [n for n in names if n not in known]
+    if unknown or rec.get("version") != version:
+        raise CheckpointError(f"state.json: the run used {what} {unknown or names} of version "
+                              f"{rec.get('version')!r}; this mmai computes version {version} "
+                              f"({list(known)}); predict with the mmai that trained the run")
     return names
 
 
