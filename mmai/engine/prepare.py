@@ -82,7 +82,7 @@ def fit_clinical(config: PipelineConfig, train: pd.DataFrame) -> ClinicalPreproc
     clinical = None if config.model.fusion == "image_only" else config.clinical  # image_only: descriptors only
     if clinical is None and not names:
         return None
-    schema = extend_schema(clinical, names, config.source) if names else clinical
+    schema: Any = extend_schema(clinical, names, config.source) if names else clinical
     pre = ClinicalPreprocessor(schema, scaling=config.train.scaling, impute=config.train.impute)
     return pre.fit(train, source="training rows")
 

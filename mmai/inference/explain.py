@@ -377,7 +377,7 @@ def _prediction_row(predictor: Any, case: pd.DataFrame, x: dict[str, Any], preds
                     ) -> dict[str, Any] | None:
     """The case's predictions.csv row from the forward passes explain already made (the members'
     mean, as ``predict`` averages them); None for a predictor without a run contract (a test stub)."""
-    spec = getattr(predictor, "spec", None)
+    spec: Any = getattr(predictor, "spec", None)
     if not hasattr(spec, "rows") or not hasattr(predictor, "_passthrough") or not preds:
         return None
     observed = np.asarray(x["clinical"][0][2])  # (F,) the first member's clinical mask, as predict reads it

@@ -46,7 +46,7 @@ LOGISTIC_CS = np.logspace(-4, 4, 17)
 #: ridge penalties tried for linear regression (scikit-learn's alpha, on the summed squared error)
 RIDGE_ALPHAS = np.logspace(-3, 5, 17)
 #: ridge penalties tried for Cox PH (on the mean negative log partial likelihood, lifelines' ``penalizer``)
-COX_PENALTIES = np.logspace(-4, 1, 11)
+COX_PENALTIES = tuple(np.logspace(-4, 1, 11).tolist())
 MAX_FOLDS = 5
 
 

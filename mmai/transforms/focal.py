@@ -204,4 +204,5 @@ def coarsened(volume: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray,
 def focal_descriptors(volume: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """The focal-object inventory of ``volume`` (I, J, K) at ``spacing`` (3,) mm, in the order of
     :data:`FOCAL_NAMES` (a volume over :data:`MAX_VOXELS` voxels is measured on :func:`coarsened`)."""
-    return inventory(focal_objects(*coarsened(volume, spacing)))
+    small, sp = coarsened(volume, spacing)
+    return inventory(focal_objects(small, sp.tolist()))

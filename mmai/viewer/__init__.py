@@ -64,7 +64,7 @@ def prediction_facts(predictor: Any, case: Any, row: dict[str, Any] | None = Non
     if row is None and predict is None:
         return facts
     errors: list[dict[str, str]] = []
-    rows = [row] if row is not None else predict(case, errors)
+    rows = [row] if row is not None else predict(case, errors) if predict is not None else []
     if not rows:
         log.warning("viewer: no prediction for the page of case %s: %s", case["case_id"].iloc[0],
                     errors[0]["error"] if errors else "no row")
