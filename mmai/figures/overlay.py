@@ -153,10 +153,7 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
         and colour bar axes ``"colorbar:<layer>"`` (``Axes.get_label()``).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.patheffects import withStroke
 
     img, aff = canonical(np.asarray(image, dtype=np.float32), affine)
     maps = []
@@ -185,44 +182,11 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
     grid = fig.add_gridspec(len(rows), 4, width_ratios=[*panel_w, 0.12])
     for r, (layer, data) in enumerate(rows):
         name = layer.name if layer is not None else "image"
-        for p, (plane, axis, (h, v), letters, coord) in enumerate(PANELS):
-            ax = fig.add_subplot(grid[r, p], label=f"{plane}:{name}")
-            take: list[Any] = [slice(None)] * 3
-            take[axis] = cut[axis]
-            extent = (*edges[h], *edges[v])
-            ax.imshow(img[tuple(take)].T, cmap="gray", origin="lower", extent=extent, vmin=window[0],
-                      vmax=window[1], interpolation="nearest")
-            if layer is not None:
-                m = data[tuple(take)].T
-                ax.imshow(np.ma.masked_where(~(m >= layer.threshold), m), cmap=layer.cmap, origin="lower",
-                          extent=extent, vmin=layer.vmin, vmax=layer.vmax, alpha=layer.alpha, interpolation="nearest")
-            ax.axvline(world[h], color="#5fb4ff", lw=0.6, alpha=0.6)  # crosshair: the other planes' cuts
-            ax.axhline(world[v], color="#5fb4ff", lw=0.6, alpha=0.6)
-            ax.set_xlim(edges[h][1], edges[h][0])  # decreasing: R (axial/coronal) or A (sagittal) on the left
-            ax.set_ylim(*edges[v])
-            ax.set_aspect("equal")  # axes in mm: the aspect is the voxel spacing's
-            ax.set_facecolor("black")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-            kw: dict[str, Any] = {"transform": ax.transAxes, "color": "white", "fontsize": 11, "fontweight": "bold",
-                  "path_effects": [withStroke(linewidth=2.5, foreground="black")]}  # legible on any grey
-            ax.text(0.02, 0.5, letters[0], ha="left", va="center", **kw)
-            ax.text(0.98, 0.5, letters[1], ha="right", va="center", **kw)
-            ax.text(0.5, 0.98, letters[2], ha="center", va="top", **kw)
-            ax.text(0.5, 0.02, letters[3], ha="center", va="bottom", **kw)
-            ax.set_title(f"{plane}  {coord} = {world[axis]:+.1f} mm", color="white", fontsize=9)
-            if layer is not None and p == 1 and not np.nanmax(data, initial=-np.inf) >= layer.threshold:
-                ax.text(0.5, 0.3, f"{name}: nothing >= {layer.threshold:g} anywhere\n(max {np.nanmax(data, initial=0):.3g})",
-                        ha="center", va="center", transform=ax.transAxes, color="#ffcc66", fontsize=8)
+        for p, panel in enumerate(PANELS):
+            ax = fig.add_subplot(grid[r, p], label=f"{panel[0]}:{name}")
+            _draw_panel(ax, panel, img, cut, world, edges, window, layer, data, show_empty=p == 1)
         if layer is not None:
-            cax = fig.add_subplot(grid[r, 3], label=f"colorbar:{name}")
-            sm = ScalarMappable(norm=Normalize(layer.vmin, layer.vmax), cmap=layer.cmap)
-            cb = fig.colorbar(sm, cax=cax)
-            cb.set_label(layer.label, color="white", fontsize=8)
-            cb.ax.tick_params(colors="white", labelsize=7)
-            cb.outline.set_edgecolor("white")
+            _colorbar(fig, fig.add_subplot(grid[r, 3], label=f"colorbar:{name}"), layer)
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     sp = " x ".join(f"{s:.3g}" for s in spacing)
@@ -230,6 +194,56 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, layers: Sequence[MapLa
                   f"radiological convention (patient left on image right); positions in patient mm (RAS+); "
                   f"voxels {sp} mm", color="#cccccc", fontsize=7)
     return fig
+
+
+def _draw_panel(ax: Any, panel: tuple[Any, ...], img: np.ndarray, cut: tuple[int, int, int], world: np.ndarray,
+                edges: list[tuple[float, float]], window: tuple[float, float], layer: MapLayer | None,
+                data: np.ndarray | None, *, show_empty: bool) -> None:
+    """One plane of the canonical volume (and of ``layer``'s map) through ``cut``, drawn in mm on ``ax``."""
+    from matplotlib.patheffects import withStroke
+
+    plane, axis, (h, v), letters, coord = panel
+    take: list[Any] = [slice(None)] * 3
+    take[axis] = cut[axis]
+    extent = (*edges[h], *edges[v])
+    ax.imshow(img[tuple(take)].T, cmap="gray", origin="lower", extent=extent, vmin=window[0],
+              vmax=window[1], interpolation="nearest")
+    if layer is not None and data is not None:
+        m = data[tuple(take)].T
+        ax.imshow(np.ma.masked_where(~(m >= layer.threshold), m), cmap=layer.cmap, origin="lower",
+                  extent=extent, vmin=layer.vmin, vmax=layer.vmax, alpha=layer.alpha, interpolation="nearest")
+    ax.axvline(world[h], color="#5fb4ff", lw=0.6, alpha=0.6)  # crosshair: the other planes' cuts
+    ax.axhline(world[v], color="#5fb4ff", lw=0.6, alpha=0.6)
+    ax.set_xlim(edges[h][1], edges[h][0])  # decreasing: R (axial/coronal) or A (sagittal) on the left
+    ax.set_ylim(*edges[v])
+    ax.set_aspect("equal")  # axes in mm: the aspect is the voxel spacing's
+    ax.set_facecolor("black")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    kw: dict[str, Any] = {"transform": ax.transAxes, "color": "white", "fontsize": 11, "fontweight": "bold",
+                          "path_effects": [withStroke(linewidth=2.5, foreground="black")]}  # legible on any grey
+    ax.text(0.02, 0.5, letters[0], ha="left", va="center", **kw)
+    ax.text(0.98, 0.5, letters[1], ha="right", va="center", **kw)
+    ax.text(0.5, 0.98, letters[2], ha="center", va="top", **kw)
+    ax.text(0.5, 0.02, letters[3], ha="center", va="bottom", **kw)
+    ax.set_title(f"{plane}  {coord} = {world[axis]:+.1f} mm", color="white", fontsize=9)
+    if show_empty and layer is not None and data is not None \
+            and not np.nanmax(data, initial=-np.inf) >= layer.threshold:
+        ax.text(0.5, 0.3, f"{layer.name}: nothing >= {layer.threshold:g} anywhere\n(max {np.nanmax(data, initial=0):.3g})",
+                ha="center", va="center", transform=ax.transAxes, color="#ffcc66", fontsize=8)
+
+
+def _colorbar(fig: Any, cax: Any, layer: MapLayer) -> None:
+    """A colour bar for ``layer`` on ``cax``, labelled with how its map was scaled."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    cb = fig.colorbar(ScalarMappable(norm=Normalize(layer.vmin, layer.vmax), cmap=layer.cmap), cax=cax)
+    cb.set_label(layer.label, color="white", fontsize=8)
+    cb.ax.tick_params(colors="white", labelsize=7)
+    cb.outline.set_edgecolor("white")
 
 
 def figure_rgb(fig: Any) -> np.ndarray:
