@@ -139,7 +139,6 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     (``split`` not ``test``/``val``; all rows without a split column) and written to
     OUT/preprocess_state.json and into every volume's provenance.
     """
-    from mmai.data.descriptors import stale_descriptors
     from mmai.transforms.roi import roi_sources
 
     if config.image is None:
@@ -168,50 +167,9 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     from mmai.utils import shard_rows
 
     df = shard_rows(df, shard)
-    out_rel: dict[str, str | None] = {}
-    lost: dict[str, float] = {}
+    out_rel, todo, n_skipped, n_missing = _plan(df, config, images_dir, pid, stats)
     errors: list[dict[str, str]] = list(prior_errors or [])
-    todo: list[tuple[str, Any, Path]] = []
-    n_skipped = n_missing = 0
-    for cid, src in zip(df["case_id"], df[col], strict=True):
-        if src is None or (isinstance(src, float) and pd.isna(src)):  # image missing: kept, no file
-            out_rel[cid] = None
-            n_missing += 1
-            continue
-        target = images_dir / f"{safe_name(cid)}.nii.gz"
-        out_rel[cid] = f"images/{target.name}"
-        if _is_done(target, pid, stats) and not stale_descriptors(config.image, target):
-            n_skipped += 1
-            continue
-        todo.append((cid, src, target))
-    bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress)
-    failed: set[str] = set()
-
-    def fail(cid: str, exc: BaseException) -> None:
-        if is_disk_full(exc):  # not the case's fault: stop (exit 3); the rerun resumes
-            raise exc
-        errors.append({"case_id": cid, "stage": "image", "error": f"{type(exc).__name__}: {exc}"})
-        failed.add(cid)
-        log.warning("case %s failed: %s", cid, exc)
-
-    if workers == 1 or len(todo) <= 1:
-        for cid, src, target in todo:
-            try:
-                lost[cid] = _process_one(config.image, src, str(target), device, roi_of[cid], stats)[1]
-            except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
-                fail(cid, exc)
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-            futures = {pool.submit(_process_one, config.image, src, str(target), device, roi_of[cid], stats): cid
-                       for cid, src, target in todo}
-            for fut in as_completed(futures):
-                try:
-                    lost[futures[fut]] = fut.result()[1]
-                except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
-                    fail(futures[fut], exc)
-                bar.update(1)
-    bar.close()
+    lost, failed = _run_cases(todo, config.image, device, roi_of, stats, workers, errors, progress)
     out = df[~df["case_id"].isin(failed)].copy()
     out[col] = [out_rel[c] for c in out["case_id"]]
     if config.image.roi is None:  # ROI boxes crop by design; whole-scan grids record what they cut
@@ -229,6 +187,67 @@ def preprocess_frame(df: pd.DataFrame, config: PipelineConfig, out_dir: Path, *,
     return PreprocessSummary(n_cases=len(df) + len(prior_errors or []), n_done=len(todo) - len(failed),
                              n_skipped=n_skipped, n_missing_image=n_missing,
                              n_failed=len(failed) + len(prior_errors or []), out_dir=str(out_dir))
+
+
+def _plan(df: pd.DataFrame, config: PipelineConfig, images_dir: Path, pid: str, stats: dict[str, float] | None,
+          ) -> tuple[dict[str, str | None], list[tuple[str, Any, Path]], int, int]:
+    """Each case's output path (None: no image) and the cases still to do (not finished by an earlier
+    run with the same pipeline, statistics and descriptor version), with the skipped / missing counts."""
+    from mmai.data.descriptors import stale_descriptors
+
+    assert config.image is not None
+    out_rel: dict[str, str | None] = {}
+    todo: list[tuple[str, Any, Path]] = []
+    n_skipped = n_missing = 0
+    for cid, src in zip(df["case_id"], df[config.image.column], strict=True):
+        if src is None or (isinstance(src, float) and pd.isna(src)):  # image missing: kept, no file
+            out_rel[cid] = None
+            n_missing += 1
+            continue
+        target = images_dir / f"{safe_name(cid)}.nii.gz"
+        out_rel[cid] = f"images/{target.name}"
+        if _is_done(target, pid, stats) and not stale_descriptors(config.image, target):
+            n_skipped += 1
+            continue
+        todo.append((cid, src, target))
+    return out_rel, todo, n_skipped, n_missing
+
+
+def _run_cases(todo: list[tuple[str, Any, Path]], image: Any, device: str, roi_of: dict[str, Any],
+               stats: dict[str, float] | None, workers: int, errors: list[dict[str, str]],
+               progress: bool) -> tuple[dict[str, float], set[str]]:
+    """Preprocess ``todo`` (in ``workers`` processes when more than one): each case's lost FOV fraction,
+    and the cases that failed (appended to ``errors``; a full disk stops the run instead)."""
+    lost: dict[str, float] = {}
+    failed: set[str] = set()
+    bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress)
+
+    def fail(cid: str, exc: BaseException) -> None:
+        if is_disk_full(exc):  # not the case's fault: stop (exit 3); the rerun resumes
+            raise exc
+        errors.append({"case_id": cid, "stage": "image", "error": f"{type(exc).__name__}: {exc}"})
+        failed.add(cid)
+        log.warning("case %s failed: %s", cid, exc)
+
+    if workers == 1 or len(todo) <= 1:
+        for cid, src, target in todo:
+            try:
+                lost[cid] = _process_one(image, src, str(target), device, roi_of[cid], stats)[1]
+            except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
+                fail(cid, exc)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+            futures = {pool.submit(_process_one, image, src, str(target), device, roi_of[cid], stats): cid
+                       for cid, src, target in todo}
+            for fut in as_completed(futures):
+                try:
+                    lost[futures[fut]] = fut.result()[1]
+                except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
+                    fail(futures[fut], exc)
+                bar.update(1)
+    bar.close()
+    return lost, failed
 
 
 def _lost_of(lost: dict[str, float], cid: str, rel: str | None, out_dir: Path) -> float | None:
