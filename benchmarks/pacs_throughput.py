@@ -1,23 +1,37 @@
 """Studies from a PACS vs the same studies from a folder: ``mmai predict`` wall time.
 
-A synthetic DICOM cohort (``mmai synth``, one CT series of 40 slices per study) is sent to a local
-Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``, started on 127.0.0.1) by STOW-RS; a tiny
-model is trained on it. Then, each timed in this process:
+Two profiles (``--profile``):
 
-- folder: ``mmai predict --dicom-root IMAGES --clinical clinical.csv``
-- pacs:   ``mmai predict --dicomweb URL --query ModalitiesInStudy=CT --clinical clinical.csv
+- ``ct`` (default; what the issue is about): ``--studies`` chest CT studies of 512 x 512 x ``--slices``
+  (96: 0.7 x 0.7 x 2.5 mm, 240 mm, int16, one 512 kB file per slice, 50 MB per study), predicted at
+  full resolution through pipelines/ct_chest.yaml's image section (1.5 mm, two windows, body crop,
+  ``size: null``) by benchmarks/study_throughput.py's windowed model (96^3 windows; trained one epoch
+  on 8 ``mmai synth`` patients as setup, or reused with ``--ct-run DIR``). The studies are POSTed to
+  Orthanc's REST API as files. No clinical table (the studies' patients are in none).
+- ``tiny``: a ``mmai synth`` cohort (one CT series of 40 slices of 80 x 80 per study, 0.55 MB) sent
+  by STOW-RS, the tiny test model (1 ms per study) trained 1 epoch, the cohort's clinical table: it
+  measures only the PACS path's fixed per-study costs (search, HTTP, SR, STOW-RS, Orthanc).
+
+The studies go to a local Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``, started on
+127.0.0.1). Then, each timed in this process:
+
+- folder: ``mmai predict --dicom-root IMAGES [--clinical clinical.csv]``
+- pacs:   ``mmai predict --dicomweb URL --query ModalitiesInStudy=CT [--clinical clinical.csv]
   --store-results`` (QIDO-RS search, WADO-RS retrieve into the cache, predict, one SR per study
   stored by STOW-RS, cache cleaned per study)
 
-The PACS run's probabilities are checked against the folder run (within 1e-4). Everything (cohort,
-Orthanc's storage, the PACS cache) lives in ``--work DIR`` (default: a temporary folder on the RAM
-disk /dev/shm where there is one, else in the system's temporary folder; ``--work /tmp`` measures a
-disk cache). The line before the last gives the CPU seconds of each path (this process with its
-preparing processes, and Orthanc), the load average and the work folder, because on a shared
-machine wall time depends on the other jobs. The last line is JSON:
-``{"pacs_s", "folder_s", "overhead", "studies"}`` with overhead = pacs_s / folder_s - 1.
+The PACS run's probabilities are checked against the folder run (within 1e-4), and the server must
+hold exactly one SR per study. Everything (cohort, Orthanc's storage, the PACS cache) lives in
+``--work DIR`` (default: tiny: a temporary folder on the RAM disk /dev/shm where there is one; ct:
+the system's temporary folder, as 2 x 5 GB do not belong in RAM). The line before the last gives the
+CPU seconds of each path (this process with its preparing processes, and Orthanc), the load average
+before and after each timed run and the work folder, because on a shared machine wall time depends
+on the other jobs; ``--stages`` adds the main-process CPU ms per study of each stage. The last line
+is JSON: ``{"pacs_s", "folder_s", "overhead", "studies", "profile"}`` with overhead = pacs_s /
+folder_s - 1.
 
-    python benchmarks/pacs_throughput.py [--studies 100] [--repeats 1] [--work DIR]
+    python benchmarks/pacs_throughput.py [--profile ct|tiny] [--studies 100] [--slices 96] [--repeats 1]
+        [--work DIR] [--ct-run DIR] [--stages]
 """
 
 from __future__ import annotations
