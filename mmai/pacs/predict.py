@@ -104,7 +104,9 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
 
     Retrieval, series selection and image loading of the next studies overlap the model's batch
     (:mod:`mmai.pacs.pipeline`): ``workers`` preparing processes (None: the usable cores, at most 8,
-    as for a folder; 1: the volume is loaded in place), ``config.infer.batch_size`` studies per batch.
+    as for a folder; 1: the volume is loaded in place), the folder path's studies per model call
+    (:func:`mmai.inference.pipelined.predict_chunk`: ``infer.batch_size``, 1 for full-resolution volumes)
+    and its torch threads while the preparing processes live (:func:`~mmai.inference.pipelined.model_threads`).
 
     Raises:
         MmaiError: bad options, an unreachable PACS at search time (after the retries), a run that does
