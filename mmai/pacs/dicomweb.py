@@ -128,9 +128,75 @@ class DicomWebSource:
                             f"reason {', '.join(reasons)})")
 
 
+class _Reader:
+    """Bytes of a response body, read as asked: from ``resp.raw`` (urllib3: one read per part, no
+    re-buffering) or from ``resp.iter_content`` chunks; ``buf[pos:]`` holds what was read ahead."""
+
+    def __init__(self, resp: Any, chunk: int) -> None:
+        raw = getattr(resp, "raw", None)
+        if raw is not None and hasattr(raw, "read"):
+            self._read: Callable[[int], bytes] = partial(raw.read, decode_content=True)
+        else:
+            chunks = resp.iter_content(chunk_size=chunk)
+            self._read = lambda n: next(chunks, b"")
+        self.chunk = chunk
+        self.buf = bytearray()
+        self.pos = 0
+
+    def more(self, n: int | None = None) -> bool:
+        """Read about ``n`` more bytes into the buffer (None: a chunk); False at the end of the body."""
+        data = self._read(n or self.chunk)
+        if not data:
+            return False
+        if self.pos:
+            del self.buf[:self.pos]
+            self.pos = 0
+        self.buf += data
+        return True
+
+    def until(self, mark: bytes, step: int) -> int:
+        """The offset of ``mark`` in the buffer (reading ``step`` bytes at a time until it shows); -1 at the end."""
+        scan = self.pos
+        while True:
+            at = self.buf.find(mark, scan)
+            if at >= 0:
+                return at
+            scan = max(self.pos, len(self.buf) - len(mark) + 1)
+            before = self.pos
+            if not self.more(step):
+                return -1
+            scan -= before - self.pos  # the buffer may have been cut at its front
+
+    def take(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (fewer only at the end of the body): the buffered ones, then one read."""
+        have = len(self.buf) - self.pos
+        if have >= n:
+            out = bytes(self.buf[self.pos:self.pos + n])
+            self.pos += n
+            return out
+        head = bytes(self.buf[self.pos:])
+        self.buf.clear()
+        self.pos = 0
+        parts, need = [head] if head else [], n - have
+        while need > 0:
+            data = self._read(need)
+            if not data:
+                break
+            parts.append(data)
+            need -= len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def put_back(self, data: bytes) -> None:
+        self.buf[self.pos:self.pos] = data
+
+
 def _parts(resp: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The bodies of a ``multipart/related`` response (RFC 2046), as they arrive; a single
-    ``application/dicom`` body is yielded as is."""
+    ``application/dicom`` body is yielded as is.
+
+    A part whose headers give its ``Content-Length`` (Orthanc, dcm4chee) is read in one piece of that
+    length, with no search for the boundary through its bytes; a part without one (or with a length
+    the next boundary does not confirm) is cut at the next boundary."""
     ctype = resp.headers.get("Content-Type", "")
     if ctype.startswith("application/dicom"):
         yield resp.content
@@ -138,28 +204,33 @@ def _parts(resp: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
     m = re.search(r'boundary="?([^";]+)"?', ctype)
     if not ctype.startswith("multipart/related") or not m:
         raise PacsError(f"WADO-RS answered with Content-Type {ctype!r}, not multipart/related DICOM")
-    delim = b"\r\n--" + m.group(1).encode()
-    buf = bytearray(b"\r\n")  # the first delimiter has no CRLF before it
-    scan = 0  # where the search for the next delimiter resumes (a long part is not searched twice)
-    for data in resp.iter_content(chunk_size=chunk):
-        buf += data
-        start = buf.find(delim)
-        if start < 0:
-            continue
-        while True:  # parts are sliced out by offset; the buffer is cut once per chunk
-            end = buf.find(delim, max(start + len(delim), scan))
-            if end < 0:
-                scan = max(len(buf) - len(delim) + 1, 0)
-                break
-            scan = 0
-            head_end = buf.find(b"\r\n\r\n", start + len(delim), end)
-            if head_end >= 0:
-                with memoryview(buf) as view:
-                    part = bytes(view[head_end + 4:end])
-                yield part
-            start = end
-        del buf[:start]
-        scan = max(scan - start, 0)
+    dash = b"--" + m.group(1).encode()
+    delim = b"\r\n" + dash
+    r = _Reader(resp, chunk)
+    r.buf += b"\r\n"  # the first delimiter has no CRLF before it
+    at = r.until(delim, 4096)
+    while at >= 0:
+        r.pos = at + len(delim)
+        end = r.until(b"\r\n\r\n", 512)  # the part's headers (after the delimiter line)
+        if end < 0 or r.buf[r.pos:r.pos + 2] == b"--":
+            return  # the close delimiter (or a body cut short)
+        headers = bytes(r.buf[r.pos:end]).lower()
+        r.pos = end + 4
+        length = re.search(rb"\ncontent-length:\s*(\d+)", headers)
+        if length is not None:
+            body = r.take(int(length.group(1)))
+            if len(body) == int(length.group(1)):
+                while len(r.buf) - r.pos < len(delim) and r.more(len(delim)):
+                    pass
+                if r.buf[r.pos:r.pos + len(delim)] == delim:
+                    yield body
+                    at = r.pos
+                    continue
+            r.put_back(body)  # the length was not followed by a boundary: cut at the boundary instead
+        at = r.until(delim, chunk)
+        if at < 0:
+            return
+        yield bytes(r.buf[r.pos:at])
 
 
 def _reason(exc: Exception) -> str:

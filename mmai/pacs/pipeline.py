@@ -78,8 +78,8 @@ class StudyPrefetch(PrefetchLoader):
     loader, so ``Predictor.predict_batch`` finds it by path like a prefetched folder case.
     """
 
-    def __init__(self, loader: Any, config: Any, workers: int) -> None:
-        super().__init__(loader, [], workers)
+    def __init__(self, loader: Any, config: Any, workers: int, threads: int | None = None) -> None:
+        super().__init__(loader, [], workers, threads=threads)
         self.config = config
 
     def submit(self, study_dir: Path, *, load: bool, header: bool) -> Future:

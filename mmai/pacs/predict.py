@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mmai.errors import MmaiError
 from mmai.inference.dicom_cases import SERIES
+from mmai.inference.pipelined import model_threads
 from mmai.inference.predictor import (
     Predictor,
     PredictSummary,
@@ -103,14 +104,16 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
 
     Retrieval, series selection and image loading of the next studies overlap the model's batch
     (:mod:`mmai.pacs.pipeline`): ``workers`` preparing processes (None: the usable cores, at most 8,
-    as for a folder; 1: the volume is loaded in place), ``config.infer.batch_size`` studies per batch.
+    as for a folder; 1: the volume is loaded in place), the folder path's studies per model call
+    (:func:`mmai.inference.pipelined.predict_chunk`: ``infer.batch_size``, 1 for full-resolution volumes)
+    and its torch threads while the preparing processes live (:func:`~mmai.inference.pipelined.model_threads`).
 
     Raises:
         MmaiError: bad options, an unreachable PACS at search time (after the retries), a run that does
             not load, or a table-level problem of the clinical table; per-study failures are error rows.
     """
     from mmai import __version__
-    from mmai.inference.pipelined import default_workers
+    from mmai.inference.pipelined import default_workers, predict_chunk
     from mmai.pacs.sr import derived_uid
 
     out_csv = Path(out_csv)
@@ -146,7 +149,7 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
     n_pred = 0
     new_file = not out_csv.exists() or out_csv.stat().st_size == 0
     image_col = predictor.config.image.column if predictor.config.image is not None else "image"
-    bs = max(1, predictor.config.infer.batch_size)
+    bs = max(1, predict_chunk(predictor))  # 1 for full-resolution volumes, as for a folder: the model overlaps loading
     try:
         with out_csv.open("a", newline="") as fh, \
                 tqdm(total=len(todo), desc="predict (PACS)", unit="study", disable=not progress) as bar:
@@ -221,7 +224,9 @@ class _Run:
         self._loader = predictor.loader
         cfg = predictor.config.image
         if workers >= 2 and predictor.loader is not None and predictor.uses_image and cfg is not None and todo:
-            self.prefetch = StudyPrefetch(predictor.loader, predictor.config, workers)
+            on_cpu = str(getattr(predictor, "device", "cpu")).startswith("cpu")
+            self.prefetch = StudyPrefetch(predictor.loader, predictor.config, workers,
+                                          threads=model_threads(workers) if on_cpu else None)
             predictor.loader = self.prefetch
             log.info("predict (PACS): %d preparing process(es)", workers)
         one = getattr(source, "move_port", None) is not None  # one C-MOVE at a time (one storage SCP sink)

@@ -152,3 +152,31 @@ def test_a_batch_the_server_refuses_in_part_fails_only_that_study(tmp_path, down
         assert [e["case_id"] for e in errs] == ["c1"] and errs[0]["stage"] == "store"
         assert {s for s, _, _ in ledger.done} == {studies[0], studies[2]}
         assert all(ledger.has(s, derived_uid(s, "m", "sr"), "dest") for s in (studies[0], studies[2]))
+
+
+class _Raw:
+    """A urllib3-like body: ``read(n)`` returns at most ``n`` bytes, never more than ``size`` at once."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        self.body, self.size, self.at, self.calls = body, size, 0, 0
+
+    def read(self, n, decode_content=True):
+        self.calls += 1
+        out = self.body[self.at:self.at + min(n, self.size)]
+        self.at += len(out)
+        return out
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 10**6])
+def test_multipart_parts_read_by_their_content_length(size):
+    bodies = [bytes(range(256)) * k for k in (0, 1, 3, 700)] + [b"x\r\n--b0und-ish"]
+    lengths = [len(b) for b in bodies]
+    lengths[2] += 5  # a wrong Content-Length: the part is cut at the boundary instead
+    stream = b"preamble\r\n" + b"".join(
+        b"--b0und\r\nContent-Type: application/dicom\r\nContent-Length: %d\r\n\r\n" % n + b + b"\r\n"
+        for b, n in zip(bodies, lengths, strict=True)) + b"--b0und--\r\n"
+    resp = _Chunks(stream, size)
+    resp.raw = _Raw(stream, size)
+    assert list(_parts(resp, chunk=4096)) == bodies
+    if size == 10**6:  # a 179 kB part is one read of its length, not searched 4 kB chunk by 4 kB chunk
+        assert 0 < resp.raw.calls <= 2 * len(bodies) + 4

@@ -256,3 +256,37 @@ def test_explain_stores_sr_parametric_map_and_overlay_once(pacs, world, tmp_path
     assert added in (2, 3)  # the PM and the overlay, plus the SR unless an earlier test stored it already
     assert world.predict(tmp_path / "b.csv", *args, "--explain", str(tmp_path / "eb")) == 0
     assert len(pacs.instances()) - n_before == added  # the same UIDs: replaced, not added
+
+
+def test_full_resolution_studies_go_to_the_model_one_by_one_on_the_cores_left(pacs, world, folder, tmp_path,
+                                                                                monkeypatch):
+    """As for a folder: with ``image.size: null`` (predict_chunk 1) each model call gets one study, so the
+    model works while the next studies load, and it runs on the cores the preparing processes leave."""
+    import torch
+
+    from mmai.inference import pipelined
+    from mmai.inference.predictor import Predictor
+
+    calls: list[tuple[int, int]] = []
+    real = Predictor.predict_batch
+
+    def spy(self, df, errors):
+        calls.append((len(df), torch.get_num_threads()))
+        return real(self, df, errors)
+
+    monkeypatch.setattr(pipelined, "predict_chunk", lambda predictor: 1)  # what size: null gives
+    monkeypatch.setattr(Predictor, "predict_batch", spy)
+    monkeypatch.setattr(pipelined, "usable_cores", lambda: 3)  # 2 preparing processes leave 1 core
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = tmp_path / "p.csv"
+        assert world.predict(out, "--dicomweb", pacs.dicomweb, "--query", "ModalitiesInStudy=CT", "--clinical",
+                             str(world.cohort / "clinical.csv"), "--workers", "2") == 0
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    _check_same(pd.read_csv(out).set_index("case_id").sort_index(), folder)
+    assert [n for n, _ in calls] == [1] * 24
+    assert {t for _, t in calls} == {1}  # the model's threads while the workers load
+    assert after == 3  # given back when the workers stop
