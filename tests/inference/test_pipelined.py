@@ -122,3 +122,37 @@ def test_model_runs_on_each_study_while_the_next_ones_load(world, tmp_path, monk
     assert kinds[:6] == ["load", "model"] * 3
     assert all(n > 0 for e, n in events[:6] if e == "model")  # the workers are ahead while the model runs
     assert len(pd.read_csv(tmp_path / "p.csv")) == len(pd.read_csv(man))
+
+
+def test_the_focal_inventory_is_measured_in_the_workers_with_the_same_values(world, monkeypatch):  # noqa: F811
+    """A run that takes the focal inventory has it measured by the preprocessing workers beside the
+    volume: the main process measures nothing, and the values are those measured in place."""
+    from mmai.data import focal
+    from mmai.data.descriptors import is_focal
+    from mmai.inference.pipelined import worker_measure
+    from mmai.inference.predictor import Predictor
+
+    from mmai.transforms.focal import FOCAL_NAMES
+
+    pred = Predictor(world.run)
+    pred.descriptors = FOCAL_NAMES  # the world's run, seen as one that takes the whole inventory
+    assert is_focal(pred.descriptors) and worker_measure(pred) is not None
+    cfg = pred.config.image
+    m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)[:3]
+    df = m.assign(image=[str(world.cohort / p) for p in m["image"]])
+    focal._MEMO.clear()
+    ref = focal.attach_focal(cfg, df, pred.descriptors, loader=pred.loader)  # in place, in this process
+    focal._MEMO.clear()
+    pre = PrefetchLoader(pred.loader, list(df["image"]), workers=2, threads=None, measure=worker_measure(pred))
+    try:  # the workers are forked: measuring in this process from now on fails the test
+        monkeypatch.setattr(focal, "focal_descriptors", lambda *a: pytest.fail("measured in the main process"))
+        got = focal.attach_focal(cfg, df, pred.descriptors, loader=pre)
+        for p in df["image"]:  # the model then gets the volume the workers measured
+            arr, _ = pre.load(p)
+            assert (arr == pred.loader.load(p)[0]).all()
+    finally:
+        pre.close()
+        focal._MEMO.clear()
+    names = list(pred.descriptors)
+    assert got[names].notna().all().all()
+    pd.testing.assert_frame_equal(got[names], ref[names])
