@@ -295,6 +295,9 @@ def attach(predictor: Any, todo: Any, workers: int | None) -> Callable[[], None]
             or cfg.column not in todo.columns or len(todo) < 2:
         return lambda: None
     on_cpu = str(getattr(predictor, "device", "cpu")).startswith("cpu")
+    from mmai.inference.heap import keep_freed_memory
+
+    give_back = keep_freed_memory()  # before the workers fork: they inherit it (mmai.inference.heap)
     prefetch = PrefetchLoader(loader, list(todo[cfg.column]), n, threads=model_threads(n) if on_cpu else None,
                               measure=worker_measure(predictor))
     predictor.loader = prefetch
@@ -303,5 +306,6 @@ def attach(predictor: Any, todo: Any, workers: int | None) -> Callable[[], None]
     def stop() -> None:
         prefetch.close()
         predictor.loader = loader
+        give_back()
 
     return stop
