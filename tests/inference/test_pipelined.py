@@ -25,9 +25,11 @@ def test_workers_give_the_in_place_predictions_and_errors(world, tmp_path):  # n
     assert len(pd.read_csv(two)) == 22
 
 
-def test_prefetch_answers_by_path_whatever_the_order(world):  # noqa: F811
+def test_prefetch_answers_by_path_whatever_the_order(world, monkeypatch):  # noqa: F811
+    from mmai.inference import pipelined
     from mmai.inference.predictor import Predictor
 
+    monkeypatch.setattr(pipelined, "runnable_now", lambda: 99)  # a busy machine: one model thread to the end
     pred = Predictor(world.run)
     m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
     paths = [str(world.cohort / p) for p in m["image"][:4]]
@@ -156,3 +158,33 @@ def test_the_focal_inventory_is_measured_in_the_workers_with_the_same_values(wor
     names = list(pred.descriptors)
     assert got[names].notna().all().all()
     pd.testing.assert_frame_equal(got[names], ref[names])
+
+
+@pytest.mark.parametrize(("running", "threads_after"), [(1, 2), (5, 1)])
+def test_the_last_studies_get_the_idle_workers_cores_on_a_quiet_machine(world, monkeypatch, running,
+                                                                         threads_after):  # noqa: F811
+    """Once every study is loaded the workers idle: the model gets its threads back when nothing
+    else runs on the machine (only this process is running), and keeps one on a busy one."""
+    from mmai.inference import pipelined
+    from mmai.inference.predictor import Predictor
+
+    pred = Predictor(world.run)
+    m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
+    paths = [str(world.cohort / p) for p in m["image"][:3]]
+    monkeypatch.setattr(pipelined, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipelined, "runnable_now", lambda: running)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pre = PrefetchLoader(pred.loader, paths, workers=2, ahead=1, threads=1)
+        try:
+            pre.load(paths[0])
+            assert torch.get_num_threads() == 1  # studies still queued: the workers have work
+            for p in paths[1:]:
+                pre.load(p)
+            assert torch.get_num_threads() == threads_after
+        finally:
+            pre.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
