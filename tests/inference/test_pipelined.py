@@ -133,7 +133,6 @@ def test_the_focal_inventory_is_measured_in_the_workers_with_the_same_values(wor
     from mmai.data.descriptors import is_focal
     from mmai.inference.pipelined import worker_measure
     from mmai.inference.predictor import Predictor
-
     from mmai.transforms.focal import FOCAL_NAMES
 
     pred = Predictor(world.run)
@@ -161,8 +160,8 @@ def test_the_focal_inventory_is_measured_in_the_workers_with_the_same_values(wor
 
 
 @pytest.mark.parametrize(("running", "threads_after"), [(1, 2), (5, 1)])
-def test_the_last_studies_get_the_idle_workers_cores_on_a_quiet_machine(world, monkeypatch, running,
-                                                                         threads_after):  # noqa: F811
+def test_the_last_studies_get_the_idle_workers_cores_on_a_quiet_machine(world, monkeypatch, running,  # noqa: F811
+                                                                         threads_after):
     """Once every study is loaded the workers idle: the model gets its threads back when nothing
     else runs on the machine (only this process is running), and keeps one on a busy one."""
     from mmai.inference import pipelined
