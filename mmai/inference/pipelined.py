@@ -234,6 +234,7 @@ class PrefetchLoader:
         """(array (C, I, J, K), affine (4, 4)) of one case, from the workers when they loaded it."""
         if roi is None and (kept := self._recent.pop(_key(path), None)) is not None:
             arr, affine, self.last_flags, self.last_measured = kept
+            self._threads_for_the_tail()  # the model's load of a peeked volume: the workers may be done now
             return arr, affine
         fut = self.futures.pop(_key(path), None) if roi is None else None
         self._fill()
