@@ -5,13 +5,17 @@ Every study allocates and frees the same large arrays: the DICOM pixels (~200 MB
 model, the encoder's activations. glibc serves each block over 32 MB with a fresh ``mmap`` and
 gives it back with ``munmap`` when freed, so every study pays its memory again in page faults:
 the kernel zeroes each 4 KiB page on first touch. On 6 chest CTs that was ~1.5 M minor faults and
-about a third of the workers' CPU time in the kernel (docs/benchmarks.md, "Study throughput (issue
-18)"). :func:`keep_freed_memory` makes the process (and the workers it forks afterwards, which
-inherit the setting) take large blocks from the heap and keep freed ones for the next study;
-:func:`keep_freed_memory`'s return value restores glibc's defaults and hands the kept memory back.
+about a third of the workers' CPU time in the kernel (docs/benchmarks.md, "Study throughput
+(issue 18): the main process only runs the model"). :func:`keep_freed_memory` makes the process
+(and the workers it forks afterwards, which inherit the setting) take large blocks from the heap
+and keep freed ones for the next study; its return value restores glibc's defaults and hands the
+kept memory back.
 
-The peak memory does not grow (the same blocks are reused); what changes is that the memory stays
-with the process until the batch ends. Elsewhere (macOS, musl) nothing changes.
+The peak memory does not grow in practice (the same blocks are reused: 1.16 GB for the 6-study
+benchmark); what changes is that the memory stays with the process until the batch ends. After
+the restore glibc's mmap threshold no longer adapts (any ``mallopt`` of these parameters turns
+that off for the process): blocks over 128 KiB are ``mmap``ed as on a fresh start. Elsewhere
+(macOS, musl) nothing changes.
 """
 
 from __future__ import annotations
