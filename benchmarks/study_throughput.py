@@ -11,7 +11,8 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
 - ``mmai``: ``python -m mmai predict --run RUN --dicom-root ROOT --out preds.csv`` in a subprocess
   (default ``--workers``: the usable cores; the model then runs on the cores the workers leave, at
   least one thread, one study per model call), wall time from start to the CSV; each study: scan,
-  series selection, read, preprocessing (the fast chain), window encoding, fusion.
+  series selection, read, preprocessing (the fast chain) and the run's mask-free focal inventory
+  (both in a worker), window encoding, fusion.
 - ``monai``: the tutorial pipeline in one process: ``LoadImaged`` with MONAI's ``PydicomReader``,
   ``EnsureChannelFirstd``, ``Orientationd(RAS)``, ``Spacingd(1.5 mm, bilinear)``, one
   ``ScaleIntensityRanged`` per window + ``ConcatItemsd``, ``CropForegroundd`` (body = above -500 HU),
@@ -24,7 +25,7 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
 after both pipelines ran, with the torch threads ``mmai predict`` gives each stage (a worker reads
 and preprocesses with 1 thread; the model gets the cores the workers leave): start-up (a fresh
 process importing predict's modules and loading the run), scan of the root, read + preprocess,
-model; ``cpu_s`` the same in CPU seconds; plus both wall times and both CPU times (``mmai_cpu_s``:
+focal inventory, model; ``cpu_s`` the same in CPU seconds; plus both wall times and both CPU times (``mmai_cpu_s``:
 the predict process and its workers; ``monai_cpu_s``: this process and its DataLoader workers
 during the timed loop). MONAI's wall time starts after its imports and model load; mmai's
 includes them (``start_s``). ``load_average_1min``: the machine's load before and after each
@@ -157,8 +158,8 @@ def start_up(run: Path) -> tuple[float, float]:
 
 def mmai_stages(run: Path, root: Path, study: Path, workers: int | None) -> dict[str, Any]:
     """Seconds (wall and CPU) of one study's stages in this process, with the torch threads ``mmai
-    predict`` gives them: scan of the root, read + preprocess (a worker: 1 thread), model (the
-    threads the workers leave, :func:`mmai.inference.pipelined.model_threads`)."""
+    predict`` gives them: scan of the root, read + preprocess and the focal inventory (a worker: 1
+    thread), model (the threads the workers leave, :func:`mmai.inference.pipelined.model_threads`)."""
     from mmai.config import load_config
     from mmai.inference.dicom_cases import predict_cases
     from mmai.inference.pipelined import default_workers, model_threads
@@ -172,6 +173,10 @@ def mmai_stages(run: Path, root: Path, study: Path, workers: int | None) -> dict
     torch.set_num_threads(1)
     pred.loader.load(str(study))  # warm-up (imports)
     (arr, aff), prep, prep_cpu = _timed(lambda: pred.loader.load(str(study)))
+    from mmai.inference.pipelined import worker_measure
+
+    measure = worker_measure(pred)  # the focal inventory of a run that takes it (measured in the worker)
+    _, focal, focal_cpu = _timed(lambda: measure(arr, aff)) if measure is not None else (None, 0.0, 0.0)
     x = torch.from_numpy(arr)[None]
     n_feat = pred.pre.num_features if pred.pre is not None else 0
     args = (x, torch.ones(1), torch.zeros(1, n_feat), torch.zeros(1, n_feat))
@@ -183,8 +188,10 @@ def mmai_stages(run: Path, root: Path, study: Path, workers: int | None) -> dict
     torch.set_num_threads(before)
     start, start_cpu = start_up(run)
     return {"start_s": round(start, 3), "scan_root_s": round(scan, 3), "read_preprocess_s": round(prep, 3),
-            "model_s": round(model, 3), "cpu_s": {"start": round(start_cpu, 3), "scan_root": round(scan_cpu, 3),
-                                                  "read_preprocess": round(prep_cpu, 3), "model": round(model_cpu, 3)},
+            "focal_inventory_s": round(focal, 3), "model_s": round(model, 3),
+            "cpu_s": {"start": round(start_cpu, 3), "scan_root": round(scan_cpu, 3),
+                      "read_preprocess": round(prep_cpu, 3), "focal_inventory": round(focal_cpu, 3),
+                      "model": round(model_cpu, 3)},
             "model_threads": threads, "workers": n_workers, "model_grid": list(arr.shape)}
 
 

@@ -53,6 +53,14 @@ def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return float(sp[0]), float(sp[1]), float(sp[2])
 
 
+def measure(arr: np.ndarray, affine: np.ndarray, channel: int) -> np.ndarray:
+    """The inventory (len(FOCAL_NAMES),) of one model-ready volume ``arr`` (C, I, J, K) with its
+    affine (4, 4): channel ``channel`` (or the last one), at the affine's spacing. The one function
+    both :func:`attach_focal` and predict's preprocessing workers (:mod:`mmai.inference.pipelined`)
+    measure with, so where it runs does not change a value."""
+    return focal_descriptors(np.asarray(arr)[min(channel, arr.shape[0] - 1)], _spacing(affine))
+
+
 def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip()) \
         or (isinstance(v, list) and not v)
@@ -70,7 +78,9 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
         device: device of the preprocessing chain for raw images.
         run_state: a trained run's ``state["image"]`` (fitted intensity statistics), if any.
         loader: an image loader to use instead of a new one of ``cfg``; one with ``peek`` (predict's
-            :class:`~mmai.inference.pipelined.PrefetchLoader`) keeps each volume for the model's load.
+            :class:`~mmai.inference.pipelined.PrefetchLoader`) keeps each volume for the model's load,
+            and one with ``peek_measured`` also hands over the inventory its worker measured with
+            :func:`measure` beside the volume (None: measured here).
     """
     from mmai.data.dataset import ImageLoader
     from mmai.transforms.pipelines import image_pipeline_id
@@ -78,6 +88,7 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
     if loader is None:
         loader = ImageLoader(cfg, device=device, run_state=run_state)
     load = getattr(loader, "peek", loader.load)
+    load_measured = getattr(loader, "peek_measured", None)
     pid, ch = image_pipeline_id(cfg), channel_for(cfg)
     rows = np.full((len(df), len(FOCAL_NAMES)), np.nan)
     missing: list[str] = []
@@ -90,8 +101,12 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
             rows[i] = _MEMO[key]
             continue
         try:
-            arr, affine = load(image)
-            values = focal_descriptors(np.asarray(arr)[min(ch, arr.shape[0] - 1)], _spacing(affine))
+            if load_measured is not None:
+                arr, affine, values = load_measured(image)
+            else:
+                (arr, affine), values = load(image), None
+            if values is None:
+                values = measure(arr, affine, ch)
         except MmaiError:  # the reader's message may hold a patient folder: the case's own error row reports it
             log.warning("case %s: image descriptors missing (its image could not be read)", cid)
             missing.append(str(cid))

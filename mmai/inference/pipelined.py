@@ -9,6 +9,11 @@ workers finish does not matter), else the case is loaded in place. Errors are th
 (re-raised in the main process with their message), so a failing case still becomes a row of
 ``<out>.errors.csv`` and the CSV is written and resumed exactly as without workers.
 
+A run that takes the mask-free focal inventory (:mod:`mmai.data.focal`) has it measured in the
+worker, beside the volume, by the same function the main process would run
+(:func:`mmai.data.focal.measure`): the main process then only runs the model (the inventory's LoG
+filters cost about twice the model's time on a full-resolution CT).
+
 ``--workers`` (``mmai predict``) defaults to :func:`default_workers`: the cores this process may use,
 capped at 8; 1 loads in place (no worker processes).
 
@@ -17,9 +22,11 @@ runs torch (on the CPU) with :func:`model_threads` threads, the cores the worker
 never more than it had. Running the model with every core while the workers also use them
 oversubscribes the cores, and torch's OpenMP threads then wait on each other: on 2 cores, the
 window encoding of a 512 x 512 x 400 chest CT took 3.5-8 s with 2 threads next to the workers
-against 1.2 s with one (docs/benchmarks.md). The threads come back when the workers stop (the last
-study keeps one thread too: on a busy machine two threads cost it several times more than they
-save on an idle one).
+against 1.2 s with one (docs/benchmarks.md). The threads come back when the workers stop, or
+earlier, once every study is loaded and the workers are idle, if nothing else is running on the
+machine at that moment (:func:`runnable_now`): the last studies then use the idle workers' cores.
+On a busy machine the last studies keep one thread (there two threads cost the model several
+times more than they save on an idle one).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from mmai.errors import MmaiError, PreprocessError
 log = logging.getLogger(__name__)
 
 _WORKER_LOADER: Any = None
+_WORKER_MEASURE: Callable[[np.ndarray, np.ndarray], Any] | None = None
 
 
 def default_workers() -> int:
@@ -53,6 +61,16 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def runnable_now() -> int:
+    """Processes and threads running or ready to run on the machine at this instant (this one
+    included; Linux ``/proc/loadavg``), or a large number where that is not known."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 1 << 30
 
 
 def model_threads(workers: int, cores: int | None = None) -> int:
@@ -91,13 +109,13 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _init(loader: Any) -> None:
+def _init(loader: Any, measure: Callable[[np.ndarray, np.ndarray], Any] | None = None) -> None:
     import torch
 
     _die_with_parent()
     torch.set_num_threads(1)
-    global _WORKER_LOADER
-    _WORKER_LOADER = loader
+    global _WORKER_LOADER, _WORKER_MEASURE
+    _WORKER_LOADER, _WORKER_MEASURE = loader, measure
 
 
 def _load(path: Any) -> tuple[str, Any]:
@@ -108,8 +126,20 @@ def _load(path: Any) -> tuple[str, Any]:
     except MmaiError as exc:
         return "error", (type(exc), str(exc))
     note = {"modalities": sorted(loader.modalities_seen), "intensity_stats": loader.stats,
-            "input_flags": loader.last_flags}  # what the worker's loader repaired (mmai.io.input_flags)
+            "input_flags": loader.last_flags,  # what the worker's loader repaired (mmai.io.input_flags)
+            "measured": _measure(arr, affine)}
     return "ok", (np.ascontiguousarray(arr), affine, note)
+
+
+def _measure(arr: np.ndarray, affine: np.ndarray) -> Any:
+    """In a worker: the measurement of the volume the model will get (the focal inventory), or None
+    (none asked, or it failed: the main process measures again and reports the failure itself)."""
+    if _WORKER_MEASURE is None:
+        return None
+    try:
+        return _WORKER_MEASURE(arr, affine)
+    except Exception:  # noqa: BLE001 - measured again in the main process, which names the failure
+        return None
 
 
 def _key(path: Any) -> Any:
@@ -126,25 +156,30 @@ class PrefetchLoader:
         ahead: how many volumes may be loaded and waiting at once (default ``workers + 2``).
         threads: torch threads of this process while the workers live (None: leave them); the
             previous number comes back at :meth:`close`.
+        measure: ``f(array, affine)`` a worker runs on each volume it loads, its answer handed over
+            with the volume (:meth:`peek_measured`): predict's focal inventory
+            (:func:`mmai.data.focal.measure`), so the main process only runs the model.
     """
 
     def __init__(self, loader: Any, paths: Sequence[Any], workers: int, ahead: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, measure: Callable[[np.ndarray, np.ndarray], Any] | None = None
+                 ) -> None:
         import copy
 
         import torch
 
         self.loader = loader
         self.last_flags = ""  # the input flags of the case just loaded, as ImageLoader.last_flags
+        self.last_measured: Any = None  # the worker's measurement of the case just loaded (None: none)
         self.ahead = ahead or workers + 2
         self.queue: deque[Any] = deque(p for p in paths if p is not None and not (isinstance(p, float) and np.isnan(p)))
         self.futures: dict[Any, Future] = {}
-        self._recent: dict[Any, tuple[np.ndarray, np.ndarray, str]] = {}  # peeked volumes (:meth:`peek`)
+        self._recent: dict[Any, tuple[np.ndarray, np.ndarray, str, Any]] = {}  # peeked volumes (:meth:`peek`)
         worker_loader = copy.copy(loader)
         worker_loader.device = "cpu"  # the workers feed the model's device; they preprocess on the CPU
         worker_loader._chain = None
         self.pool: ProcessPoolExecutor | None = ProcessPoolExecutor(max_workers=workers, initializer=_init,
-                                                                     initargs=(worker_loader,))
+                                                                     initargs=(worker_loader, measure))
         # a fork pool forks all its processes at the first submit: do it now, from this (long-lived)
         # thread, which the workers' death-with-parent signal is tied to
         self.pool.submit(int)
@@ -181,18 +216,25 @@ class PrefetchLoader:
         inventory measures the volume the model then gets: one load, one preprocessing)."""
         key = _key(path)
         if key in self._recent:
-            arr, affine, self.last_flags = self._recent[key]
+            arr, affine, self.last_flags, self.last_measured = self._recent[key]
             return arr, affine
         arr, affine = self.load(path)
         if len(self._recent) >= self.ahead:  # bounded: volumes peeked but never asked for again
             self._recent.clear()
-        self._recent[key] = (arr, affine, self.last_flags)
+        self._recent[key] = (arr, affine, self.last_flags, self.last_measured)
         return arr, affine
+
+    def peek_measured(self, path: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+        """:meth:`peek` plus the worker's ``measure`` of that volume (None when it was loaded in
+        place, no measure was given, or the measure failed in the worker)."""
+        arr, affine = self.peek(path)
+        return arr, affine, self.last_measured
 
     def load(self, path: Any, roi: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(array (C, I, J, K), affine (4, 4)) of one case, from the workers when they loaded it."""
         if roi is None and (kept := self._recent.pop(_key(path), None)) is not None:
-            arr, affine, self.last_flags = kept
+            arr, affine, self.last_flags, self.last_measured = kept
+            self._threads_for_the_tail()  # the model's load of a peeked volume: the workers may be done now
             return arr, affine
         fut = self.futures.pop(_key(path), None) if roi is None else None
         self._fill()
@@ -212,12 +254,27 @@ class PrefetchLoader:
             raise exc
         arr, affine, note = value
         self.last_flags = str(note.get("input_flags") or "")
+        self.last_measured = note.get("measured")
         for m in note["modalities"]:
             self.loader._note({"modality": m, "intensity_stats": note["intensity_stats"]})
+        self._threads_for_the_tail()
         return arr, affine
 
+    def _threads_for_the_tail(self) -> None:
+        """Once every study is loaded (nothing queued, every worker idle), give the model its threads
+        back if nothing else runs on the machine now: the last studies then use the cores the idle
+        workers left (on a quiet 2-core machine the window encoding of a chest CT takes ~0.35 s on
+        2 threads against ~0.57 s on 1). On a busy machine the model keeps its one thread: there two
+        threads cost it several times what they save (the module docstring)."""
+        if self._threads_before is None or self.queue or any(not f.done() for f in self.futures.values()):
+            return
+        others = runnable_now() - 1  # besides this thread
+        if others + self._threads_before <= usable_cores():  # a core for each thread, none taken
+            self._restore_threads()
+            log.debug("predict: workers idle on a quiet machine; the model gets its threads back")
+
     def _in_place(self, path: Any, roi: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
-        self.last_flags = ""
+        self.last_flags, self.last_measured = "", None
         out = self.loader.load(path, roi)
         self.last_flags = self.loader.last_flags
         return out
@@ -239,6 +296,21 @@ class PrefetchLoader:
             self.pool = None
 
 
+def worker_measure(predictor: Any) -> Callable[[np.ndarray, np.ndarray], Any] | None:
+    """What the workers measure beside each volume: the focal inventory of a run that takes it
+    (:func:`mmai.data.focal.measure` on the run's channel), else None."""
+    import functools
+
+    from mmai.data.descriptors import is_focal
+
+    names, cfg = getattr(predictor, "descriptors", None), predictor.config.image
+    if not names or cfg is None or not is_focal(names):
+        return None
+    from mmai.data.focal import channel_for, measure
+
+    return functools.partial(measure, channel=channel_for(cfg))
+
+
 def attach(predictor: Any, todo: Any, workers: int | None) -> Callable[[], None]:
     """Give ``predictor`` a :class:`PrefetchLoader` over the image paths of ``todo`` (a manifest
     frame); returns the function that stops the workers and restores the loader. ``workers``: None
@@ -250,12 +322,17 @@ def attach(predictor: Any, todo: Any, workers: int | None) -> Callable[[], None]
             or cfg.column not in todo.columns or len(todo) < 2:
         return lambda: None
     on_cpu = str(getattr(predictor, "device", "cpu")).startswith("cpu")
-    prefetch = PrefetchLoader(loader, list(todo[cfg.column]), n, threads=model_threads(n) if on_cpu else None)
+    from mmai.inference.heap import keep_freed_memory
+
+    give_back = keep_freed_memory()  # before the workers fork: they inherit it (mmai.inference.heap)
+    prefetch = PrefetchLoader(loader, list(todo[cfg.column]), n, threads=model_threads(n) if on_cpu else None,
+                              measure=worker_measure(predictor))
     predictor.loader = prefetch
     log.info("predict: %d preprocessing worker(s), %d volume(s) ahead", n, prefetch.ahead)
 
     def stop() -> None:
         prefetch.close()
         predictor.loader = loader
+        give_back()
 
     return stop

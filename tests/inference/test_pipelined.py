@@ -25,9 +25,11 @@ def test_workers_give_the_in_place_predictions_and_errors(world, tmp_path):  # n
     assert len(pd.read_csv(two)) == 22
 
 
-def test_prefetch_answers_by_path_whatever_the_order(world):  # noqa: F811
+def test_prefetch_answers_by_path_whatever_the_order(world, monkeypatch):  # noqa: F811
+    from mmai.inference import pipelined
     from mmai.inference.predictor import Predictor
 
+    monkeypatch.setattr(pipelined, "runnable_now", lambda: 99)  # a busy machine: one model thread to the end
     pred = Predictor(world.run)
     m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
     paths = [str(world.cohort / p) for p in m["image"][:4]]
@@ -122,3 +124,66 @@ def test_model_runs_on_each_study_while_the_next_ones_load(world, tmp_path, monk
     assert kinds[:6] == ["load", "model"] * 3
     assert all(n > 0 for e, n in events[:6] if e == "model")  # the workers are ahead while the model runs
     assert len(pd.read_csv(tmp_path / "p.csv")) == len(pd.read_csv(man))
+
+
+def test_the_focal_inventory_is_measured_in_the_workers_with_the_same_values(world, monkeypatch):  # noqa: F811
+    """A run that takes the focal inventory has it measured by the preprocessing workers beside the
+    volume: the main process measures nothing, and the values are those measured in place."""
+    from mmai.data import focal
+    from mmai.data.descriptors import is_focal
+    from mmai.inference.pipelined import worker_measure
+    from mmai.inference.predictor import Predictor
+    from mmai.transforms.focal import FOCAL_NAMES
+
+    pred = Predictor(world.run)
+    pred.descriptors = FOCAL_NAMES  # the world's run, seen as one that takes the whole inventory
+    assert is_focal(pred.descriptors) and worker_measure(pred) is not None
+    cfg = pred.config.image
+    m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)[:3]
+    df = m.assign(image=[str(world.cohort / p) for p in m["image"]])
+    focal._MEMO.clear()
+    ref = focal.attach_focal(cfg, df, pred.descriptors, loader=pred.loader)  # in place, in this process
+    focal._MEMO.clear()
+    pre = PrefetchLoader(pred.loader, list(df["image"]), workers=2, threads=None, measure=worker_measure(pred))
+    try:  # the workers are forked: measuring in this process from now on fails the test
+        monkeypatch.setattr(focal, "focal_descriptors", lambda *a: pytest.fail("measured in the main process"))
+        got = focal.attach_focal(cfg, df, pred.descriptors, loader=pre)
+        for p in df["image"]:  # the model then gets the volume the workers measured
+            arr, _ = pre.load(p)
+            assert (arr == pred.loader.load(p)[0]).all()
+    finally:
+        pre.close()
+        focal._MEMO.clear()
+    names = list(pred.descriptors)
+    assert got[names].notna().all().all()
+    pd.testing.assert_frame_equal(got[names], ref[names])
+
+
+@pytest.mark.parametrize(("running", "threads_after"), [(1, 2), (5, 1)])
+def test_the_last_studies_get_the_idle_workers_cores_on_a_quiet_machine(world, monkeypatch, running,  # noqa: F811
+                                                                         threads_after):
+    """Once every study is loaded the workers idle: the model gets its threads back when nothing
+    else runs on the machine (only this process is running), and keeps one on a busy one."""
+    from mmai.inference import pipelined
+    from mmai.inference.predictor import Predictor
+
+    pred = Predictor(world.run)
+    m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
+    paths = [str(world.cohort / p) for p in m["image"][:3]]
+    monkeypatch.setattr(pipelined, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pipelined, "runnable_now", lambda: running)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pre = PrefetchLoader(pred.loader, paths, workers=2, ahead=1, threads=1)
+        try:
+            pre.load(paths[0])
+            assert torch.get_num_threads() == 1  # studies still queued: the workers have work
+            for p in paths[1:]:
+                pre.load(p)
+            assert torch.get_num_threads() == threads_after
+        finally:
+            pre.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
