@@ -168,7 +168,6 @@ def test_an_internal_error_is_one_line_exit_3_and_the_traceback_only_with_verbos
     def boom(a):
         raise RuntimeError("something\nunexpected")
 
-    monkeypatch.setattr(cli, "_cmd_synth", boom)
     for verbose in ([], ["-v"]):
         parser = cli.build_parser()
         monkeypatch.setattr(cli, "build_parser", lambda parser=parser: parser)
