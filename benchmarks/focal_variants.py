@@ -59,11 +59,11 @@ def render(var_name: str, rows: pd.DataFrame, out: Path, seed: int) -> pd.DataFr
 def measure(rows: pd.DataFrame) -> dict[str, Any]:
     """Inventory through the semi-real pipeline's loader; Spearman with the truth."""
     from scipy.stats import spearmanr
+    from semi_real import PIPELINE
 
     from mmai.config import config_from_dict
     from mmai.data.focal import attach_focal
     from mmai.transforms.focal import FOCAL_NAMES
-    from semi_real import PIPELINE
 
     cfg = config_from_dict({**PIPELINE, "model": {"fusion": "image_only"}}, source="focal_variants")
     t0 = time.time()
