@@ -8,8 +8,7 @@ rendered as NIfTI CTs and measured exactly as a user's pipeline measures them: t
 window [-160, 240] HU at 3 mm, 64 x 64 x 48; ``benchmarks/semi_real.py``), then
 :func:`mmai.data.focal.attach_focal`. Per variant: Spearman between the largest object's
 diameter and the true tumour size, between the object count and the true node count, the median
-count / (nodes + 1) ratio, and an untrained ridge-free "image oracle proxy": Spearman of each
-inventory number with its truth is what a Cox model on them can at best use.
+count / (nodes + 1) and diameter / size ratios, and how many scans gave no object.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/focal_variants.py [--n 60] [--variants default,noisy,...]

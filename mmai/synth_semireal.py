@@ -21,8 +21,11 @@ alone is the image-only oracle.
 Writes DIR/manifest.csv (``case_id``, ``patient_id``, ``image``, the table without tsize and
 pnodes, ``time``, ``event``, ``split``; with ``mask=True`` also ``lesion_mask``: the tumour only,
 nodes are never in a mask), clinical.csv, truth.csv (``tsize``, ``pnodes``, node diameters),
-truth.json, images/<case>.nii.gz [, masks/<case>.nii.gz]. The split is fixed by the seed:
-:data:`TEST_FRACTION` of the patients (219 of 686) are ``test``, the rest (467) train + validation.
+truth.json, images/<case>.nii.gz [, masks/<case>.nii.gz]. The split is fixed by the seed (or
+``split_seed``): :data:`TEST_FRACTION` of the patients (219 of 686) are ``test``, the rest (467)
+train + validation. :data:`VARIANTS` render the same patients as other cohorts would look
+(contrast, noise, voxel size, node sizes and gaps, tumour shape, body size;
+:class:`SemirealVariant`), for checking that what is measured from the images generalises.
 """
 
 from __future__ import annotations
