@@ -21,7 +21,14 @@ image_only >= oracle_image - 0.03.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/semi_real.py [--seeds 0] [--models image_only,clinical_only,cross_attention]
-        [--work DIR] [--threads 1] [--workers 2] [--set KEY=VALUE ...]
+        [--work DIR] [--threads 1] [--workers 2] [--set KEY=VALUE ...] [--split-seeds 0,1,2]
+        [--variant NAME] [--references-only]
+
+``--split-seeds``: the test / train split (219 / 467) is redrawn per seed (0: the documented split;
+the images are the same, only which patients are test changes); the acceptance is reported per
+split and as mean and standard deviation over splits. ``--references-only`` fits the three Cox
+references only (no training: seconds per split), to see how large the full-vs-reduced gap is on
+each split. ``--variant`` renders the cohort as one of :data:`mmai.synth_semireal.VARIANTS`.
 
 ``--set`` overrides pipeline keys (pilots of what the defaults should be, e.g. ``image.descriptors=false``);
 the acceptance run uses none. The last line printed is one JSON object with every number.
@@ -147,39 +154,16 @@ def mmai_cindex(fusion: str, seed: int, cohort: Path, work: Path, sets: list[str
     return ci, info
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", default="0", help="training seeds, comma-separated (the cohort is fixed)")
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--work", default="/tmp/mmai_semi_real")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2, help="processes writing the cohort")
-    p.add_argument("--set", action="append", default=[], help="pipeline override KEY=VALUE (pilots only)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from mmai.synth_semireal import write_semireal_cohort
+def with_split(manifest: pd.DataFrame, split_seed: int) -> pd.DataFrame:
+    """``manifest`` with its split redrawn as :func:`mmai.synth_semireal.sample_semireal_table` draws it."""
+    from mmai.synth_semireal import sample_semireal_table
 
-    t0 = time.time()
-    work = Path(a.work)
-    cohort = work / "cohort"
-    if not (cohort / "truth.json").exists():
-        write_semireal_cohort(cohort, seed=0, progress=False, workers=a.workers)
-    manifest = pd.read_csv(cohort / "manifest.csv")
-    truth = pd.read_csv(cohort / "truth.csv")
-    full = manifest.merge(truth[["case_id", "tsize", "pnodes"]], on="case_id")
-    train, test = full[full["split"] != "test"], full[full["split"] == "test"]
-    ref = {name: cox_cindex(train, test, table_features(train, wi, io), table_features(test, wi, io), seed=0)
-           for name, wi, io in (("cox_full", True, False), ("cox_clinical", False, False),
-                                ("oracle_image", True, True))}
-    log.info("references: %s", ref)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    runs: dict[str, dict[str, Any]] = {}
-    for fusion in a.models.split(","):
-        for seed in seeds:
-            ci, info = mmai_cindex(fusion, seed, cohort, work / f"{fusion}_s{seed}", a.set, a.threads)
-            runs.setdefault(fusion, {})[str(seed)] = info
-            log.info("%s seed %d: test C-index %.4f (%s)", fusion, seed, ci, info)
-    mean = {f: float(np.mean([r["c_index"] for r in v.values()])) for f, v in runs.items()}
+    split = sample_semireal_table(0, split_seed=split_seed).set_index("case_id")["split"]
+    return manifest.assign(split=manifest["case_id"].map(split).to_numpy())
+
+
+def acceptance(ref: dict[str, float], mean: dict[str, float]) -> dict[str, Any]:
+    """Issue 16's three bars from the references and mmai's (seed-mean) test C-indices."""
     acc: dict[str, Any] = {}
     if "cross_attention" in mean:
         acc["fusion_minus_cox_full"] = mean["cross_attention"] - ref["cox_full"]
@@ -189,8 +173,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         acc["image_only_minus_oracle"] = mean["image_only"] - ref["oracle_image"]
     acc["pass"] = bool(acc.get("fusion_minus_cox_full", 0) >= -0.01 and acc.get("fusion_minus_clinical_only", 1) >= 0.02
                        and acc.get("image_only_minus_oracle", 0) >= -0.03)
-    result = {"n_train": int(len(train)), "n_test": int(len(test)), "references": ref, "mmai_mean": mean,
-              "runs": runs, "acceptance": acc, "sets": a.set, "seconds": round(time.time() - t0, 1)}
+    return acc
+
+
+def one_split(a: argparse.Namespace, cohort: Path, work: Path, split_seed: int) -> dict[str, Any]:
+    """References, mmai runs and acceptance on one split."""
+    manifest = pd.read_csv(cohort / "manifest.csv")
+    if split_seed:
+        manifest = with_split(manifest, split_seed)
+        cohort_split = work / f"cohort_split{split_seed}"
+        cohort_split.mkdir(parents=True, exist_ok=True)
+        manifest.assign(image=[str((cohort / i).resolve()) for i in manifest["image"]]).to_csv(
+            cohort_split / "manifest.csv", index=False)
+    else:
+        cohort_split = cohort
+    truth = pd.read_csv(cohort / "truth.csv")
+    full = manifest.merge(truth[["case_id", "tsize", "pnodes"]], on="case_id")
+    train, test = full[full["split"] != "test"], full[full["split"] == "test"]
+    ref = {name: cox_cindex(train, test, table_features(train, wi, io), table_features(test, wi, io), seed=0)
+           for name, wi, io in (("cox_full", True, False), ("cox_clinical", False, False),
+                                ("oracle_image", True, True))}
+    ref["full_minus_clinical"] = ref["cox_full"] - ref["cox_clinical"]
+    log.info("split %d references: %s", split_seed, ref)
+    runs: dict[str, dict[str, Any]] = {}
+    if not a.references_only:
+        for fusion in a.models.split(","):
+            for seed in [int(s) for s in a.seeds.split(",")]:
+                sub = work / (f"{fusion}_s{seed}" if not split_seed else f"split{split_seed}_{fusion}_s{seed}")
+                ci, info = mmai_cindex(fusion, seed, cohort_split, sub, a.set, a.threads)
+                runs.setdefault(fusion, {})[str(seed)] = info
+                log.info("split %d %s seed %d: test C-index %.4f (%s)", split_seed, fusion, seed, ci, info)
+    mean = {f: float(np.mean([r["c_index"] for r in v.values()])) for f, v in runs.items()}
+    return {"split_seed": split_seed, "n_train": int(len(train)), "n_test": int(len(test)), "references": ref,
+            "mmai_mean": mean, "runs": runs, "acceptance": acceptance(ref, mean)}
+
+
+def summary(splits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over splits of every reference, mmai mean and acceptance margin."""
+    out: dict[str, Any] = {}
+    for part in ("references", "mmai_mean", "acceptance"):
+        keys = sorted({k for s in splits for k, v in s[part].items() if isinstance(v, float)})
+        out[part] = {k: {"mean": round(float(np.mean(vals)), 4), "sd": round(float(np.std(vals, ddof=1)), 4)
+                         if len(vals) > 1 else 0.0, "n": len(vals)}
+                     for k in keys for vals in [[s[part][k] for s in splits if k in s[part]]]}
+    out["passes"] = sum(bool(s["acceptance"]["pass"]) for s in splits)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0", help="training seeds, comma-separated (the cohort is fixed)")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--work", default="/tmp/mmai_semi_real")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="processes writing the cohort")
+    p.add_argument("--set", action="append", default=[], help="pipeline override KEY=VALUE (pilots only)")
+    p.add_argument("--split-seeds", default="0", help="test/train splits, comma-separated (0: the documented one)")
+    p.add_argument("--variant", default="default", help="cohort variant (mmai.synth_semireal.VARIANTS)")
+    p.add_argument("--references-only", action="store_true", help="Cox references only, no mmai training")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from mmai.synth_semireal import variant, write_semireal_cohort
+
+    t0 = time.time()
+    work = Path(a.work)
+    cohort = work / ("cohort" if a.variant == "default" else f"cohort_{a.variant}")
+    if not (cohort / "truth.json").exists():
+        write_semireal_cohort(cohort, seed=0, progress=False, workers=a.workers, var=variant(a.variant))
+    if a.variant != "default":
+        work = work / a.variant
+    splits = [one_split(a, cohort, work, int(k)) for k in a.split_seeds.split(",")]
+    result: dict[str, Any] = {**splits[0], "variant": a.variant, "sets": a.set,
+                              "splits": splits if len(splits) > 1 else None,
+                              "over_splits": summary(splits) if len(splits) > 1 else None,
+                              "seconds": round(time.time() - t0, 1)}
     print(json.dumps(result))
     return result
 

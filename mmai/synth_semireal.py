@@ -21,12 +21,16 @@ alone is the image-only oracle.
 Writes DIR/manifest.csv (``case_id``, ``patient_id``, ``image``, the table without tsize and
 pnodes, ``time``, ``event``, ``split``; with ``mask=True`` also ``lesion_mask``: the tumour only,
 nodes are never in a mask), clinical.csv, truth.csv (``tsize``, ``pnodes``, node diameters),
-truth.json, images/<case>.nii.gz [, masks/<case>.nii.gz]. The split is fixed by the seed:
-:data:`TEST_FRACTION` of the patients (219 of 686) are ``test``, the rest (467) train + validation.
+truth.json, images/<case>.nii.gz [, masks/<case>.nii.gz]. The split is fixed by the seed (or
+``split_seed``): :data:`TEST_FRACTION` of the patients (219 of 686) are ``test``, the rest (467)
+train + validation. :data:`VARIANTS` render the same patients as other cohorts would look
+(contrast, noise, voxel size, node sizes and gaps, tumour shape, body size;
+:class:`SemirealVariant`), for checking that what is measured from the images generalises.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,8 @@ from mmai.utils import atomic_write_json
 
 SHAPE = (96, 96, 36)
 SPACING = (2.0, 2.0, 4.0)
+SPACING_DEFAULT = SPACING
+TEXTURE_SD_HU = 8.0 * (2.0 * np.sqrt(np.pi)) ** -1.5  # white noise smoothed by a 1-voxel Gaussian, times 8
 TEST_FRACTION = 0.32
 TABLE_COLUMNS = ("horTh", "age", "menostat", "tgrade", "progrec", "estrec")
 IMAGE_COLUMNS = ("tsize", "pnodes")
@@ -48,6 +54,74 @@ FAT_HU, GLAND_HU, MUSCLE_HU, LUNG_HU = -100.0, 0.0, 45.0, -850.0
 TUMOUR_HU, NODE_HU = 95.0, 80.0
 NODE_MM = (5.0, 15.0)
 NOISE_HU = 12.0
+FOV_MM = (192.0, 192.0, 144.0)
+
+
+@dataclass(frozen=True)
+class SemirealVariant:
+    """How a semi-real cohort's scans look: the knobs along which real breast CT cohorts differ.
+
+    The default reproduces the cohort of docs/benchmarks.md ("Semi-real cohort") voxel for voxel;
+    :data:`VARIANTS` are the other cohorts the focal inventory must generalise to (measured by
+    ``benchmarks/focal_variants.py``). The field of view stays :data:`FOV_MM`.
+
+    Attributes:
+        tumour_hu / node_hu: enhancement of the tumour / the nodes (HU; fat -100, gland 0, muscle +45).
+        noise_hu: standard deviation of the white image noise (HU).
+        spacing: voxel size (mm) along I, J, K; the grid covers :data:`FOV_MM`.
+        node_mm: range of the node diameters (mm), drawn uniformly.
+        node_gap_mm: the least gap between two nodes / a node and the tumour (mm); small gaps give
+            matted, touching nodes.
+        irregular: amplitude (0..1) of a lobulated tumour surface (0: a ball).
+        body_scale: body width and depth relative to the default (0.8 thin .. 1.15 wide, clipped
+            at the field of view).
+    """
+
+    tumour_hu: float = TUMOUR_HU
+    node_hu: float = NODE_HU
+    noise_hu: float = NOISE_HU
+    spacing: tuple[float, float, float] = SPACING
+    node_mm: tuple[float, float] = NODE_MM
+    node_gap_mm: float = 4.0
+    irregular: float = 0.0
+    body_scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Grid size covering :data:`FOV_MM` at :attr:`spacing`."""
+        i, j, k = (int(round(f / s)) for f, s in zip(FOV_MM, self.spacing, strict=True))
+        return i, j, k
+
+
+DEFAULT_VARIANT = SemirealVariant()
+#: the cohorts the inventory is checked on (``benchmarks/focal_variants.py``); names are CLI values
+VARIANTS: dict[str, SemirealVariant] = {
+    "default": DEFAULT_VARIANT,
+    "low_contrast": SemirealVariant(tumour_hu=40.0, node_hu=40.0),
+    "mid_contrast": SemirealVariant(tumour_hu=60.0, node_hu=55.0),
+    "noisy": SemirealVariant(noise_hu=30.0),
+    "thick_slices": SemirealVariant(spacing=(0.8, 0.8, 5.0)),
+    "fine": SemirealVariant(spacing=(1.0, 1.0, 1.5)),
+    "small_nodes": SemirealVariant(node_mm=(4.0, 8.0)),
+    "large_nodes": SemirealVariant(node_mm=(10.0, 25.0)),
+    "matted_nodes": SemirealVariant(node_gap_mm=1.0),
+    "irregular": SemirealVariant(irregular=0.35),
+    "small_body": SemirealVariant(body_scale=0.8),
+    "large_body": SemirealVariant(body_scale=1.15),
+    "hard": SemirealVariant(tumour_hu=50.0, node_hu=45.0, noise_hu=25.0, spacing=(0.8, 0.8, 5.0),
+                            node_gap_mm=2.0, irregular=0.3),
+}
+
+
+def variant(name: str, **overrides: Any) -> SemirealVariant:
+    """A named variant of :data:`VARIANTS` with field overrides; unknown names / fields are errors."""
+    if name not in VARIANTS:
+        raise ConfigError(f"semireal: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
+    fields = set(SemirealVariant.__dataclass_fields__)
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ConfigError(f"semireal: unknown variant field(s) {bad}; allowed: {sorted(fields)}")
+    return replace(VARIANTS[name], **overrides)
 
 
 def load_table() -> pd.DataFrame:
@@ -57,9 +131,9 @@ def load_table() -> pd.DataFrame:
     return load_gbsg2()
 
 
-def affine_ras() -> np.ndarray:
+def affine_ras(var: SemirealVariant = DEFAULT_VARIANT) -> np.ndarray:
     """Voxel -> RAS mm of the semi-real phantom grid (:func:`mmai.synth.centred_affine_ras`)."""
-    return centred_affine_ras(SHAPE, SPACING)
+    return centred_affine_ras(var.shape, var.spacing)
 
 
 def _place(rng: np.random.Generator, radius: float, lo: np.ndarray, hi: np.ndarray,
@@ -75,17 +149,20 @@ def _place(rng: np.random.Generator, radius: float, lo: np.ndarray, hi: np.ndarr
     return None
 
 
-def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int, *, noise: bool = True
-                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One breast CT: (volume HU float32 (I, J, K), tumour mask uint8 (I, J, K), info).
+def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int, *, noise: bool = True,
+                          var: SemirealVariant = DEFAULT_VARIANT) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One breast CT: (volume HU float32 (I, J, K) = ``var.shape``, tumour mask uint8 (I, J, K), info).
 
     ``info``: ``tumour_centre_mm`` (3,), ``node_centres_mm`` (pnodes, 3), ``node_diameters_mm``
     (pnodes,), in the phantom's centred LPS-like frame (x right -> left, y anterior -> posterior).
-    Every node keeps 4 mm from the tumour and from every other node, so each is its own object.
+    Every node keeps ``var.node_gap_mm`` (default 4 mm) from the tumour and from every other node.
     """
+    SHAPE, SPACING = var.shape, var.spacing  # noqa: N806 - the module constants' names, per variant
+    TUMOUR_HU, NODE_HU, NOISE_HU, NODE_MM = var.tumour_hu, var.node_hu, var.noise_hu, var.node_mm  # noqa: N806
     x, y, z = ((np.arange(n) - (n - 1) / 2) * s for n, s in zip(SHAPE, SPACING, strict=True))
     X, Y, Z = np.meshgrid(x, y, z, indexing="ij", sparse=True)
     a, b = rng.uniform(80, 90), rng.uniform(105, 115)  # body ellipse (x, y); its centre is posterior
+    a, b = a * var.body_scale, b * var.body_scale
     yc = 30.0
     body = np.broadcast_to((X / a) ** 2 + ((Y - yc) / b) ** 2 <= 1.0, SHAPE)
     wall = rng.uniform(45, 55)  # anterior face of the pectoral muscle (y, mm)
@@ -93,7 +170,8 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
     vol = np.full(SHAPE, -1000.0, dtype=np.float32)
     vol[body] = FAT_HU
     # glandular tissue: a smooth random field, thresholded, in the breast cone only
-    field = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=(4.0, 4.0, 2.0))
+    sig = tuple(8.0 / s for s in SPACING)  # 8 mm correlation (4, 4, 2 voxels on the default grid)
+    field = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=sig)
     field /= field.std() + 1e-9
     cone = np.broadcast_to((np.abs(X) < 0.65 * a) & (wall - 8 > Y) & (yc - b + 12 < Y), SHAPE)
     gland = np.clip(field - 0.3, 0.0, 0.5) / 0.5  # (0..1) partial gland fraction
@@ -102,7 +180,12 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
     vol[muscle] = MUSCLE_HU
     vol[body & np.broadcast_to(wall + thick <= Y, SHAPE)] = LUNG_HU
     # tissue texture (soft, correlated) in the body
-    texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=1.0) * 8.0
+    if SPACING == SPACING_DEFAULT:
+        texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=1.0) * 8.0
+    else:  # the default's texture in mm (2 x 2 x 4 mm correlation, ~1.2 HU) on another grid
+        texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=tuple(d / s for d, s in
+                                                                            zip(SPACING_DEFAULT, SPACING, strict=True)))
+        texture *= TEXTURE_SD_HU / (float(texture.std()) + 1e-9)
     vol = np.where(body, vol + texture, vol).astype(np.float32)
 
     def in_breast(c: np.ndarray, r: float) -> bool:
@@ -132,7 +215,7 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
         c = None
         for d in (diam[k], max(NODE_MM[0], diam[k] * 0.7), NODE_MM[0]):
             for lo, hi in regions:
-                c = _place(rng, d / 2, lo, hi, taken, 4.0, in_body, tries=300)
+                c = _place(rng, d / 2, lo, hi, taken, var.node_gap_mm, in_body, tries=300)
                 if c is not None:
                     diam[k] = d
                     break
@@ -147,7 +230,18 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
     def ball(c: np.ndarray, r: float) -> np.ndarray:
         return soft_ball(np.sqrt((X - c[0]) ** 2 + (Y - c[1]) ** 2 + (Z - c[2]) ** 2), r)
 
-    f_t = ball(centre, r_t)
+    if var.irregular > 0:  # lobulated: the radius varies with direction by a smooth random field
+        dist = np.sqrt((X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2)
+        lobes = rng.normal(size=(6, 3))
+        lobes /= np.linalg.norm(lobes, axis=1, keepdims=True)
+        w = rng.uniform(-1.0, 1.0, 6)
+        u = [(X - centre[0]) / (dist + 1e-6), (Y - centre[1]) / (dist + 1e-6), (Z - centre[2]) / (dist + 1e-6)]
+        g = sum(wk * (lk[0] * u[0] + lk[1] * u[1] + lk[2] * u[2]) ** 2 for wk, lk in zip(w, lobes, strict=True))
+        g = g - float(np.mean(w)) / 3.0  # roughly zero mean over directions: the volume stays ~ the ball's
+        r_dir = r_t * (1.0 + var.irregular * np.clip(g, -1.0, 1.0))
+        f_t = np.clip((r_dir - dist) / 1.0 + 0.5, 0.0, 1.0)
+    else:
+        f_t = ball(centre, r_t)
     vol = (vol * (1 - f_t) + (TUMOUR_HU + texture * 0.5) * f_t).astype(np.float32)
     for c, d in zip(nodes, diam, strict=True):
         f_n = ball(c, d / 2)
@@ -161,11 +255,13 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
     return vol, mask, info
 
 
-def sample_semireal_table(seed: int = 0) -> pd.DataFrame:
-    """The GBSG2 rows with case ids, the fixed split and the two image-only columns kept aside."""
+def sample_semireal_table(seed: int = 0, *, split_seed: int | None = None) -> pd.DataFrame:
+    """The GBSG2 rows with case ids, the fixed split and the two image-only columns kept aside.
+
+    ``split_seed`` (None: ``seed``) draws the split: :data:`TEST_FRACTION` of the rows are test."""
     t = load_table().reset_index(drop=True)
     n = len(t)
-    rng = np.random.default_rng([seed, 16])
+    rng = np.random.default_rng([seed if split_seed is None else split_seed, 16])
     df = pd.DataFrame({"case_id": [f"gbsg{i:04d}" for i in range(n)], "patient_id": [f"G{i:04d}" for i in range(n)]})
     for col in TABLE_COLUMNS:
         df[col] = t[col].to_numpy()
@@ -178,10 +274,11 @@ def sample_semireal_table(seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def _semireal_case(job: tuple[Path, int, str, float, int, int, bool]) -> tuple[str, str, list[float]]:
-    out, i, case_id, tsize, pnodes, seed, with_mask = job
-    vol, mask, info = make_semireal_phantom(np.random.default_rng([seed, 3, i]), tsize, pnodes)
-    aff = affine_ras()
+def _semireal_case(job: tuple[Path, int, str, float, int, int, bool, SemirealVariant]
+                   ) -> tuple[str, str, list[float]]:
+    out, i, case_id, tsize, pnodes, seed, with_mask, var = job
+    vol, mask, info = make_semireal_phantom(np.random.default_rng([seed, 3, i]), tsize, pnodes, var=var)
+    aff = affine_ras(var)
     nib.save(nib.Nifti1Image(np.round(vol).astype(np.int16), aff), str(out / "images" / f"{case_id}.nii.gz"))
     mask_path = ""
     if with_mask:
@@ -191,7 +288,8 @@ def _semireal_case(job: tuple[Path, int, str, float, int, int, bool]) -> tuple[s
 
 
 def write_semireal_cohort(out_dir: Path, *, seed: int = 0, n: int | None = None, mask: bool = False,
-                          progress: bool = True, workers: int = 1) -> dict[str, Any]:
+                          progress: bool = True, workers: int = 1, var: SemirealVariant = DEFAULT_VARIANT,
+                          split_seed: int | None = None) -> dict[str, Any]:
     """Write the semi-real GBSG2 cohort (module docstring); returns truth.json's contents.
 
     Args:
@@ -201,10 +299,12 @@ def write_semireal_cohort(out_dir: Path, *, seed: int = 0, n: int | None = None,
         mask: also write the tumour mask (``lesion_mask`` column); the default is none, as a
             cohort without segmentations has none (nodes are never in a mask).
         workers: processes writing images (the files do not depend on it).
+        var: how the scans look (:class:`SemirealVariant`; the default: the documented cohort).
+        split_seed: the test / train split's own seed (None: ``seed``, the documented split).
     """
     if workers < 1:
         raise ConfigError(f"synth: --workers must be at least 1, got {workers}")
-    df = sample_semireal_table(seed)
+    df = sample_semireal_table(seed, split_seed=split_seed)
     if n is not None:
         if n < 4:
             raise ConfigError(f"synth: --n must be at least 4, got {n}")
@@ -212,7 +312,8 @@ def write_semireal_cohort(out_dir: Path, *, seed: int = 0, n: int | None = None,
     out_dir = Path(out_dir)
     for sub in ("images", *(("masks",) if mask else ())):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, i, r.case_id, float(r.tsize), int(r.pnodes), seed, mask) for i, r in enumerate(df.itertuples())]
+    jobs = [(out_dir, i, r.case_id, float(r.tsize), int(r.pnodes), seed, mask, var)
+            for i, r in enumerate(df.itertuples())]
     rows = map_cases(_semireal_case, jobs, workers=workers, desc="synth semireal", progress=progress)
     df["image"] = [r[0] for r in rows]
     cols = ["case_id", "patient_id", "image"]
@@ -226,7 +327,10 @@ def write_semireal_cohort(out_dir: Path, *, seed: int = 0, n: int | None = None,
     truth.to_csv(out_dir / "truth.csv", index=False)
     info = {"task": "survival", "kind": "semireal", "metric": "c_index", "n": len(df), "seed": seed,
             "n_test": int((df["split"] == "test").sum()), "table": "GBSG2 (lifelines.datasets.load_gbsg2)",
-            "image_only_columns": list(IMAGE_COLUMNS), "mask": mask, "shape": list(SHAPE),
-            "spacing_mm": list(SPACING), "tumour_hu": TUMOUR_HU, "node_hu": NODE_HU, "node_mm": list(NODE_MM)}
+            "image_only_columns": list(IMAGE_COLUMNS), "mask": mask, "shape": list(var.shape),
+            "spacing_mm": list(var.spacing), "tumour_hu": var.tumour_hu, "node_hu": var.node_hu,
+            "node_mm": list(var.node_mm), "variant": {k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in var.__dict__.items()},
+            "split_seed": seed if split_seed is None else split_seed}
     atomic_write_json(out_dir / "truth.json", info)
     return info

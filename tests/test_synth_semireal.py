@@ -60,3 +60,27 @@ def test_table_split_and_files(tmp_path):
     assert abs(d - truth["tsize"][0]) <= max(SPACING)
     no_mask = write_semireal_cohort(tmp_path / "plain", n=4, progress=False)
     assert not no_mask["mask"] and "lesion_mask" not in pd.read_csv(tmp_path / "plain" / "manifest.csv")
+
+
+def test_split_seed_redraws_the_split_only():
+    a, b = sample_semireal_table(0), sample_semireal_table(0, split_seed=3)
+    assert (b["split"] == "test").sum() == (a["split"] == "test").sum() == 219
+    assert not a["split"].equals(b["split"])
+    assert a.drop(columns="split").equals(b.drop(columns="split"))
+    assert sample_semireal_table(0, split_seed=0)["split"].equals(a["split"])
+
+
+def test_variants_render_their_grid_and_contrast():
+    from mmai.errors import ConfigError
+    from mmai.synth_semireal import variant
+
+    v = variant("thick_slices")
+    vol, mask, _ = make_semireal_phantom(np.random.default_rng(1), 30.0, 4, var=v, noise=False)
+    assert vol.shape == v.shape == (240, 240, 29)
+    low = variant("low_contrast")
+    vol, mask, _ = make_semireal_phantom(np.random.default_rng(1), 30.0, 4, var=low, noise=False)
+    assert abs(float(np.median(vol[mask > 0])) - low.tumour_hu) < 10
+    with pytest.raises(ConfigError, match="allowed"):
+        variant("nope")
+    with pytest.raises(ConfigError, match="allowed"):
+        variant("default", contrast=3)

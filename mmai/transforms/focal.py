@@ -13,13 +13,18 @@ directly, with no threshold in scanner units, so it applies to any windowed or n
    r / sqrt(3); maxima over space and scale whose response exceeds :data:`K_RESPONSE` robust
    standard deviations (1.4826 MAD) of that scale's response over the body.
 2. **Objects**: each candidate (strongest first) is grown into its region: the connected voxels
-   around its centre above ``bg + LEVEL (peak - bg)`` (peak: the light-smoothed value at the
-   centre; bg: the median of a shell at 1.5-2.5 radii). A candidate is kept when its peak
-   exceeds :data:`TISSUE_PERCENTILE` % of the body's voxels and the local
-   background by :data:`K_NOISE` noise standard deviations (MAD of the high-pass residual), when
-   at most :data:`MAX_RIM` of its region (cut at 1.5 radii, so touching neighbours stay apart) lies
-   beyond 1.25 radii (a plate or a tube, e.g. a muscle band, is not focal), and when its centre is
-   not inside an object already kept (a voxel belongs to the first object that claims it).
+   around its centre above ``bg + f (peak - bg)`` (peak: the light-smoothed value at the
+   centre; bg: the median of a shell at 1.5-2.5 radii), for the first f of :data:`LEVELS`
+   (0.5 .. 0.8) whose region is enclosed in the search box (a lesion touching a muscle or the
+   glandular tissue separates from it at a higher level); never below the floor. A candidate is
+   kept when its peak exceeds the floor (:data:`TISSUE_PERCENTILE` % of the body's voxels without
+   its extended bright structures such as a muscle layer, :func:`_tissue_floor`) by
+   :data:`K_FLOOR` and the local background by :data:`K_NOISE` noise standard deviations (MAD of
+   the high-pass residual), when some level's region (cut at 1.5 radii, so touching neighbours
+   stay apart) does not reach the border of its box (a plate, a tube or a network is not focal),
+   and when its centre is not inside an object already kept (a voxel belongs to the first object
+   that claims it). Measured on 13 cohort variants (contrast, noise, voxel size, node size and
+   gaps, tumour shape, body size; ``benchmarks/focal_variants.py``, docs/benchmarks.md).
 3. **Inventory** (:data:`FOCAL_NAMES`): number of objects, counts by equivalent-sphere diameter
    (< 10 mm, 10-20 mm, >= 20 mm), the largest object's equivalent diameter and volume, the
    second largest's diameter, the total volume, and log(1 + count). The models take
@@ -39,7 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 #: bump when a definition changes (recorded in state.json)
-FOCAL_VERSION = 2  # 2: volumes over MAX_VOXELS measured block-averaged towards WORK_SPACING_MM
+FOCAL_VERSION = 3  # 2: volumes over MAX_VOXELS block-averaged; 3: floor without muscle layers, level search
 FOCAL_NAMES: tuple[str, ...] = (
     "focal_count", "focal_log_count", "focal_count_lt10mm", "focal_count_10_20mm", "focal_count_ge20mm",
     "focal_largest_diameter_mm", "focal_largest_volume_mm3", "focal_second_diameter_mm", "focal_total_volume_mm3")
@@ -53,17 +58,42 @@ N_SCALES = 10
 K_RESPONSE = 3.0
 TISSUE_PERCENTILE = 90.0
 K_NOISE = 4.0
-LEVEL = 0.5
 MAX_OBJECTS = 200
-K_FLOOR = 2.0
+K_FLOOR = 3.0
 MAX_VOXELS = 2_000_000
 WORK_SPACING_MM = 3.0
+#: a bright component spanning this fraction of the body along an axis (a muscle layer) is not
+#: tissue around focal objects: left out of the floor's percentile
+STRUCT_FRACTION = 0.8
+#: region levels tried in turn (fractions of peak - bg): the first whose region is enclosed
+LEVELS = (0.5, 0.6, 0.7, 0.8)
 
 
 def _body(x: np.ndarray) -> np.ndarray:
     """Voxels clearly above the volume's floor (air, or the clipped bottom of a window): the body."""
     lo, hi = np.percentile(x, [1, 99])
     return x > lo + 0.1 * (hi - lo)
+
+
+def _tissue_floor(smooth: np.ndarray, body: np.ndarray, first: float) -> float:
+    """The floor of focal objects: :data:`TISSUE_PERCENTILE` % of the body without its extended bright
+    structures (the components of ``smooth > first`` spanning :data:`STRUCT_FRACTION` of the body
+    along an axis, e.g. a muscle layer); ``first`` (the percentile over the whole body) when there
+    are none. Over the whole body the percentile fell on the muscle in some scans and on the
+    glandular tissue in others, and lesions enhancing like muscle were lost (focal_variants.py)."""
+    lab, n = ndimage.label(smooth > first)
+    if n == 0:
+        return first
+    bsl = ndimage.find_objects(body.astype(np.int8))[0]
+    bext = np.array([sl.stop - sl.start for sl in bsl])
+    ext = np.array([[sl.stop - sl.start for sl in sls] for sls in ndimage.find_objects(lab)])
+    big = np.flatnonzero((ext >= STRUCT_FRACTION * bext[None]).any(axis=1)) + 1
+    if big.size == 0:
+        return first
+    keep = body & ~np.isin(lab, big)
+    if keep.sum() < 27:
+        return first
+    return float(np.percentile(smooth[keep], TISSUE_PERCENTILE))
 
 
 def _mad(v: np.ndarray) -> float:
@@ -179,7 +209,7 @@ def focal_objects(volume: np.ndarray, spacing: Sequence[float]) -> list[dict[str
     order = np.argsort(-(stack[tuple(cand.T)] / thr[cand[:, 0]]))
     taken = np.zeros(x.shape, dtype=bool)
     objects: list[dict[str, float]] = []
-    floor = float(np.percentile(tissue, TISSUE_PERCENTILE))
+    floor = _tissue_floor(smooth, body, float(np.percentile(tissue, TISSUE_PERCENTILE)))
     voxel_mm3 = float(np.prod(sp))
     for s, i, j, k in cand[order]:
         if len(objects) >= MAX_OBJECTS:
@@ -202,7 +232,11 @@ def focal_objects(volume: np.ndarray, spacing: Sequence[float]) -> list[dict[str
         bg = float(np.median(x[box][shell])) if shell.any() else t_med
         if peak - bg < K_NOISE * noise or peak - floor < K_FLOOR * noise:
             continue
-        reg = _region(smooth, box, c - lo, dist, r, max(bg + LEVEL * (peak - bg), floor), x.shape)
+        reg = None
+        for lev in LEVELS:
+            reg = _region(smooth, box, c - lo, dist, r, max(bg + lev * (peak - bg), floor), x.shape)
+            if reg is not None:
+                break
         if reg is None:
             continue
         reg &= ~taken[box]  # a voxel belongs to the first (strongest) object that claims it
