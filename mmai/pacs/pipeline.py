@@ -82,6 +82,12 @@ class StudyPrefetch(PrefetchLoader):
         super().__init__(loader, [], workers, threads=threads)
         self.config = config
 
+    def _threads_for_the_tail(self) -> None:
+        """Never early: the folder path gives the model the idle workers' cores once every study of
+        its list is loaded, but here an empty window only means the retrieval is behind (more
+        studies may still arrive), so the model keeps the cores the preparing processes leave until
+        they stop (:meth:`close`)."""
+
     def submit(self, study_dir: Path, *, load: bool, header: bool) -> Future:
         """Prepare a fetched study in a process (in place when the pool is gone)."""
         if self.pool is not None:
