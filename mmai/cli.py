@@ -284,6 +284,11 @@ def _parser_synth(sub: Any) -> None:
                         "GBSG2 table (686 patients, survival) with tumour size and node count drawn into breast "
                         "CTs (NIfTI) and removed from the table (--n, --task, --format do not apply)")
     s.add_argument("--mask", action="store_true", help="semireal: also write the tumour mask (lesion_mask)")
+    s.add_argument("--variant", default=None, metavar="NAME",
+                   help="semireal: how the scans look (default: the documented cohort; e.g. low_contrast, "
+                        "thick_slices, small_nodes, hard; the list: mmai.synth_semireal.VARIANTS)")
+    s.add_argument("--split-seed", type=int, default=None, metavar="K",
+                   help="semireal: draw the 467/219 train/test split with seed K (default: the fixed split)")
     _add_common(s)
     s.set_defaults(func=commands.synth)
 

@@ -170,10 +170,12 @@ def export(a: argparse.Namespace) -> int:
 
 
 def synth(a: argparse.Namespace) -> int:
+    from mmai.errors import ConfigError
     from mmai.synth import SynthSpec, write_cohort
 
+    if a.kind != "semireal" and (a.variant is not None or a.split_seed is not None):
+        raise ConfigError("synth --variant / --split-seed apply to --kind semireal only")
     if a.kind == "nodule":
-        from mmai.errors import ConfigError
         from mmai.synth_nodule import write_nodule_cohort
 
         if a.task != "binary" or a.format != "nifti":
@@ -182,11 +184,13 @@ def synth(a: argparse.Namespace) -> int:
         log.info("wrote a %d-case nodule cohort to %s (Bayes-optimal auroc = %.3f)", a.n, a.out, info["bayes"])
         return 0
     if a.kind == "semireal":
-        from mmai.synth_semireal import write_semireal_cohort
+        from mmai.synth_semireal import DEFAULT_VARIANT, variant, write_semireal_cohort
 
-        info = write_semireal_cohort(Path(a.out), seed=a.seed, mask=a.mask, progress=not a.quiet, workers=a.workers)
-        log.info("wrote the %d-patient semi-real GBSG2 cohort to %s (tsize and pnodes in the images only)",
-                 info["n"], a.out)
+        info = write_semireal_cohort(Path(a.out), seed=a.seed, mask=a.mask, progress=not a.quiet, workers=a.workers,
+                                     var=variant(a.variant) if a.variant else DEFAULT_VARIANT,
+                                     split_seed=a.split_seed)
+        log.info("wrote the %d-patient semi-real GBSG2 cohort (%s) to %s (tsize and pnodes in the images only)",
+                 info["n"], a.variant or "default", a.out)
         return 0
     spec = SynthSpec(n=a.n, task=a.task, seed=a.seed, fmt=a.format)
     info = write_cohort(Path(a.out), spec, progress=not a.quiet, workers=a.workers)

@@ -84,3 +84,30 @@ def test_variants_render_their_grid_and_contrast():
         variant("nope")
     with pytest.raises(ConfigError, match="allowed"):
         variant("default", contrast=3)
+
+
+def test_synth_cli_passes_the_variant_and_split_seed_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
+    """`mmai synth --kind semireal --variant NAME --split-seed K` reaches the generator; an unknown
+    variant is a one-line error listing the allowed ones; the options are refused for other kinds."""
+    import mmai.synth_semireal as sr
+    from mmai.cli import main
+
+    seen = {}
+
+    def fake(out_dir, **kw):
+        seen.update(kw)
+        return {"n": 686}
+
+    monkeypatch.setattr(sr, "write_semireal_cohort", fake)
+    assert main(["synth", "--kind", "semireal", "--out", str(tmp_path / "a"), "--variant", "low_contrast",
+                 "--split-seed", "3", "-q"]) == 0
+    assert seen["var"] == sr.VARIANTS["low_contrast"] and seen["split_seed"] == 3
+    seen.clear()
+    assert main(["synth", "--kind", "semireal", "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert seen["var"] == sr.DEFAULT_VARIANT and seen["split_seed"] is None
+    capsys.readouterr()
+    assert main(["synth", "--kind", "semireal", "--out", str(tmp_path / "c"), "--variant", "nope", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'nope'" in err and "low_contrast" in err and len(err.strip().splitlines()) == 1
+    assert main(["synth", "--out", str(tmp_path / "d"), "--variant", "hard", "-q"]) == 2
+    assert "--kind semireal only" in capsys.readouterr().err
