@@ -20,6 +20,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -48,17 +49,13 @@ def channel_for(cfg: ImageConfig) -> int:
     return 0
 
 
-def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    sp = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-    return float(sp[0]), float(sp[1]), float(sp[2])
-
-
 def measure(arr: np.ndarray, affine: np.ndarray, channel: int) -> np.ndarray:
     """The inventory (len(FOCAL_NAMES),) of one model-ready volume ``arr`` (C, I, J, K) with its
     affine (4, 4): channel ``channel`` (or the last one), at the affine's spacing. The one function
     both :func:`attach_focal` and predict's preprocessing workers (:mod:`mmai.inference.pipelined`)
     measure with, so where it runs does not change a value."""
-    return focal_descriptors(np.asarray(arr)[min(channel, arr.shape[0] - 1)], _spacing(affine))
+    spacing = nib.affines.voxel_sizes(np.asarray(affine, dtype=np.float64))
+    return focal_descriptors(np.asarray(arr)[min(channel, arr.shape[0] - 1)], spacing.tolist())
 
 
 def _blank(v: Any) -> bool:

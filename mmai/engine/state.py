@@ -39,7 +39,7 @@ class TrainState:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     log_pos: int = 0
     initial: dict[str, Any] | None = None  # epoch 0's validation row (the GLM base term), if validated
-    initial_outputs: list[list[float]] | None = None  # epoch 0's validation outputs (the one-SE rule)
+    initial_outputs: list[list[float]] | None = None  # epoch 0's validation outputs (mmai.engine.glm_guard)
     raw_best: float = math.inf  # the best selection score of any epoch (early stopping counts from it)
     best_weights: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 

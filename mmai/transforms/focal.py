@@ -203,8 +203,7 @@ def focal_objects(volume: np.ndarray, spacing: Sequence[float]) -> list[dict[str
     radii = np.geomspace(max(R_MIN_MM, 0.75 * float(sp.min())), r_max, N_SCALES)
     stack = _log_stack(x, sp, radii)
     thr = np.array([K_RESPONSE * max(_mad(stack[s][body]), 1e-9) for s in range(len(radii))])
-    peaks = (stack == _max3(stack)) \
-        & (stack > thr[:, None, None, None]) & body[None]
+    peaks = (stack == _max3(stack)) & (stack > thr[:, None, None, None]) & body[None]
     cand = np.argwhere(peaks)  # (n, 4): scale, i, j, k
     order = np.argsort(-(stack[tuple(cand.T)] / thr[cand[:, 0]]))
     taken = np.zeros(x.shape, dtype=bool)
