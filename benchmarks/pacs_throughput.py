@@ -175,20 +175,12 @@ def setup_ct(tmp: Path, n: int, slices: int, run_dir: Path | None = None) -> tup
     the studies' patients are not in one; clinical_present = 0 on both paths)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    import yaml
-    from study_throughput import WINDOWS
+    from study_throughput import windowed_pipeline
 
     root = tmp / "images"
     with ProcessPoolExecutor(2) as pool:
         dirs = list(pool.map(_write_ct, [(root / f"study{i:03d}", i, slices) for i in range(n)]))
-    demo = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
-    chest = yaml.safe_load((ROOT / "pipelines" / "ct_chest.yaml").read_text())
-    cfg = {**demo, "image": {**chest["image"], "cache": "memory", "cache_dir": None, "modality": "CT"}}
-    cfg["image"].pop("select", None)
-    cfg["model"] = {**demo["model"], "windows": WINDOWS}
-    cfg["train"] = {**demo["train"], "epochs": 1, "batch_size": 2, "val_fraction": 0.25}
-    pipe = tmp / "pipe.yaml"
-    pipe.write_text(yaml.safe_dump(cfg))
+    pipe = windowed_pipeline(tmp, batch_size=2)
     run_dir = Path(run_dir) if run_dir is not None else tmp / "run"
     if not (run_dir / "config.yaml").exists():
         # the weights only need to be a trained run's: 8 small synth patients, one epoch (setup, not timed)

@@ -84,18 +84,26 @@ def write_studies(root: Path, n: int) -> list[Path]:
     return folders
 
 
-def train_run(tmp: Path) -> tuple[Path, Path]:
-    """A one-epoch run with ct_chest's image section and a windowed model -> (run dir, pipeline yaml)."""
-    from mmai.cli import main
-
+def windowed_pipeline(tmp: Path, batch_size: int) -> Path:
+    """TMP/pipe.yaml: the demo pipeline with ct_chest's image section (no series rule, volumes cached in
+    memory) and a windowed model (:data:`WINDOWS`), trained one epoch at ``batch_size`` (setup only:
+    the timed runs need a trained run's weights, not good ones)."""
     demo = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     chest = yaml.safe_load((ROOT / "pipelines" / "ct_chest.yaml").read_text())
     cfg = {**demo, "image": {**chest["image"], "cache": "memory", "cache_dir": None, "modality": "CT"}}
     cfg["image"].pop("select", None)
     cfg["model"] = {**demo["model"], "windows": WINDOWS}
-    cfg["train"] = {**demo["train"], "epochs": 1, "batch_size": 4, "val_fraction": 0.25}
+    cfg["train"] = {**demo["train"], "epochs": 1, "batch_size": batch_size, "val_fraction": 0.25}
     pipe = tmp / "pipe.yaml"
     pipe.write_text(yaml.safe_dump(cfg))
+    return pipe
+
+
+def train_run(tmp: Path) -> tuple[Path, Path]:
+    """A one-epoch run with ct_chest's image section and a windowed model -> (run dir, pipeline yaml)."""
+    from mmai.cli import main
+
+    pipe = windowed_pipeline(tmp, batch_size=4)
     if main(["synth", "--out", str(tmp / "cohort"), "--n", "12", "--seed", "0", "-q"]) != 0:
         raise SystemExit("synth failed")
     r = subprocess.run([sys.executable, "-m", "mmai", "train", "--config", str(pipe), "--manifest",
