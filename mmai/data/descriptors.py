@@ -263,11 +263,18 @@ def attach_descriptors(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...
         if why:
             missing.append(str(cid))
             log.warning("case %s: lesion descriptors missing: %s", cid, why)
+    return with_columns(df, rows, DESCRIPTOR_NAMES, names, missing, "lesion descriptors", logging.WARNING)
+
+
+def with_columns(df: pd.DataFrame, rows: np.ndarray, all_names: tuple[str, ...], names: tuple[str, ...],
+                 missing: list[str], what: str, level: int) -> pd.DataFrame:
+    """``df`` with the columns of ``names`` taken from ``rows`` (len(df), len(all_names)) (NaN =
+    missing), after one ``level`` log line listing the cases in ``missing`` (the first 10)."""
     if missing:
-        log.warning("%d of %d case(s) have no lesion descriptors (missing values, not zeros): %s", len(missing),
-                    len(df), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        log.log(level, "%d of %d case(s) have no %s (missing values, not zeros): %s", len(missing), len(df), what,
+                ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
     out = df.copy()
-    for j, name in enumerate(DESCRIPTOR_NAMES):
+    for j, name in enumerate(all_names):
         if name in names:
             out[name] = rows[:, j]
     return out

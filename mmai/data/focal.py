@@ -80,6 +80,7 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
             :func:`measure` beside the volume (None: measured here).
     """
     from mmai.data.dataset import ImageLoader
+    from mmai.data.descriptors import with_columns
     from mmai.transforms.pipelines import image_pipeline_id
 
     if loader is None:
@@ -116,11 +117,4 @@ def attach_focal(cfg: ImageConfig, df: pd.DataFrame, names: tuple[str, ...], *, 
         _MEMO[key] = values
         if len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
-    if missing:
-        log.info("%d of %d case(s) have no image descriptors (missing values, not zeros): %s", len(missing),
-                 len(df), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-    out = df.copy()
-    for j, name in enumerate(FOCAL_NAMES):
-        if name in names:
-            out[name] = rows[:, j]
-    return out
+    return with_columns(df, rows, FOCAL_NAMES, names, missing, "image descriptors", logging.INFO)
