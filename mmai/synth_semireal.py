@@ -156,51 +156,87 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
     ``info``: ``tumour_centre_mm`` (3,), ``node_centres_mm`` (pnodes, 3), ``node_diameters_mm``
     (pnodes,), in the phantom's centred LPS-like frame (x right -> left, y anterior -> posterior).
     Every node keeps ``var.node_gap_mm`` (default 4 mm) from the tumour and from every other node.
+    The random draws come in a fixed order (anatomy, tumour, nodes, tumour shape, noise), so a seed
+    gives the same phantom.
     """
-    SHAPE, SPACING = var.shape, var.spacing  # noqa: N806 - the module constants' names, per variant
-    TUMOUR_HU, NODE_HU, NOISE_HU, NODE_MM = var.tumour_hu, var.node_hu, var.noise_hu, var.node_mm  # noqa: N806
-    x, y, z = ((np.arange(n) - (n - 1) / 2) * s for n, s in zip(SHAPE, SPACING, strict=True))
+    x, y, z = ((np.arange(n) - (n - 1) / 2) * s for n, s in zip(var.shape, var.spacing, strict=True))
     X, Y, Z = np.meshgrid(x, y, z, indexing="ij", sparse=True)
-    a, b = rng.uniform(80, 90), rng.uniform(105, 115)  # body ellipse (x, y); its centre is posterior
-    a, b = a * var.body_scale, b * var.body_scale
-    yc = 30.0
-    body = np.broadcast_to((X / a) ** 2 + ((Y - yc) / b) ** 2 <= 1.0, SHAPE)
-    wall = rng.uniform(45, 55)  # anterior face of the pectoral muscle (y, mm)
-    thick = rng.uniform(12, 18)
-    vol = np.full(SHAPE, -1000.0, dtype=np.float32)
-    vol[body] = FAT_HU
-    # glandular tissue: a smooth random field, thresholded, in the breast cone only
-    sig = tuple(8.0 / s for s in SPACING)  # 8 mm correlation (4, 4, 2 voxels on the default grid)
-    field = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=sig)
-    field /= field.std() + 1e-9
-    cone = np.broadcast_to((np.abs(X) < 0.65 * a) & (wall - 8 > Y) & (yc - b + 12 < Y), SHAPE)
-    gland = np.clip(field - 0.3, 0.0, 0.5) / 0.5  # (0..1) partial gland fraction
-    vol = np.where(body & cone, vol + (GLAND_HU - FAT_HU) * gland, vol)
-    muscle = body & np.broadcast_to((wall <= Y) & (wall + thick > Y), SHAPE)
-    vol[muscle] = MUSCLE_HU
-    vol[body & np.broadcast_to(wall + thick <= Y, SHAPE)] = LUNG_HU
-    # tissue texture (soft, correlated) in the body
-    if SPACING == SPACING_DEFAULT:
-        texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=1.0) * 8.0
-    else:  # the default's texture in mm (2 x 2 x 4 mm correlation, ~1.2 HU) on another grid
-        texture = ndimage.gaussian_filter(rng.normal(size=SHAPE), sigma=tuple(d / s for d, s in
-                                                                            zip(SPACING_DEFAULT, SPACING, strict=True)))
-        texture *= TEXTURE_SD_HU / (float(texture.std()) + 1e-9)
-    vol = np.where(body, vol + texture, vol).astype(np.float32)
+    vol, texture, body = _anatomy(rng, var, X, Y)
+    r_t = tsize_mm / 2.0
+    z_half = var.shape[2] * var.spacing[2] / 2
+    a, b, yc, wall = body
 
     def in_breast(c: np.ndarray, r: float) -> bool:
         return bool((c[0] / (a - r - 4)) ** 2 + ((c[1] - yc) / (b - r - 4)) ** 2 <= 1.0 and c[1] + r < wall + 2)
 
-    r_t = tsize_mm / 2.0
-    z_half = SHAPE[2] * SPACING[2] / 2
     lo_t = np.array([-0.45 * a, yc - b, -z_half + r_t + 4])
     hi_t = np.array([0.2 * a, wall - r_t, z_half - r_t - 4])
     hi_t = np.maximum(hi_t, lo_t + 1e-3)
     centre = _place(rng, r_t, lo_t, hi_t, [], 0.0, in_breast)
     if centre is None:  # a very large tumour: as central as the breast allows
         centre = np.array([-0.1 * a, min(wall - r_t, yc - 0.3 * b), 0.0])
-    taken: list[tuple[np.ndarray, float]] = [(centre, r_t)]
-    diam = rng.uniform(*NODE_MM, pnodes)
+    nodes, diam = _place_nodes(rng, var, pnodes, body, z_half, (centre, r_t), tsize_mm)
+
+    def ball(c: np.ndarray, r: float) -> np.ndarray:
+        return soft_ball(np.sqrt((X - c[0]) ** 2 + (Y - c[1]) ** 2 + (Z - c[2]) ** 2), r)
+
+    f_t = _lobulated(rng, var.irregular, X, Y, Z, centre, r_t) if var.irregular > 0 else ball(centre, r_t)
+    vol = (vol * (1 - f_t) + (var.tumour_hu + texture * 0.5) * f_t).astype(np.float32)
+    for c, d in zip(nodes, diam, strict=True):
+        f_n = ball(c, d / 2)
+        vol = (vol * (1 - f_n) + var.node_hu * f_n).astype(np.float32)
+    if noise:
+        vol += rng.normal(0, var.noise_hu, var.shape).astype(np.float32)
+    mask = (f_t >= 0.5).astype(np.uint8)
+    info = {"tumour_centre_mm": centre.round(2).tolist(),
+            "node_centres_mm": [c.round(2).tolist() for c in nodes],
+            "node_diameters_mm": [round(float(d), 2) for d in diam]}
+    return vol, mask, info
+
+
+def _anatomy(rng: np.random.Generator, var: SemirealVariant, X: np.ndarray, Y: np.ndarray  # noqa: N803
+             ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
+    """The breast without lesions: (volume HU (I, J, K), the tissue texture added to it (I, J, K),
+    (a, b, yc, wall): the body ellipse's half-axes and centre y and the pectoral muscle's anterior
+    face, in mm). ``X``, ``Y``: the sparse mm grids of ``var``'s volume."""
+    shape, spacing = var.shape, var.spacing
+    a, b = rng.uniform(80, 90), rng.uniform(105, 115)  # body ellipse (x, y); its centre is posterior
+    a, b = a * var.body_scale, b * var.body_scale
+    yc = 30.0
+    body = np.broadcast_to((X / a) ** 2 + ((Y - yc) / b) ** 2 <= 1.0, shape)
+    wall = rng.uniform(45, 55)  # anterior face of the pectoral muscle (y, mm)
+    thick = rng.uniform(12, 18)
+    vol = np.full(shape, -1000.0, dtype=np.float32)
+    vol[body] = FAT_HU
+    # glandular tissue: a smooth random field, thresholded, in the breast cone only
+    sig = tuple(8.0 / s for s in spacing)  # 8 mm correlation (4, 4, 2 voxels on the default grid)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=sig)
+    field /= field.std() + 1e-9
+    cone = np.broadcast_to((np.abs(X) < 0.65 * a) & (wall - 8 > Y) & (yc - b + 12 < Y), shape)
+    gland = np.clip(field - 0.3, 0.0, 0.5) / 0.5  # (0..1) partial gland fraction
+    vol = np.where(body & cone, vol + (GLAND_HU - FAT_HU) * gland, vol)
+    muscle = body & np.broadcast_to((wall <= Y) & (wall + thick > Y), shape)
+    vol[muscle] = MUSCLE_HU
+    vol[body & np.broadcast_to(wall + thick <= Y, shape)] = LUNG_HU
+    # tissue texture (soft, correlated) in the body
+    if spacing == SPACING_DEFAULT:
+        texture = ndimage.gaussian_filter(rng.normal(size=shape), sigma=1.0) * 8.0
+    else:  # the default's texture in mm (2 x 2 x 4 mm correlation, ~1.2 HU) on another grid
+        texture = ndimage.gaussian_filter(rng.normal(size=shape), sigma=tuple(d / s for d, s in
+                                                                            zip(SPACING_DEFAULT, spacing, strict=True)))
+        texture *= TEXTURE_SD_HU / (float(texture.std()) + 1e-9)
+    vol = np.where(body, vol + texture, vol).astype(np.float32)
+    return vol, texture, (a, b, yc, wall)
+
+
+def _place_nodes(rng: np.random.Generator, var: SemirealVariant, pnodes: int, body: tuple[float, float, float, float],
+                 z_half: float, tumour: tuple[np.ndarray, float], tsize_mm: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """``pnodes`` lymph nodes (centres (3,) mm, diameters (pnodes,) mm): the axilla first, then the rest
+    of the breast, each at ``var.node_gap_mm`` from the tumour and the other nodes, shrunk towards
+    ``var.node_mm[0]`` where it does not fit; an error when one cannot be placed at all."""
+    a, b, yc, wall = body
+    taken: list[tuple[np.ndarray, float]] = [tumour]
+    diam = rng.uniform(*var.node_mm, pnodes)
     nodes: list[np.ndarray] = []
     x_lat = a - 2  # the axilla: lateral (patient's left = +x), at and in front of the chest wall, cranial
 
@@ -213,7 +249,7 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
                (np.array([-x_lat, yc - b, -z_half]), np.array([x_lat, wall - 2, z_half]))]
     for k in range(pnodes):
         c = None
-        for d in (diam[k], max(NODE_MM[0], diam[k] * 0.7), NODE_MM[0]):
+        for d in (diam[k], max(var.node_mm[0], diam[k] * 0.7), var.node_mm[0]):
             for lo, hi in regions:
                 c = _place(rng, d / 2, lo, hi, taken, var.node_gap_mm, in_body, tries=300)
                 if c is not None:
@@ -226,33 +262,22 @@ def make_semireal_phantom(rng: np.random.Generator, tsize_mm: float, pnodes: int
                               f"(tumour {tsize_mm:g} mm)")
         taken.append((c, diam[k] / 2))
         nodes.append(c)
+    return nodes, diam
 
-    def ball(c: np.ndarray, r: float) -> np.ndarray:
-        return soft_ball(np.sqrt((X - c[0]) ** 2 + (Y - c[1]) ** 2 + (Z - c[2]) ** 2), r)
 
-    if var.irregular > 0:  # lobulated: the radius varies with direction by a smooth random field
-        dist = np.sqrt((X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2)
-        lobes = rng.normal(size=(6, 3))
-        lobes /= np.linalg.norm(lobes, axis=1, keepdims=True)
-        w = rng.uniform(-1.0, 1.0, 6)
-        u = [(X - centre[0]) / (dist + 1e-6), (Y - centre[1]) / (dist + 1e-6), (Z - centre[2]) / (dist + 1e-6)]
-        g = sum(wk * (lk[0] * u[0] + lk[1] * u[1] + lk[2] * u[2]) ** 2 for wk, lk in zip(w, lobes, strict=True))
-        g = g - float(np.mean(w)) / 3.0  # roughly zero mean over directions: the volume stays ~ the ball's
-        r_dir = r_t * (1.0 + var.irregular * np.clip(g, -1.0, 1.0))
-        f_t = np.clip((r_dir - dist) / 1.0 + 0.5, 0.0, 1.0)
-    else:
-        f_t = ball(centre, r_t)
-    vol = (vol * (1 - f_t) + (TUMOUR_HU + texture * 0.5) * f_t).astype(np.float32)
-    for c, d in zip(nodes, diam, strict=True):
-        f_n = ball(c, d / 2)
-        vol = (vol * (1 - f_n) + NODE_HU * f_n).astype(np.float32)
-    if noise:
-        vol += rng.normal(0, NOISE_HU, SHAPE).astype(np.float32)
-    mask = (f_t >= 0.5).astype(np.uint8)
-    info = {"tumour_centre_mm": centre.round(2).tolist(),
-            "node_centres_mm": [c.round(2).tolist() for c in nodes],
-            "node_diameters_mm": [round(float(d), 2) for d in diam]}
-    return vol, mask, info
+def _lobulated(rng: np.random.Generator, irregular: float, X: np.ndarray, Y: np.ndarray, Z: np.ndarray,  # noqa: N803
+               centre: np.ndarray, r_t: float) -> np.ndarray:
+    """The tumour's fraction (0..1) per voxel for a lobulated tumour: its radius varies with direction
+    by ``irregular`` times a smooth random field (roughly zero mean: the volume stays ~ the ball's)."""
+    dist = np.sqrt((X - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (Z - centre[2]) ** 2)
+    lobes = rng.normal(size=(6, 3))
+    lobes /= np.linalg.norm(lobes, axis=1, keepdims=True)
+    w = rng.uniform(-1.0, 1.0, 6)
+    u = [(X - centre[0]) / (dist + 1e-6), (Y - centre[1]) / (dist + 1e-6), (Z - centre[2]) / (dist + 1e-6)]
+    g = sum(wk * (lk[0] * u[0] + lk[1] * u[1] + lk[2] * u[2]) ** 2 for wk, lk in zip(w, lobes, strict=True))
+    g = g - float(np.mean(w)) / 3.0
+    r_dir = r_t * (1.0 + irregular * np.clip(g, -1.0, 1.0))
+    return np.clip((r_dir - dist) / 1.0 + 0.5, 0.0, 1.0)
 
 
 def sample_semireal_table(seed: int = 0, *, split_seed: int | None = None) -> pd.DataFrame:
