@@ -94,6 +94,17 @@ def _prev_rows(out_csv: Path) -> dict[str, dict[str, Any]]:
     return {str(r["case_id"]): r for r in prev.to_dict("records")}
 
 
+def _finished(rec: dict[str, Any], done: set[str], model_id: str, sink: tuple[Any, str] | None,
+              ledger: Ledger | None) -> bool:
+    """A study needs no work: its row is in the CSV and, when results are stored, its SR is in the
+    ledger for this destination."""
+    from mmai.pacs.sr import derived_uid
+
+    if rec["case_id"] not in done:
+        return False
+    return sink is None or ledger is None or ledger.has(rec[STUDY], derived_uid(rec[STUDY], model_id, "sr"), sink[1])
+
+
 def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinical_path: Path | None = None,
                       device: str | None = None, shard: tuple[int, int] | None = None,
                       progress: bool = True, explain_dir: Path | None = None,
@@ -114,7 +125,6 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
     """
     from mmai import __version__
     from mmai.inference.pipelined import default_workers, predict_chunk
-    from mmai.pacs.sr import derived_uid
 
     out_csv = Path(out_csv)
     predictor = Predictor(run_dir, device=device)
@@ -132,14 +142,8 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
     ledger = Ledger(out_csv.with_name(out_csv.name.removesuffix(".csv") + ".stored.csv")) if sink else None
     errors: list[dict[str, str]] = [error_row(e["case_id"], e["stage"], e["error"]) for e in selection.errors]
 
-    def finished(row: dict[str, Any]) -> bool:
-        if row["case_id"] not in done:
-            return False
-        return sink is None or ledger is None or ledger.has(row[STUDY], derived_uid(row[STUDY],
-                                                            predictor.model_id, "sr"), sink[1])
-
     records = cases.to_dict("records")
-    todo = [r for r in records if not finished(r)]
+    todo = [r for r in records if not _finished(r, done, predictor.model_id, sink, ledger)]
     cache = req.cache(out_csv.with_name(out_csv.name.removesuffix(".csv") + ".cache"))
     n_workers = default_workers() if workers is None else workers
     run = _Run(predictor, source, cache, todo, done, n_workers, header=sink is not None)  # forks before threads start
@@ -148,8 +152,8 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
         storer = Storer(partial(_send, sink, ledger, predictor, __version__), lambda item: cache.release(item.study))
     n_pred = 0
     new_file = not out_csv.exists() or out_csv.stat().st_size == 0
-    image_col = predictor.config.image.column if predictor.config.image is not None else "image"
     bs = max(1, predict_chunk(predictor))  # 1 for full-resolution volumes, as for a folder: the model overlaps loading
+    step = _Step(predictor, cache, done, prev, errors, explain_dir, __version__)
     try:
         with out_csv.open("a", newline="") as fh, \
                 tqdm(total=len(todo), desc="predict (PACS)", unit="study", disable=not progress) as bar:
@@ -158,36 +162,10 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
                 writer.writeheader()
             for start in range(0, len(todo), bs):
                 ready = run.batch(start, bs, errors, bar)
-                new = [(rec, prep) for rec, prep in ready if rec["case_id"] not in done]
-                rows: dict[str, dict[str, Any]] = {}
-                if new:
-                    chunk = pd.DataFrame([{**rec, image_col: prep.files, SERIES: prep.series} for rec, prep in new])
-                    got = predictor.predict_batch(chunk.drop(columns=[STUDY]), errors)
-                    writer.writerows(got)
-                    fh.flush()
-                    n_pred += len(got)
-                    rows = {str(r["case_id"]): r for r in got}
-                explained = [(rec, prep) for rec, prep in ready if str(rec["case_id"]) in rows or rec["case_id"] in done]
-                if explain_dir is not None and explained:  # makes only the missing file sets (a resumed study's too)
-                    from mmai.inference.explain import explain_cases
-
-                    frame = pd.DataFrame([{**rec, image_col: prep.files, SERIES: prep.series} for rec, prep in explained])
-                    explain_cases(predictor, frame.drop(columns=[STUDY]), Path(explain_dir), progress=False)
-                for rec, prep in ready:
-                    case_id, study = str(rec["case_id"]), rec[STUDY]
-                    row = prev[case_id] if case_id in done else rows.get(case_id)
-                    if row is not None and storer is not None:
-                        try:  # what needs the cached files is read now; the SR is built on the store thread
-                            pmap = (_saliency_map(Path(explain_dir), case_id, prep.files, predictor.model_id,
-                                                  __version__) if explain_dir is not None else [])
-                        except (MmaiError, OSError, ValueError) as exc:
-                            errors.append(error_row(case_id, "store", exc, series=prep.series))
-                        else:
-                            storer.put(_Item(study, row, prep.header, prep.files, pmap))
-                            bar.update(1)
-                            continue  # the store thread releases the study's cache folder once it is sent
-                    cache.release(study)
-                    bar.update(1)
+                rows = step.predict(ready, writer, fh)
+                n_pred += len(rows)
+                step.explain(ready, rows)
+                step.hand_over(ready, rows, storer, bar)
             if storer is not None:
                 errors += storer.close()
                 storer = None
@@ -205,6 +183,69 @@ def predict_from_pacs(run_dir: Path, out_csv: Path, req: PacsRequest, *, clinica
     return PredictSummary(n_cases=len(records) + len(selection.errors), n_predicted=n_pred, n_skipped=n_skipped,
                           n_failed=len(errors), out=str(out_csv), errors=str(err_path) if errors else None,
                           join=str(join_path_for(out_csv)))
+
+
+@dataclass
+class _Step:
+    """What happens to one model call's studies once they are prepared: their rows predicted and
+    appended to the CSV, their explanation file sets made (with ``explain_dir``), and each study handed
+    to the store thread (which releases its cache folder once its SR is sent) or released."""
+
+    predictor: Predictor
+    cache: StudyCache
+    done: set[str]  # case_ids already in the CSV (a resumed study is not predicted again)
+    prev: dict[str, dict[str, Any]]  # their rows (a resumed study's SR is built from its row)
+    errors: list[dict[str, str]]
+    explain_dir: Path | None
+    version: str
+
+    def _frame(self, pairs: list[tuple[dict[str, Any], Prepared]]) -> pd.DataFrame:
+        """The predictor's input rows: each study's record with its series' files as the image column."""
+        cfg = self.predictor.config
+        image_col = cfg.image.column if cfg.image is not None else "image"
+        frame = pd.DataFrame([{**rec, image_col: prep.files, SERIES: prep.series} for rec, prep in pairs])
+        return frame.drop(columns=[STUDY])
+
+    def predict(self, ready: list[tuple[dict[str, Any], Prepared]], writer: csv.DictWriter, fh: Any
+                ) -> dict[str, dict[str, Any]]:
+        """Predict the studies not yet in the CSV, append their rows -> the new rows by case_id."""
+        new = [(rec, prep) for rec, prep in ready if rec["case_id"] not in self.done]
+        if not new:
+            return {}
+        got = self.predictor.predict_batch(self._frame(new), self.errors)
+        writer.writerows(got)
+        fh.flush()
+        return {str(r["case_id"]): r for r in got}
+
+    def explain(self, ready: list[tuple[dict[str, Any], Prepared]], rows: dict[str, dict[str, Any]]) -> None:
+        """The missing explanation file sets of the studies that have a row (a resumed study's too)."""
+        explained = [(rec, prep) for rec, prep in ready
+                     if str(rec["case_id"]) in rows or rec["case_id"] in self.done]
+        if self.explain_dir is None or not explained:
+            return
+        from mmai.inference.explain import explain_cases
+
+        explain_cases(self.predictor, self._frame(explained), Path(self.explain_dir), progress=False)
+
+    def hand_over(self, ready: list[tuple[dict[str, Any], Prepared]], rows: dict[str, dict[str, Any]],
+                  storer: Storer | None, bar: Any) -> None:
+        """Each study with a row to the store thread (what needs the cached files is read now; the SR is
+        built there), every other study's cache folder released."""
+        for rec, prep in ready:
+            case_id, study = str(rec["case_id"]), rec[STUDY]
+            row = self.prev[case_id] if case_id in self.done else rows.get(case_id)
+            if row is not None and storer is not None:
+                try:
+                    pmap = (_saliency_map(Path(self.explain_dir), case_id, prep.files, self.predictor.model_id,
+                                          self.version) if self.explain_dir is not None else [])
+                except (MmaiError, OSError, ValueError) as exc:
+                    self.errors.append(error_row(case_id, "store", exc, series=prep.series))
+                else:
+                    storer.put(_Item(study, row, prep.header, prep.files, pmap))
+                    bar.update(1)
+                    continue  # the store thread releases the study's cache folder once it is sent
+            self.cache.release(study)
+            bar.update(1)
 
 
 class _Run:
