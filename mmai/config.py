@@ -11,14 +11,13 @@ Sections (see docs/pipelines.md): ``task`` and ``clinical`` (a fixed form other 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from mmai.config_typed import build_section, key_paths, to_plain
 from mmai.errors import ConfigError
 
 TaskKind = Literal["binary", "multiclass", "regression", "survival"]
@@ -319,7 +318,7 @@ class PipelineConfig:
             elif value is None:
                 out[f.name] = None
             else:
-                out[f.name] = _to_plain(value)
+                out[f.name] = to_plain(value)
         return out
 
     def replace(self, **sections: Any) -> PipelineConfig:
@@ -342,98 +341,6 @@ class PipelineConfig:
         return dataclasses.replace(self, explicit=self.explicit | frozenset(paths))
 
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    return value
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[-1] if errors else f"{source}: {key}: bad value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{source}: {key} must have {len(args)} entries, got {len(value)}: {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: accept numeric text
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{source}: {key}: unsupported type {_type_name(tp)}")
-
-
-def _build(cls: type, data: Any, path: str, source: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {path} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in allowed:
-            raise ConfigError(f"{source}: unknown key '{path}.{key}'; allowed keys in '{path}': {allowed}")
-        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}", source)
-    return cls(**kwargs)
-
-
 _SECTIONS = ("task", "clinical", "image", "model", "train", "infer", "pretrain")
 
 
@@ -443,41 +350,30 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Pip
     unknown = [k for k in data if k not in _SECTIONS]
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key '{unknown[0]}'; allowed: {list(_SECTIONS)}")
-    task = _build(TaskConfig, data.get("task"), "task", source)
+    task = build_section(TaskConfig, data.get("task"), "task", source)
     clinical = None
     if data.get("clinical"):
         from mmai.clinical.schema import ClinicalSchema
 
         clinical = ClinicalSchema.from_dict(data["clinical"], source)
-    image = None if "image" in data and data["image"] is None else _build(ImageConfig, data.get("image"), "image", source)
+    image = None if "image" in data and data["image"] is None else build_section(ImageConfig, data.get("image"), "image", source)
     if image is not None and image.select is not None:
         from mmai.io.dicom_select import SelectionRule
 
         SelectionRule.from_dict(image.select, source)  # validate early; parsed again where used
-    model = _build(ModelConfig, data.get("model"), "model", source)
+    model = build_section(ModelConfig, data.get("model"), "model", source)
     if model.fusion not in FUSIONS:
         raise ConfigError(f"{source}: model.fusion = {model.fusion!r} is not allowed; choose one of {list(FUSIONS)}")
-    train = _build(TrainConfig, data.get("train"), "train", source)
-    infer = _build(InferConfig, data.get("infer"), "infer", source)
-    pretrain = _build(PretrainConfig, data.get("pretrain"), "pretrain", source)
+    train = build_section(TrainConfig, data.get("train"), "train", source)
+    infer = build_section(InferConfig, data.get("infer"), "infer", source)
+    pretrain = build_section(PretrainConfig, data.get("pretrain"), "pretrain", source)
     from mmai.config_ranges import check_pretrain, check_ranges, check_values
 
     check_values(task, image, model, train, source)
     check_ranges(task, image, model, train, infer, source)
     check_pretrain(model, pretrain, source)
     return PipelineConfig(task=task, clinical=clinical, image=image, model=model, train=train,
-                          infer=infer, pretrain=pretrain, source=source, explicit=frozenset(_key_paths(data)))
-
-
-def _key_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every dotted key path of a nested mapping (``{"train": {"epochs": 3}}`` -> train, train.epochs)."""
-    out: list[str] = []
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        out.append(path)
-        if isinstance(value, dict):
-            out.extend(_key_paths(value, path + "."))
-    return out
+                          infer=infer, pretrain=pretrain, source=source, explicit=frozenset(key_paths(data)))
 
 
 def load_config(path: str | Path) -> PipelineConfig:

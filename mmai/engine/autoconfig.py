@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmai.config import PipelineConfig, _to_plain
+from mmai.config import PipelineConfig
+from mmai.config_typed import to_plain
 from mmai.engine.fingerprint import Fingerprint, fingerprint
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Choice:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "value": _to_plain(self.value), "reason": self.reason}
+        return {"key": self.key, "value": to_plain(self.value), "reason": self.reason}
 
 
 class _Resolver:

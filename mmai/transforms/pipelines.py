@@ -39,7 +39,8 @@ from monai.transforms import (
     Spacingd,
 )
 
-from mmai.config import ImageConfig, _to_plain
+from mmai.config import ImageConfig
+from mmai.config_typed import to_plain
 from mmai.errors import ConfigError
 from mmai.transforms.descriptors import LesionDescriptorsd
 from mmai.transforms.guards import InputGuardd, ModalityGuardd
@@ -61,7 +62,7 @@ _NOT_IN_ID = ("augment", "column", "select", "cache", "cache_dir", "modality", "
 def image_pipeline_id(cfg: ImageConfig) -> str:
     """Short hash of everything that changes a preprocessed volume (not augmentation, caching,
     the input column or series selection; the modality is checked separately)."""
-    fields = {k: _numbers_as_float(v) for k, v in _to_plain(cfg).items() if k not in _NOT_IN_ID}
+    fields = {k: _numbers_as_float(v) for k, v in to_plain(cfg).items() if k not in _NOT_IN_ID}
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 
