@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from mmai.errors import MmaiError, PreprocessError
+from mmai.inference.handover import receive
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,14 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _init(loader: Any, measure: Callable[[np.ndarray, np.ndarray], Any] | None = None) -> None:
+def _init(loader: Any, measure: Callable[[np.ndarray, np.ndarray], Any] | None = None, keep: int = 0) -> None:
     import torch
+
+    from mmai.inference.handover import set_keep
 
     _die_with_parent()
     torch.set_num_threads(1)
+    set_keep(keep)  # volumes go back through memory files, not pickled (mmai.inference.handover)
     global _WORKER_LOADER, _WORKER_MEASURE
     _WORKER_LOADER, _WORKER_MEASURE = loader, measure
 
@@ -128,7 +132,9 @@ def _load(path: Any) -> tuple[str, Any]:
     note = {"modalities": sorted(loader.modalities_seen), "intensity_stats": loader.stats,
             "input_flags": loader.last_flags,  # what the worker's loader repaired (mmai.io.input_flags)
             "measured": _measure(arr, affine)}
-    return "ok", (np.ascontiguousarray(arr), affine, note)
+    from mmai.inference.handover import ship
+
+    return "ok", (ship(np.ascontiguousarray(arr)), affine, note)
 
 
 def _measure(arr: np.ndarray, affine: np.ndarray) -> Any:
@@ -179,7 +185,7 @@ class PrefetchLoader:
         worker_loader.device = "cpu"  # the workers feed the model's device; they preprocess on the CPU
         worker_loader._chain = None
         self.pool: ProcessPoolExecutor | None = ProcessPoolExecutor(max_workers=workers, initializer=_init,
-                                                                     initargs=(worker_loader, measure))
+                                                                     initargs=(worker_loader, measure, self.ahead + 1))
         # a fork pool forks all its processes at the first submit: do it now, from this (long-lived)
         # thread, which the workers' death-with-parent signal is tied to
         self.pool.submit(int)
@@ -253,6 +259,9 @@ class PrefetchLoader:
                 exc = PreprocessError(msg)
             raise exc
         arr, affine, note = value
+        arr = receive(arr)  # the worker's memory file, read once (mmai.inference.handover)
+        if arr is None:
+            return self._in_place(path, roi)
         self.last_flags = str(note.get("input_flags") or "")
         self.last_measured = note.get("measured")
         for m in note["modalities"]:

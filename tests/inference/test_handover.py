@@ -1,0 +1,78 @@
+"""Volumes handed from predict's workers through memory files (mmai.inference.handover)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mmai.inference import handover
+from mmai.inference.handover import Shipped, receive, set_keep, ship
+from tests.inference.predict_world import world  # noqa: F401 - the shared fixture
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd and /proc: Linux only")
+
+
+@pytest.fixture
+def files():
+    """Memory files kept by this process as if it were a worker; closed afterwards."""
+    yield
+    while handover._FILES:
+        os.close(handover._FILES.popleft())
+    set_keep(0)
+
+
+def test_a_volume_comes_back_bit_for_bit_and_files_are_reused(files):
+    set_keep(2)
+    rng = np.random.default_rng(0)
+    vols = [rng.standard_normal((2, 64, 64, 64)).astype(np.float32) for _ in range(3)]
+    sent = [ship(v) for v in vols]
+    assert all(isinstance(s, Shipped) for s in sent)
+    assert sent[2].fd == sent[0].fd  # the oldest file reused for the third volume
+    assert len(handover._FILES) == 2
+    got = receive(sent[2])
+    assert got is not None and got.dtype == np.float32 and got.shape == vols[2].shape
+    assert np.array_equal(got, vols[2])
+    assert np.array_equal(receive(sent[1]), vols[1])
+
+
+def test_small_or_unkept_volumes_travel_as_they_are(files):
+    small = np.ones((4, 4, 4), np.float32)
+    set_keep(2)
+    assert ship(small) is small and receive(small) is small
+    set_keep(0)
+    big = np.zeros((2, 256, 256, 8), np.float32)
+    assert ship(big) is big
+
+
+def test_a_file_that_is_gone_means_loading_in_place(files, caplog):
+    set_keep(1)
+    s = ship(np.zeros((2, 256, 256, 8), np.float32))
+    os.close(handover._FILES.popleft())
+    assert receive(s) is None
+    assert "loading the case in place" in caplog.text
+    short = Shipped(s.pid, s.fd, s.shape, s.dtype, s.nbytes)
+    set_keep(1)
+    s2 = ship(np.zeros((2, 256, 256, 4), np.float32))  # half the bytes the address promises
+    assert receive(Shipped(s2.pid, s2.fd, short.shape, short.dtype, short.nbytes)) is None
+
+
+@pytest.mark.slow
+def test_workers_shipping_volumes_give_the_in_place_predictions(world, tmp_path, monkeypatch):  # noqa: F811
+    from mmai.inference import pipelined
+
+    monkeypatch.setattr(handover, "MIN_BYTES", 0)  # the world's small volumes go through files too
+    shipped = []
+    real = pipelined.receive
+    monkeypatch.setattr(pipelined, "receive", lambda v: (shipped.append(isinstance(v, Shipped)), real(v))[1])
+    man = world.broken_manifest(tmp_path, {1, 5}, raw=True)
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    assert world.predict(one, "--manifest", man, "--workers", "1") == 0
+    assert world.predict(two, "--manifest", man, "--workers", "2") == 0
+    assert shipped and all(shipped)
+    assert two.read_bytes() == one.read_bytes()
+    assert (tmp_path / "two.errors.csv").read_bytes() == (tmp_path / "one.errors.csv").read_bytes()
+    assert len(pd.read_csv(two)) == 22
