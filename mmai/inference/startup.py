@@ -6,7 +6,8 @@ docs/benchmarks.md, "Fourth 2026-12-05 session"):
 - :func:`quiet_imports`: Python's cyclic garbage collector stays off while predict imports torch,
   MONAI and mmai (about 380,000 objects: every generation-2 pass walks all of them, ~0.5 CPU-s of
   a ~2.9 s import on 2 cores), then the survivors are frozen (:func:`gc.freeze`) and the
-  collector turned back on. This is the recipe of Python's ``gc`` documentation for a parent that
+  collector turned back on (only the first time: a process that already has torch is left as it
+  is). This is the recipe of Python's ``gc`` documentation for a parent that
   forks workers: later collections, in the parent and in the forked preprocessing workers, no
   longer walk (and copy-on-write) the long-lived module objects. The ~12,000 unreachable objects
   the imports leave behind stay until the process exits (a few MB).
@@ -49,9 +50,16 @@ def prefer_small_pages() -> bool:
 
 
 @contextlib.contextmanager
-def quiet_imports() -> Iterator[None]:
-    """Run the block (the heavy imports, the run's load) with the cyclic garbage collector off,
-    then freeze what survived and turn the collector back on (if it was on before)."""
+def quiet_imports(heavy: tuple[str, ...] = ("torch",)) -> Iterator[None]:
+    """Run the block (the heavy imports) with the cyclic garbage collector off, then freeze what
+    survived and turn the collector back on (if it was on before).
+
+    Only in a process that has not imported ``heavy`` yet (``mmai predict`` from the shell): in a
+    long-lived process that calls ``mmai.cli.main`` several times (tests, a notebook) the block
+    runs as it is, so nothing of that process is frozen for good."""
+    if all(m in sys.modules for m in heavy):
+        yield
+        return
     was_on = gc.isenabled()
     gc.disable()
     try:

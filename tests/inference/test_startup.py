@@ -48,7 +48,7 @@ def test_small_pages_after_numpy_changes_nothing(monkeypatch) -> None:
 def test_quiet_imports_turns_gc_off_inside_and_back_on_after() -> None:
     assert gc.isenabled()
     try:
-        with quiet_imports():
+        with quiet_imports(heavy=("not_imported_here",)):
             assert not gc.isenabled()
             made = [[] for _ in range(10)]
         assert gc.isenabled()
@@ -61,9 +61,18 @@ def test_quiet_imports_turns_gc_off_inside_and_back_on_after() -> None:
 def test_quiet_imports_leaves_gc_off_when_it_was_off() -> None:
     gc.disable()
     try:
-        with quiet_imports():
+        with quiet_imports(heavy=("not_imported_here",)):
             pass
         assert not gc.isenabled()
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_quiet_imports_changes_nothing_where_torch_is_imported_already() -> None:
+    import torch  # noqa: F401 - imported, as in a test session or a notebook
+
+    frozen = gc.get_freeze_count()
+    with quiet_imports():
+        assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen
