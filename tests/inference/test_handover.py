@@ -54,10 +54,19 @@ def test_a_file_that_is_gone_means_loading_in_place(files, caplog):
     os.close(handover._FILES.popleft())
     assert receive(s) is None
     assert "loading the case in place" in caplog.text
-    short = Shipped(s.pid, s.fd, s.shape, s.dtype, s.nbytes)
-    set_keep(1)
     s2 = ship(np.zeros((2, 256, 256, 4), np.float32))  # half the bytes the address promises
-    assert receive(Shipped(s2.pid, s2.fd, short.shape, short.dtype, short.nbytes)) is None
+    assert receive(Shipped(s2.pid, s2.fd, s.shape, s.dtype, s.nbytes, s2.token)) is None
+
+
+def test_a_result_whose_file_was_reused_is_never_taken_for_another_volume(files):
+    """A case skipped, then the same path asked for later: its file may hold a newer study of the
+    same size by then; the token says so and the case is loaded in place instead."""
+    set_keep(1)
+    first = ship(np.full((2, 256, 256, 8), 1.0, np.float32))
+    second = ship(np.full((2, 256, 256, 8), 2.0, np.float32))  # same size, the same (only) file
+    assert second.fd == first.fd and second.token != first.token
+    assert receive(first) is None
+    assert (receive(second) == 2.0).all()
 
 
 @pytest.mark.slow
