@@ -122,8 +122,9 @@ def _init(loader: Any, measure: Callable[[np.ndarray, np.ndarray], Any] | None =
     _WORKER_LOADER, _WORKER_MEASURE = loader, measure
 
 
-def _load(path: Any) -> tuple[str, Any]:
-    """In a worker: ("ok", (array, affine, note)) or ("error", (error class, message))."""
+def _load(path: Any, shipped: bool = True) -> tuple[str, Any]:
+    """In a worker: ("ok", (array, affine, note)) or ("error", (error class, message)); the array
+    through a memory file when ``shipped`` (:mod:`mmai.inference.handover`), else pickled."""
     loader = _WORKER_LOADER
     try:
         arr, affine = loader.load(path)
@@ -134,7 +135,8 @@ def _load(path: Any) -> tuple[str, Any]:
             "measured": _measure(arr, affine)}
     from mmai.inference.handover import ship
 
-    return "ok", (ship(np.ascontiguousarray(arr)), affine, note)
+    arr = np.ascontiguousarray(arr)
+    return "ok", (ship(arr) if shipped else arr, affine, note)
 
 
 def _measure(arr: np.ndarray, affine: np.ndarray) -> Any:
@@ -181,6 +183,7 @@ class PrefetchLoader:
         self.queue: deque[Any] = deque(p for p in paths if p is not None and not (isinstance(p, float) and np.isnan(p)))
         self.futures: dict[Any, Future] = {}
         self._recent: dict[Any, tuple[np.ndarray, np.ndarray, str, Any]] = {}  # peeked volumes (:meth:`peek`)
+        self._shipped = True  # volumes through memory files (False after one could not be read)
         worker_loader = copy.copy(loader)
         worker_loader.device = "cpu"  # the workers feed the model's device; they preprocess on the CPU
         worker_loader._chain = None
@@ -209,7 +212,7 @@ class PrefetchLoader:
             key = _key(path)
             if key not in self.futures:
                 try:
-                    self.futures[key] = self.pool.submit(_load, path)
+                    self.futures[key] = self.pool.submit(_load, path, self._shipped)
                 except BrokenProcessPool:
                     self._broken()
 
@@ -260,7 +263,8 @@ class PrefetchLoader:
             raise exc
         arr, affine, note = value
         arr = receive(arr)  # the worker's memory file, read once (mmai.inference.handover)
-        if arr is None:
+        if arr is None:  # unreadable here (e.g. a locked-down /proc): the next volumes come pickled
+            self._shipped = False
             return self._in_place(path, roi)
         self.last_flags = str(note.get("input_flags") or "")
         self.last_measured = note.get("measured")

@@ -85,3 +85,32 @@ def test_workers_shipping_volumes_give_the_in_place_predictions(world, tmp_path,
     assert two.read_bytes() == one.read_bytes()
     assert (tmp_path / "two.errors.csv").read_bytes() == (tmp_path / "one.errors.csv").read_bytes()
     assert len(pd.read_csv(two)) == 22
+
+
+def test_after_one_unreadable_file_the_volumes_come_pickled(world, monkeypatch):  # noqa: F811
+    """Where the model process cannot open a worker's memory file (a locked-down /proc), that case
+    is loaded in place and the next volumes travel pickled: never every study in place."""
+    from mmai.inference import pipelined
+    from mmai.inference.predictor import Predictor
+
+    monkeypatch.setattr(handover, "MIN_BYTES", 0)
+    seen = []
+    real = pipelined.receive
+
+    def locked(v):  # the first shipped volume cannot be read
+        seen.append(isinstance(v, Shipped))
+        return None if len(seen) == 1 else real(v)
+
+    monkeypatch.setattr(pipelined, "receive", locked)
+    pred = Predictor(world.run)
+    m = pd.read_csv(world.cohort / "manifest.csv", dtype=str)
+    paths = [str(world.cohort / p) for p in m["image"][:8]]
+    pre = pipelined.PrefetchLoader(pred.loader, paths, workers=2, ahead=2, threads=None)
+    try:
+        for p in paths:
+            arr, _ = pre.load(p)
+            assert np.array_equal(arr, pred.loader.load(p)[0])
+    finally:
+        pre.close()
+    assert seen[0] and not pre._shipped
+    assert not seen[-1]  # submitted after the failure: pickled
