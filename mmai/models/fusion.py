@@ -240,9 +240,7 @@ class CrossAttentionFusion(MultimodalModel):
             if self.back is not None:  # bidirectional: image tokens attend to [CLS; clinical] first
                 img_tok = self.back[i](img_tok, q)  # (B, N, D)
                 kv = torch.cat([kv[:, :1], img_tok], dim=1)  # (B, 1+N, D)
-            # no mask when every image is present: the same floats (an all-False mask adds zeros to the
-            # attention logits), and torch then skips a shape check that imports sympy (~0.8 CPU-s at predict)
-            q, weights = block(q, kv, pad if bool(absent.any()) else None)
+            q, weights = block(q, kv, pad)
         self.last_attention = weights.detach() if weights is not None else None  # (B, 1+F, 1+N)
         present = (~absent).to(img_tok.dtype)[:, None, None]
         img_mean = (img_tok.mean(dim=1, keepdim=True) * present
