@@ -71,7 +71,7 @@ def ship(arr: np.ndarray) -> np.ndarray | Shipped:
         fd = _FILES.popleft() if len(_FILES) >= _KEEP else os.memfd_create("mmai-volume", os.MFD_CLOEXEC)
         _write_all(fd, bytes(_HEAD), 0)  # the old content is no longer valid from here on
         os.ftruncate(fd, _HEAD + arr.nbytes)
-        _write_all(fd, memoryview(arr).cast("B"), _HEAD)
+        _write_all(fd, arr.data.cast("B"), _HEAD)
         _write_all(fd, token, 0)
     except OSError as exc:  # no memory file here: the pickled array instead
         log.debug("volume sent pickled: %s", exc)
@@ -94,7 +94,7 @@ def receive(value: np.ndarray | Shipped) -> np.ndarray | None:
     if not isinstance(value, Shipped):
         return value
     out = np.empty(value.shape, dtype=np.dtype(value.dtype))
-    view, done = memoryview(out).cast("B"), 0
+    view, done = out.data.cast("B"), 0
     try:
         with open(f"/proc/{value.pid}/fd/{value.fd}", "rb", buffering=0) as fh:
             before = os.pread(fh.fileno(), _HEAD, 0)

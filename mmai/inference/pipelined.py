@@ -261,9 +261,9 @@ class PrefetchLoader:
             except Exception:  # noqa: BLE001 - an error class with another signature
                 exc = PreprocessError(msg)
             raise exc
-        arr, affine, note = value
-        arr = receive(arr)  # the worker's memory file, read once (mmai.inference.handover)
-        if arr is None:  # unreadable here (e.g. a locked-down /proc): the next volumes come pickled
+        sent, affine, note = value
+        got = receive(sent)  # the worker's memory file, read once (mmai.inference.handover)
+        if got is None:  # unreadable here (e.g. a locked-down /proc): the next volumes come pickled
             self._shipped = False
             return self._in_place(path, roi)
         self.last_flags = str(note.get("input_flags") or "")
@@ -271,7 +271,7 @@ class PrefetchLoader:
         for m in note["modalities"]:
             self.loader._note({"modality": m, "intensity_stats": note["intensity_stats"]})
         self._threads_for_the_tail()
-        return arr, affine
+        return got, affine
 
     def _threads_for_the_tail(self) -> None:
         """Once every study is loaded (nothing queued, every worker idle), give the model its threads
