@@ -101,8 +101,12 @@ def pretrain(a: argparse.Namespace) -> int:
 
 
 def predict(a: argparse.Namespace) -> int:
-    from mmai.inference.predictor import predict_from_files
-    from mmai.pacs.options import uses_pacs
+    from mmai.inference.startup import prefer_small_pages, quiet_imports
+
+    prefer_small_pages()  # before numpy's import (mmai.inference.startup)
+    with quiet_imports():  # torch, MONAI, mmai: no garbage collection while importing
+        from mmai.inference.predictor import predict_from_files
+        from mmai.pacs.options import uses_pacs
 
     if uses_pacs(a):  # --dicomweb / --dimse (docs/pacs.md)
         from mmai.pacs.options import predict as pacs_predict

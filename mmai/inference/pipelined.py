@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from mmai.errors import MmaiError, PreprocessError
+from mmai.inference.handover import receive
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,21 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _init(loader: Any, measure: Callable[[np.ndarray, np.ndarray], Any] | None = None) -> None:
+def _init(loader: Any, measure: Callable[[np.ndarray, np.ndarray], Any] | None = None, keep: int = 0) -> None:
     import torch
+
+    from mmai.inference.handover import set_keep
 
     _die_with_parent()
     torch.set_num_threads(1)
+    set_keep(keep)  # volumes go back through memory files, not pickled (mmai.inference.handover)
     global _WORKER_LOADER, _WORKER_MEASURE
     _WORKER_LOADER, _WORKER_MEASURE = loader, measure
 
 
-def _load(path: Any) -> tuple[str, Any]:
-    """In a worker: ("ok", (array, affine, note)) or ("error", (error class, message))."""
+def _load(path: Any, shipped: bool = True) -> tuple[str, Any]:
+    """In a worker: ("ok", (array, affine, note)) or ("error", (error class, message)); the array
+    through a memory file when ``shipped`` (:mod:`mmai.inference.handover`), else pickled."""
     loader = _WORKER_LOADER
     try:
         arr, affine = loader.load(path)
@@ -128,7 +133,10 @@ def _load(path: Any) -> tuple[str, Any]:
     note = {"modalities": sorted(loader.modalities_seen), "intensity_stats": loader.stats,
             "input_flags": loader.last_flags,  # what the worker's loader repaired (mmai.io.input_flags)
             "measured": _measure(arr, affine)}
-    return "ok", (np.ascontiguousarray(arr), affine, note)
+    from mmai.inference.handover import ship
+
+    arr = np.ascontiguousarray(arr)
+    return "ok", (ship(arr) if shipped else arr, affine, note)
 
 
 def _measure(arr: np.ndarray, affine: np.ndarray) -> Any:
@@ -175,11 +183,12 @@ class PrefetchLoader:
         self.queue: deque[Any] = deque(p for p in paths if p is not None and not (isinstance(p, float) and np.isnan(p)))
         self.futures: dict[Any, Future] = {}
         self._recent: dict[Any, tuple[np.ndarray, np.ndarray, str, Any]] = {}  # peeked volumes (:meth:`peek`)
+        self._shipped = True  # volumes through memory files (False after one could not be read)
         worker_loader = copy.copy(loader)
         worker_loader.device = "cpu"  # the workers feed the model's device; they preprocess on the CPU
         worker_loader._chain = None
         self.pool: ProcessPoolExecutor | None = ProcessPoolExecutor(max_workers=workers, initializer=_init,
-                                                                     initargs=(worker_loader, measure))
+                                                                     initargs=(worker_loader, measure, self.ahead + 1))
         # a fork pool forks all its processes at the first submit: do it now, from this (long-lived)
         # thread, which the workers' death-with-parent signal is tied to
         self.pool.submit(int)
@@ -203,7 +212,7 @@ class PrefetchLoader:
             key = _key(path)
             if key not in self.futures:
                 try:
-                    self.futures[key] = self.pool.submit(_load, path)
+                    self.futures[key] = self.pool.submit(_load, path, self._shipped)
                 except BrokenProcessPool:
                     self._broken()
 
@@ -252,13 +261,17 @@ class PrefetchLoader:
             except Exception:  # noqa: BLE001 - an error class with another signature
                 exc = PreprocessError(msg)
             raise exc
-        arr, affine, note = value
+        sent, affine, note = value
+        got = receive(sent)  # the worker's memory file, read once (mmai.inference.handover)
+        if got is None:  # unreadable here (e.g. a locked-down /proc): the next volumes come pickled
+            self._shipped = False
+            return self._in_place(path, roi)
         self.last_flags = str(note.get("input_flags") or "")
         self.last_measured = note.get("measured")
         for m in note["modalities"]:
             self.loader._note({"modality": m, "intensity_stats": note["intensity_stats"]})
         self._threads_for_the_tail()
-        return arr, affine
+        return got, affine
 
     def _threads_for_the_tail(self) -> None:
         """Once every study is loaded (nothing queued, every worker idle), give the model its threads
