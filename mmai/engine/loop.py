@@ -33,7 +33,7 @@ from mmai.engine.checkpoint import CheckpointStore
 from mmai.engine.distributed import DistInfo, all_sum, average_batchnorm, broadcast_flag, maybe_no_sync
 from mmai.engine.ema import EMA
 from mmai.engine.engine import Engine
-from mmai.engine.glm_guard import Z_ONE_SIDED, clears_initial, outputs_doc
+from mmai.engine.glm_guard import clears_initial, outputs_doc, z_threshold
 from mmai.engine.runlog import RunLog
 from mmai.engine.state import TrainState, load_checkpoint, save_checkpoint
 from mmai.engine.trainer import (
@@ -205,11 +205,12 @@ def keep_best_and_check_stop(eng: Engine, state: TrainState, row: dict[str, Any]
         clears = True
         if state.initial_outputs is not None and out is not None:
             clears, diff, se = clears_initial(eng.kind, eng.select_metric, eng.classes, out, targets or {},
-                                              state.initial_outputs, seed=int(row["epoch"]))
+                                              state.initial_outputs, seed=int(row["epoch"]), looks=int(row["epoch"]))
             row["vs_glm"] = {"difference": round(diff, 5), "se": round(se, 5), "clears": clears}
             if not clears:
                 log.info("epoch %d beats the GLM on validation by %.4f, not significantly (bootstrap SE %.4f; "
-                         "needs %.2f SE): the GLM stays the shipped model", row["epoch"], -diff, se, Z_ONE_SIDED)
+                         "needs %.2f SE): the GLM stays the shipped model", row["epoch"], -diff, se,
+                         z_threshold(int(row["epoch"])))
         if clears:
             state.best_score, state.best_epoch = score, row["epoch"]
             state.best_weights = {k: v.detach().clone() for k, v in eng.eval_model.state_dict().items()}

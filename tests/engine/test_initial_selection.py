@@ -87,3 +87,21 @@ def test_clears_initial_reports_the_difference_and_its_se():
     better = _binary_outputs(rng, y, 3.0)
     clears, diff, se = clears_initial("binary", "auto", ["0", "1"], better, targets, outputs_doc(glm))
     assert clears and diff < -se < 0  # minus AUROC: a much better ranking
+
+
+def test_later_looks_must_clear_a_bonferroni_threshold():
+    """Each validated epoch is one more look at the same validation cases: epoch m must clear the
+    one-sided 5 / m % level. A gain of ~2.4 SEs clears at the first look, not at the tenth."""
+    from mmai.engine.glm_guard import z_threshold
+
+    assert [round(z_threshold(m), 3) for m in (1, 2, 10, 24)] == [1.645, 1.96, 2.576, 2.865]
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 80)
+    targets = {"target": torch.tensor(y, dtype=torch.float32)}
+    glm = _binary_outputs(rng, y, 0.5)
+    out = glm + torch.tensor((0.2 * (2 * y - 1) + 0.6 * np.random.default_rng(0).normal(size=80))[:, None],
+                             dtype=torch.float32)
+    first = clears_initial("binary", "loss", ["0", "1"], out, targets, outputs_doc(glm), looks=1)
+    tenth = clears_initial("binary", "loss", ["0", "1"], out, targets, outputs_doc(glm), looks=10)
+    assert 1.645 < -first[1] / first[2] < 2.576
+    assert first[0] and not tenth[0]
