@@ -13,6 +13,10 @@ section (1.5 mm, lung + mediastinal windows, body crop) and a windowed cross-att
   least one thread, one study per model call), wall time from start to the CSV; each study: scan,
   series selection, read, preprocessing (the fast chain) and the run's mask-free focal inventory
   (both in a worker), window encoding, fusion.
+- ``mmai`` same work (skipped with ``--skip-same-work``): the same command on the same studies with
+  a second run trained like the first but with ``image.descriptors: false``, so each study is read,
+  preprocessed, window-encoded and fused, the work the MONAI pipeline does, without the focal
+  inventory (~1 CPU-s per study in the workers) that the default run adds as model features.
 - ``monai``: the tutorial pipeline in one process: ``LoadImaged`` with MONAI's ``PydicomReader``,
   ``EnsureChannelFirstd``, ``Orientationd(RAS)``, ``Spacingd(1.5 mm, bilinear)``, one
   ``ScaleIntensityRanged`` per window + ``ConcatItemsd``, ``CropForegroundd`` (body = above -500 HU),
@@ -31,15 +35,21 @@ during the timed loop). MONAI's wall time starts after its imports and model loa
 includes them (``start_s``). ``speedup_end_to_end``: both from process start, MONAI's wall time
 plus ``monai_start_s`` (a fresh process importing what the tutorial pipeline imports and loading
 the same network, measured after both pipelines ran) over mmai's; ``speedup`` (the acceptance
-figure) is unchanged. ``load_average_1min``: the machine's load before and after each
-pipeline (the machine may be shared). ``peak_rss_gb``: the peak
+figure) is unchanged. Same work (the second mmai run, timed right after the first and before
+MONAI's): ``mmai_same_work_wall_s`` and ``mmai_same_work_cpu_s`` (as ``mmai_wall_s`` and
+``mmai_cpu_s``), ``mmai_same_work_studies_per_s``, ``speedup_same_work`` (its studies/s over
+MONAI's: ``speedup`` for the same work), ``speedup_same_work_end_to_end`` (MONAI's wall time plus
+``monai_start_s`` over its wall time), ``speedup_same_work_cpu`` (``monai_cpu_s`` over its CPU
+seconds), ``peak_rss_same_work_gb`` and ``rows_same_work``; all None with ``--skip-same-work``.
+``load_average_1min``: the machine's load before and after each pipeline (the machine may be
+shared). ``peak_rss_gb``: the peak
 resident memory of the ``mmai predict`` process (VmHWM) or of its largest worker (measured inside it);
 ``peak_rss_monai_gb``: this process's peak (the MONAI pipeline, its DataLoader in-process part,
 and writing the studies; training runs in a subprocess). The last line is JSON:
 ``{"mmai_studies_per_s", "monai_studies_per_s", "speedup", "speedup_end_to_end", "monai_start_s",
-"stage_s", "peak_rss_gb", ...}``.
+"speedup_same_work", "mmai_same_work_wall_s", "mmai_same_work_cpu_s", "stage_s", "peak_rss_gb", ...}``.
 
-    python benchmarks/study_throughput.py [--n 6] [--workers N]
+    python benchmarks/study_throughput.py [--n 6] [--workers N] [--skip-monai] [--skip-same-work]
 """
 
 from __future__ import annotations
@@ -88,34 +98,42 @@ def write_studies(root: Path, n: int) -> list[Path]:
     return folders
 
 
-def windowed_pipeline(tmp: Path, batch_size: int) -> Path:
+def windowed_pipeline(tmp: Path, batch_size: int, *, same_work: bool = False) -> Path:
     """TMP/pipe.yaml: the demo pipeline with ct_chest's image section (no series rule, volumes cached in
     memory) and a windowed model (:data:`WINDOWS`), trained one epoch at ``batch_size`` (setup only:
-    the timed runs need a trained run's weights, not good ones)."""
+    the timed runs need a trained run's weights, not good ones). ``same_work``: TMP/pipe_same_work.yaml,
+    the same pipeline with ``image.descriptors: false`` (no focal inventory: the work the MONAI
+    pipeline does); otherwise ``descriptors`` keeps its default (``auto``: the inventory is on)."""
     demo = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
     chest = yaml.safe_load((ROOT / "pipelines" / "ct_chest.yaml").read_text())
     cfg = {**demo, "image": {**chest["image"], "cache": "memory", "cache_dir": None, "modality": "CT"}}
     cfg["image"].pop("select", None)
+    if same_work:
+        cfg["image"]["descriptors"] = False
     cfg["model"] = {**demo["model"], "windows": WINDOWS}
     cfg["train"] = {**demo["train"], "epochs": 1, "batch_size": batch_size, "val_fraction": 0.25}
-    pipe = tmp / "pipe.yaml"
+    pipe = tmp / ("pipe_same_work.yaml" if same_work else "pipe.yaml")
     pipe.write_text(yaml.safe_dump(cfg))
     return pipe
 
 
-def train_run(tmp: Path) -> tuple[Path, Path]:
-    """A one-epoch run with ct_chest's image section and a windowed model -> (run dir, pipeline yaml)."""
+def train_run(tmp: Path, *, same_work: bool = False) -> tuple[Path, Path]:
+    """A one-epoch run with ct_chest's image section and a windowed model -> (run dir, pipeline yaml):
+    TMP/run, or with ``same_work`` TMP/run_same_work (``image.descriptors: false``,
+    :func:`windowed_pipeline`); both on the same synthetic cohort (TMP/cohort, written once)."""
     from mmai.cli import main
 
-    pipe = windowed_pipeline(tmp, batch_size=4)
-    if main(["synth", "--out", str(tmp / "cohort"), "--n", "12", "--seed", "0", "-q"]) != 0:
+    pipe = windowed_pipeline(tmp, batch_size=4, same_work=same_work)
+    if not (tmp / "cohort" / "manifest.csv").exists() \
+            and main(["synth", "--out", str(tmp / "cohort"), "--n", "12", "--seed", "0", "-q"]) != 0:
         raise SystemExit("synth failed")
+    out = tmp / ("run_same_work" if same_work else "run")
     r = subprocess.run([sys.executable, "-m", "mmai", "train", "--config", str(pipe), "--manifest",
-                        str(tmp / "cohort" / "manifest.csv"), "--out", str(tmp / "run"), "--threads", str(cores()),
+                        str(tmp / "cohort" / "manifest.csv"), "--out", str(out), "--threads", str(cores()),
                         "-q"], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     if r.returncode != 0:  # a subprocess: its memory is not counted as the MONAI pipeline's (this process)
         raise SystemExit(f"train failed: {r.stderr[-3000:]}")
-    return tmp / "run", pipe
+    return out, pipe
 
 
 # peak RSS inside the predict process: its own VmHWM (ru_maxrss would start from this benchmark's RSS
@@ -301,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n", type=int, default=6, help="studies (default 6)")
     ap.add_argument("--workers", type=int, default=None, help="mmai predict --workers (default: its own)")
     ap.add_argument("--skip-monai", action="store_true", help="time mmai only")
+    ap.add_argument("--skip-same-work", action="store_true",
+                    help="skip the second mmai run (image.descriptors: false, the MONAI pipeline's work)")
     a = ap.parse_args(argv)
     torch.set_num_threads(cores())
     with tempfile.TemporaryDirectory(prefix="mmai_studies_") as tmp_s:
@@ -308,13 +328,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         folders = write_studies(tmp / "root", a.n)
         run, pipe = train_run(tmp)
+        run_same = None if a.skip_same_work else train_run(tmp, same_work=True)[0]
         setup = time.perf_counter() - t0
         load_before = os.getloadavg()
         mmai_wall, rss_mmai, mmai_cpu = run_mmai(run, tmp / "root", tmp / "preds.csv", a.workers)
         load_mid = os.getloadavg()
+        # the same studies without the focal inventory (read, chain, window encoding, fusion)
+        same = None if run_same is None else run_mmai(run_same, tmp / "root", tmp / "preds_same.csv", a.workers)
+        load_same = os.getloadavg()
         import pandas as pd
 
         n_rows = len(pd.read_csv(tmp / "preds.csv"))
+        n_rows_same = None if same is None else len(pd.read_csv(tmp / "preds_same.csv"))
         monai_wall, monai_cpu = (None, None) if a.skip_monai else run_monai(run, pipe, folders, tmp / "monai.csv")
         load_after = os.getloadavg()
         stages = mmai_stages(run, tmp / "root", folders[0], a.workers)
@@ -322,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     mmai_sps = n_rows / mmai_wall
     monai_sps = None if monai_wall is None else a.n / monai_wall
+    same_sps = None if same is None or n_rows_same is None else n_rows_same / same[0]
     result = {"mmai_studies_per_s": round(mmai_sps, 4),
               "monai_studies_per_s": None if monai_sps is None else round(monai_sps, 4),
               "speedup": None if monai_sps is None else round(mmai_sps / monai_sps, 2),
@@ -330,14 +356,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               else round((monai_wall + monai_start[0]) / mmai_wall, 2),
               "monai_start_s": None if monai_start is None
               else {"wall": round(monai_start[0], 3), "cpu": round(monai_start[1], 3)},
+              # the same work as the MONAI pipeline: a run with image.descriptors: false on the same studies
+              "mmai_same_work_studies_per_s": None if same_sps is None else round(same_sps, 4),
+              "speedup_same_work": None if same_sps is None or monai_sps is None else round(same_sps / monai_sps, 2),
+              "speedup_same_work_end_to_end": None if same is None or monai_start is None or monai_wall is None
+              else round((monai_wall + monai_start[0]) / same[0], 2),
+              "speedup_same_work_cpu": None if same is None or monai_cpu is None else round(monai_cpu / same[2], 2),
+              "mmai_same_work_wall_s": None if same is None else round(same[0], 2),
+              "mmai_same_work_cpu_s": None if same is None else round(same[2], 2),
               "stage_s": {**stages, "mmai_wall_s": round(mmai_wall, 2),
                           "monai_wall_s": None if monai_wall is None else round(monai_wall, 2),
                           "mmai_cpu_s": round(mmai_cpu, 2),
                           "monai_cpu_s": None if monai_cpu is None else round(monai_cpu, 2)},
               "load_average_1min": {"before": round(load_before[0], 2), "after_mmai": round(load_mid[0], 2),
+                                    "after_mmai_same_work": None if same is None else round(load_same[0], 2),
                                     "after_monai": round(load_after[0], 2)},
               "peak_rss_gb": round(rss_mmai, 3), "peak_rss_monai_gb": round(rss_self, 3),
-              "n_studies": a.n, "rows": n_rows, "cores": cores(), "setup_s": round(setup, 1),
+              "peak_rss_same_work_gb": None if same is None else round(same[1], 3),
+              "n_studies": a.n, "rows": n_rows, "rows_same_work": n_rows_same, "cores": cores(),
+              "setup_s": round(setup, 1),
               "study": {"shape": [512, 512, 400], "spacing_mm": [0.7, 0.7, 1.25], "format": "DICOM, int16"},
               "windows": WINDOWS, "pipeline": "pipelines/ct_chest.yaml (image section)"}
     print(json.dumps(result))

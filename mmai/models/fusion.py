@@ -106,6 +106,17 @@ def _fill_missing(vec: torch.Tensor, present: torch.Tensor, missing: torch.Tenso
     return vec * p + missing[None, :] * (1 - p)
 
 
+def _key_padding(pad: torch.Tensor, absent: torch.Tensor) -> torch.Tensor | None:
+    """The cross-attention's key-padding mask: ``pad`` (B, 1+N) when some case's image is absent
+    (``absent`` (B,) bool) or while the model is traced, scripted, compiled or exported (one graph
+    for every batch: ``mmai export``), else None. With no key masked, eager attention gives the same
+    floats without the mask, and eager ``nn.MultiheadAttention`` checks a mask's shape with
+    ``torch._check_with``, whose first call imports sympy (~0.8 CPU-s on predict's first case)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return pad
+    return pad if bool(absent.any()) else None
+
+
 class _PooledImage(nn.Module):
     """Encoder -> global average pool -> linear: (B, C, D, H, W) -> (B, dim), missing-aware."""
 
@@ -240,7 +251,7 @@ class CrossAttentionFusion(MultimodalModel):
             if self.back is not None:  # bidirectional: image tokens attend to [CLS; clinical] first
                 img_tok = self.back[i](img_tok, q)  # (B, N, D)
                 kv = torch.cat([kv[:, :1], img_tok], dim=1)  # (B, 1+N, D)
-            q, weights = block(q, kv, pad)
+            q, weights = block(q, kv, _key_padding(pad, absent))
         self.last_attention = weights.detach() if weights is not None else None  # (B, 1+F, 1+N)
         present = (~absent).to(img_tok.dtype)[:, None, None]
         img_mean = (img_tok.mean(dim=1, keepdim=True) * present
