@@ -42,3 +42,21 @@ def test_log_stack_and_local_maxima_are_bit_identical_to_the_plain_formulation(s
     peaks = _max3(ref)
     assert np.array_equal(peaks, want) and peaks is not ref
     assert np.array_equal(ref, _reference_log_stack(x, sp, radii))  # the input is left as it was
+
+
+@pytest.mark.parametrize("name", ["default", "small_nodes", "low_contrast", "thick_slices"])
+def test_dropping_dim_candidates_before_their_box_changes_no_object(name, monkeypatch):
+    """The early drop of candidates under the lowest possible attenuated floor (``_skip_below``) keeps
+    exactly the objects the full test keeps, in HU and windowed to [0, 1]."""
+    from mmai import synth_semireal as S
+    from mmai.transforms import focal
+
+    var = S.variant(name)
+    vol, _, _ = S.make_semireal_phantom(np.random.default_rng(3), 24.0, 9, var=var)
+    for v in (vol, np.clip((vol + 160) / 400, 0, 1).astype(np.float32)):
+        fast = focal.focal_objects(v, var.spacing)
+        with monkeypatch.context() as m:
+            m.setattr(focal, "_skip_below", lambda atten, floor, lowest: [-math.inf] * len(atten))
+            full = focal.focal_objects(v, var.spacing)
+        assert fast == full
+        assert len(full) >= 2  # the phantom's tumour and nodes are found: the comparison is not vacuous
