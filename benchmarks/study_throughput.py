@@ -175,13 +175,8 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
     return out, time.perf_counter() - t0, cpu_s() - c0
 
 
-def start_up(run: Path) -> tuple[float, float]:
-    """(wall, CPU) seconds of a fresh process importing what ``mmai predict`` imports and loading the run."""
-    code = ("import sys\nfrom pathlib import Path\n"
-            "from mmai.inference.startup import prefer_small_pages, quiet_imports\n"
-            "prefer_small_pages()\n"
-            "with quiet_imports():\n    from mmai.inference.predictor import Predictor\n"
-            "Predictor(Path(sys.argv[1]))\n")  # as mmai.commands.predict starts
+def _fresh_process(code: str, run: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of a fresh Python process running ``code`` with the run dir as argv[1]."""
     c0 = cpu_s(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(run)], env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -189,10 +184,20 @@ def start_up(run: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, cpu_s(resource.RUSAGE_CHILDREN) - c0
 
 
+_MMAI_START = ("import sys\nfrom pathlib import Path\n"
+               "from mmai.inference.startup import prefer_small_pages, quiet_imports\n"
+               "prefer_small_pages()\n"
+               "with quiet_imports():\n    from mmai.inference.predictor import Predictor\n"
+               "Predictor(Path(sys.argv[1]))\n")  # as mmai.commands.predict starts
 _MONAI_START = ("import sys\nfrom pathlib import Path\nimport torch\n"
                 "from monai.data import DataLoader, Dataset\nfrom monai.inferers import sliding_window_inference\n"
                 "from monai.transforms import Compose, LoadImaged, Orientationd, Spacingd\n"
                 "from mmai.inference.predictor import Predictor\nPredictor(Path(sys.argv[1]))\n")
+
+
+def start_up(run: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of a fresh process importing what ``mmai predict`` imports and loading the run."""
+    return _fresh_process(_MMAI_START, run)
 
 
 def monai_start_up(run: Path) -> tuple[float, float]:
@@ -200,11 +205,7 @@ def monai_start_up(run: Path) -> tuple[float, float]:
     (torch, MONAI's data, inferers and transforms) and loading the same trained network (through
     mmai's run loader: the network is mmai's model). Not part of :func:`run_monai`'s timed loop,
     which starts after them; ``speedup_end_to_end`` adds it to MONAI's wall time."""
-    c0 = cpu_s(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _MONAI_START, str(run)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                   check=True, capture_output=True)
-    return time.perf_counter() - t0, cpu_s(resource.RUSAGE_CHILDREN) - c0
+    return _fresh_process(_MONAI_START, run)
 
 
 def mmai_stages(run: Path, root: Path, study: Path, workers: int | None) -> dict[str, Any]:
